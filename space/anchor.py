@@ -1,0 +1,572 @@
+"""Anchors: pre-trained timm models split into stem, stitchable blocks and head.
+
+An :class:`Anchor` exposes a timm model as ``stem -> blocks[0] -> ... -> blocks[n-1] -> head``
+at residual-block granularity. The tensor between block ``i - 1`` and block ``i`` is *cut*
+``i``: cut 0 is the stem's output, cut ``n`` the last block's output. ``forward_front(x, k)``
+runs the stem and blocks ``[0, k)`` and returns cut ``k``; ``forward_back(h, j)`` takes cut
+``j`` and runs blocks ``[j, n)`` and the head. For ``k == j`` the two halves reproduce
+``model(x)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import timm
+import torch
+from torch import nn
+
+from space._errors import close_matches
+
+Layout = Literal["NCHW", "NLC"]
+
+SUPPORTED_FAMILIES = ("resnet", "vit", "convnext", "efficientnet", "mobilenetv3")
+
+
+@dataclass(frozen=True)
+class FeatureInfo:
+    """Layout and shape of one cut of an anchor, for one image (no batch dimension).
+
+    Attributes:
+        layout: ``"NCHW"`` for a feature map, ``"NLC"`` for a token sequence.
+        channels: Channels (feature map) or embedding width (tokens).
+        height: Feature-map height, or the height of the patch-token grid.
+        width: Feature-map width, or the width of the patch-token grid.
+        num_prefix_tokens: Class/distillation/register tokens in front of the patch tokens
+            (always 0 for feature maps).
+    """
+
+    layout: Layout
+    channels: int
+    height: int
+    width: int
+    num_prefix_tokens: int = 0
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Tensor shape without the batch dimension: ``(C, H, W)`` or ``(L, C)``."""
+        if self.layout == "NCHW":
+            return (self.channels, self.height, self.width)
+        return (self.num_prefix_tokens + self.height * self.width, self.channels)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Spatial grid ``(H, W)`` of the feature map or of the patch tokens."""
+        return (self.height, self.width)
+
+    @property
+    def is_tokens(self) -> bool:
+        """Whether the cut is a token sequence (NLC)."""
+        return self.layout == "NLC"
+
+
+@dataclass(frozen=True)
+class _Family:
+    """How to split one timm model family."""
+
+    name: str
+    kind: Literal["cnn", "vit"]
+    stem: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+    blocks: Callable[[nn.Module], list[nn.Module]]
+    head: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+
+
+def _resnet_stem(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return m.maxpool(m.act1(m.bn1(m.conv1(x))))
+
+
+def _resnet_blocks(m: nn.Module) -> list[nn.Module]:
+    return [b for layer in (m.layer1, m.layer2, m.layer3, m.layer4) for b in layer]
+
+
+def _vit_stem(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    x = m.patch_embed(x)
+    x = m._pos_embed(x)
+    x = m.patch_drop(x)
+    return m.norm_pre(x)
+
+
+def _vit_head(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return m.forward_head(m.norm(x))
+
+
+class _StageEntry(nn.Module):
+    """A ConvNeXt stage's downsampling layer fused with the stage's first block."""
+
+    def __init__(self, downsample: nn.Module, block: nn.Module) -> None:
+        super().__init__()
+        self.downsample = downsample
+        self.block = block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(self.downsample(x))
+
+
+def _convnext_blocks(m: nn.Module) -> list[nn.Module]:
+    units: list[nn.Module] = []
+    for stage in m.stages:
+        for i, block in enumerate(stage.blocks):
+            units.append(_StageEntry(stage.downsample, block) if i == 0 else block)
+    return units
+
+
+def _convnext_head(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return m.forward_head(m.norm_pre(x))
+
+
+def _effnet_stem(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return m.bn1(m.conv_stem(x))
+
+
+def _effnet_blocks(m: nn.Module) -> list[nn.Module]:
+    return [b for stage in m.blocks for b in stage]
+
+
+def _effnet_head(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return m.forward_head(m.bn2(m.conv_head(x)))
+
+
+def _mobilenetv3_head(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return m.forward_head(x)
+
+
+def _family_of(model: nn.Module) -> _Family | None:
+    from timm.models.convnext import ConvNeXt
+    from timm.models.efficientnet import EfficientNet
+    from timm.models.mobilenetv3 import MobileNetV3
+    from timm.models.resnet import ResNet
+    from timm.models.vision_transformer import VisionTransformer
+
+    if isinstance(model, ResNet):
+        return _Family(
+            "resnet", "cnn", _resnet_stem, _resnet_blocks, lambda m, x: m.forward_head(x)
+        )
+    if isinstance(model, VisionTransformer):
+        return _Family("vit", "vit", _vit_stem, lambda m: list(m.blocks), _vit_head)
+    if isinstance(model, ConvNeXt):
+        return _Family("convnext", "cnn", lambda m, x: m.stem(x), _convnext_blocks, _convnext_head)
+    if isinstance(model, EfficientNet):
+        return _Family("efficientnet", "cnn", _effnet_stem, _effnet_blocks, _effnet_head)
+    if isinstance(model, MobileNetV3):
+        return _Family("mobilenetv3", "cnn", _effnet_stem, _effnet_blocks, _mobilenetv3_head)
+    return None
+
+
+class Anchor:
+    """A pre-trained timm model exposed as stem, stitchable blocks and head.
+
+    Build one with :func:`load_anchor`. The model is put in eval mode; an anchor is never
+    trained by this project.
+
+    Attributes:
+        name: The name the anchor was loaded by (a timm name or ``zoo:<name>``).
+        model: The timm module.
+        family: One of :data:`SUPPORTED_FAMILIES`.
+        kind: ``"cnn"`` or ``"vit"``.
+        blocks: The stitchable blocks, in execution order.
+        checkpoint: The local checkpoint file the weights came from, if any.
+        pretrained: Whether timm's pretrained weights were loaded.
+        timm_kwargs: Keyword arguments passed to ``timm.create_model``.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        model: nn.Module,
+        *,
+        checkpoint: str | Path | None = None,
+        pretrained: bool = False,
+        timm_kwargs: dict[str, Any] | None = None,
+        checkpoint_sha256: str | None = None,
+        input_size: tuple[int, int, int] | None = None,
+    ) -> None:
+        family = _family_of(model)
+        if family is None:
+            raise ValueError(
+                f"model {name!r} ({type(model).__name__}) is not a supported family; "
+                f"supported: {', '.join(SUPPORTED_FAMILIES)}"
+            )
+        self.name = name
+        self.model = model.eval()
+        self._family = family
+        self.family = family.name
+        self.kind = family.kind
+        self.blocks = family.blocks(model)
+        self.checkpoint = Path(checkpoint) if checkpoint is not None else None
+        self.pretrained = pretrained
+        self.timm_kwargs = dict(timm_kwargs or {})
+        self._checkpoint_sha256 = checkpoint_sha256
+        self._input_size = tuple(input_size) if input_size is not None else None
+        self._weights_sha256: str | None = None
+        self._features: dict[tuple[int, int, int], list[FeatureInfo]] = {}
+
+    def __repr__(self) -> str:
+        return (
+            f"Anchor({self.name!r}, family={self.family!r}, num_blocks={self.num_blocks}, "
+            f"input_size={self.input_size})"
+        )
+
+    @property
+    def num_blocks(self) -> int:
+        """Number of stitchable blocks ``n``; cuts are numbered ``0..n``."""
+        return len(self.blocks)
+
+    @property
+    def input_size(self) -> tuple[int, int, int]:
+        """The ``(C, H, W)`` input the anchor runs at (settable for CNNs at other sizes)."""
+        if self._input_size is not None:
+            return self._input_size
+        cfg = getattr(self.model, "pretrained_cfg", None) or {}
+        c = int(getattr(self.model, "in_chans", 0) or self.timm_kwargs.get("in_chans", 0) or 3)
+        size = self.timm_kwargs.get("img_size")
+        if size is None and hasattr(self.model, "patch_embed"):
+            size = getattr(self.model.patch_embed, "img_size", None)
+        if size is None:
+            size = tuple(cfg.get("input_size", (c, 224, 224)))[1:]
+        if isinstance(size, int):
+            size = (size, size)
+        return (c, int(size[0]), int(size[1]))
+
+    @input_size.setter
+    def input_size(self, size: tuple[int, int, int]) -> None:
+        if len(size) != 3 or not all(isinstance(v, int) and v > 0 for v in size):
+            raise ValueError(f"input_size must be (C, H, W) positive integers, got {size!r}")
+        self._input_size = tuple(size)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes of the head."""
+        return int(self.model.num_classes)
+
+    @property
+    def checkpoint_sha256(self) -> str | None:
+        """SHA-256 of the checkpoint file, or ``None`` when the anchor has none."""
+        if self._checkpoint_sha256 is None and self.checkpoint is not None:
+            self._checkpoint_sha256 = file_sha256(self.checkpoint)
+        return self._checkpoint_sha256
+
+    @property
+    def weights_sha256(self) -> str:
+        """SHA-256 over the model's state dict (names, shapes and values).
+
+        Identifies the actual weights even for anchors without a checkpoint file.
+        """
+        if self._weights_sha256 is None:
+            h = hashlib.sha256()
+            for key, value in sorted(self.model.state_dict().items()):
+                t = value.detach().cpu().contiguous()
+                h.update(key.encode())
+                h.update(str(tuple(t.shape)).encode())
+                h.update(str(t.dtype).encode())
+                h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            self._weights_sha256 = h.hexdigest()
+        return self._weights_sha256
+
+    @property
+    def identity(self) -> str:
+        """A string that identifies the anchor's architecture and weights (for caches)."""
+        return f"{self.name}@{self.checkpoint_sha256 or self.weights_sha256}"
+
+    # ------------------------------------------------------------------ running
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        """Runs the stem only (cut 0)."""
+        return self._family.stem(self.model, x)
+
+    def forward_front(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        """Runs the stem and blocks ``[0, k)`` and returns cut ``k``.
+
+        Args:
+            x: Images, ``(B, C, H, W)``.
+            k: The cut, ``0 <= k <= num_blocks``.
+        """
+        self._check_cut(k, "k")
+        x = self.forward_stem(x)
+        for block in self.blocks[:k]:
+            x = block(x)
+        return x
+
+    def forward_back(self, h: torch.Tensor, j: int) -> torch.Tensor:
+        """Runs blocks ``[j, n)`` and the head on cut ``j``; returns logits.
+
+        Args:
+            h: Activations at cut ``j``.
+            j: The cut, ``0 <= j <= num_blocks``.
+        """
+        self._check_cut(j, "j")
+        for block in self.blocks[j:]:
+            h = block(h)
+        return self._family.head(self.model, h)
+
+    def forward_cuts(self, x: torch.Tensor, cuts: list[int] | None = None) -> list[torch.Tensor]:
+        """Runs the model once and returns the activations at the given cuts.
+
+        Args:
+            x: Images, ``(B, C, H, W)``.
+            cuts: Cut indices (default: all ``0..n``). The run stops after the last needed
+                block.
+        """
+        wanted = sorted(set(range(self.num_blocks + 1) if cuts is None else cuts))
+        for c in wanted:
+            self._check_cut(c, "cut")
+        out: dict[int, torch.Tensor] = {}
+        h = self.forward_stem(x)
+        if 0 in wanted:
+            out[0] = h
+        for i, block in enumerate(self.blocks[: wanted[-1]], start=1):
+            h = block(h)
+            if i in wanted:
+                out[i] = h
+        order = range(self.num_blocks + 1) if cuts is None else cuts
+        return [out[c] for c in order]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def _check_cut(self, c: int, what: str) -> None:
+        if not 0 <= c <= self.num_blocks:
+            raise ValueError(
+                f"{what}={c} is out of range for anchor {self.name!r}: valid cuts are "
+                f"0..{self.num_blocks}"
+            )
+
+    # ------------------------------------------------------------------ shapes
+    def features(self, input_size: tuple[int, int, int] | None = None) -> list[FeatureInfo]:
+        """Layout and shape of every cut ``0..n`` for one input size.
+
+        Args:
+            input_size: ``(C, H, W)``; defaults to :attr:`input_size`.
+
+        Returns:
+            ``n + 1`` entries: entry ``i`` describes cut ``i`` (entry ``i + 1`` is the output of
+            block ``i``).
+        """
+        size = tuple(input_size or self.input_size)
+        if size not in self._features:
+            param = next(self.model.parameters())
+            x = torch.zeros((1, *size), dtype=param.dtype, device=param.device)
+            with torch.no_grad():
+                acts = self.forward_cuts(x)
+            self._features[size] = [self._describe(a) for a in acts]
+        return self._features[size]
+
+    def feature_info(self, cut: int, input_size: tuple[int, int, int] | None = None) -> FeatureInfo:
+        """Layout and shape of cut ``cut`` (see :meth:`features`)."""
+        self._check_cut(cut, "cut")
+        return self.features(input_size)[cut]
+
+    def block_output_info(
+        self, block: int, input_size: tuple[int, int, int] | None = None
+    ) -> FeatureInfo:
+        """Layout and shape of the output of block ``block`` (cut ``block + 1``)."""
+        if not 0 <= block < self.num_blocks:
+            raise ValueError(
+                f"block={block} is out of range for anchor {self.name!r}: valid blocks are "
+                f"0..{self.num_blocks - 1}"
+            )
+        return self.features(input_size)[block + 1]
+
+    def _describe(self, a: torch.Tensor) -> FeatureInfo:
+        if a.ndim == 4:
+            return FeatureInfo("NCHW", a.shape[1], a.shape[2], a.shape[3])
+        if a.ndim == 3:
+            prefix = int(getattr(self.model, "num_prefix_tokens", 0))
+            tokens = a.shape[1] - prefix
+            grid = getattr(getattr(self.model, "patch_embed", None), "grid_size", None)
+            if grid is None or grid[0] * grid[1] != tokens:
+                side = round(tokens**0.5)
+                if side * side != tokens:
+                    raise ValueError(
+                        f"anchor {self.name!r}: cannot arrange {tokens} patch tokens in a grid"
+                    )
+                grid = (side, side)
+            return FeatureInfo("NLC", a.shape[2], int(grid[0]), int(grid[1]), prefix)
+        raise ValueError(f"anchor {self.name!r}: unexpected activation shape {tuple(a.shape)}")
+
+
+# ---------------------------------------------------------------------- loading
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 hex digest of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+_WRAPPER_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model", "module")
+
+
+def read_state_dict(path: str | Path, *, what: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Reads a ``.safetensors`` or ``.pth`` state dict without executing pickled code.
+
+    ``.pth`` files are read with ``torch.load(weights_only=True)``; a checkpoint that wraps
+    its state dict (``{"state_dict": ...}``, ``{"model": ...}``) is unwrapped and a
+    ``module.`` prefix (DataParallel) is stripped.
+
+    Args:
+        path: The file.
+        what: How to call the file in error messages.
+
+    Raises:
+        ValueError: The file is missing, unreadable, carries code, or holds no tensors.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{what} {str(path)!r} does not exist; pass the path of a local file")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            obj: Any = load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ValueError(
+                f"{what} {str(path)!r} is not a readable safetensors file ({e}); is it truncated?"
+            ) from None
+    else:
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(
+                f"{what} {str(path)!r} was refused: it holds pickled objects other than "
+                f"tensors, and loading it could execute code ({first[:160]}); re-save it "
+                "as a plain state dict or .safetensors"
+            ) from None
+        except Exception as e:  # torch raises many types for bad files
+            raise ValueError(
+                f"{what} {str(path)!r} could not be read ({type(e).__name__}: "
+                f"{str(e).splitlines()[0][:160] if str(e) else ''}); is it truncated or not a "
+                "PyTorch checkpoint?"
+            ) from None
+    for _ in range(3):
+        if isinstance(obj, dict):
+            wrapped = [k for k in _WRAPPER_KEYS if isinstance(obj.get(k), dict)]
+            if wrapped:
+                obj = obj[wrapped[0]]
+    if not isinstance(obj, dict) or not obj:
+        raise ValueError(f"{what} {str(path)!r} holds no state dict")
+    state: dict[str, torch.Tensor] = {}
+    for key, value in obj.items():
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(
+                f"{what} {str(path)!r}: entry {key!r} is a {type(value).__name__}, not a tensor"
+            )
+        state[key.removeprefix("module.")] = value
+    return state
+
+
+def _fit_state_dict(
+    model: nn.Module, state: dict[str, torch.Tensor], name: str, path: Path
+) -> None:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in expected
+        if k in state and tuple(state[k].shape) != tuple(expected[k].shape)
+    ]
+    if not (missing or unexpected or mismatched):
+        model.load_state_dict(state, strict=True)
+        return
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
+    if mismatched:
+        parts.append(f"{len(mismatched)} shape mismatches (e.g. {'; '.join(mismatched[:3])})")
+    hint = "check the model name and timm kwargs (num_classes, img_size, in_chans)"
+    head = getattr(model, "default_cfg", {}).get("classifier") or ""
+    if mismatched and all(m.startswith(head) for m in mismatched) and head:
+        n = state.get(f"{head}.weight")
+        if n is not None:
+            hint = f"pass num_classes={n.shape[0]}"
+    raise ValueError(
+        f"checkpoint {str(path)!r} does not fit model {name!r}: {'; '.join(parts)}; {hint}"
+    )
+
+
+def load_anchor(
+    name: str,
+    *,
+    checkpoint: str | Path | None = None,
+    pretrained: bool = False,
+    input_size: tuple[int, int, int] | None = None,
+    **timm_kwargs: Any,
+) -> Anchor:
+    """Loads a timm model as a stitchable :class:`Anchor`.
+
+    Args:
+        name: A timm model name (``"resnet18"``, ``"deit_tiny_patch16_224"``, ...) or a zoo
+            anchor (``"zoo:resnet-s"``; see ``python -m space.zoo list``).
+        checkpoint: A local ``.safetensors`` or ``.pth`` file with timm key names. Pickled
+            code is never executed.
+        pretrained: Load timm's pretrained weights (needs the model hub).
+        input_size: ``(C, H, W)`` the anchor runs at, when not the model's default (CNNs run
+            at any size; ViTs take ``img_size=`` in ``timm_kwargs`` instead). Not passed to
+            timm.
+        **timm_kwargs: Passed to ``timm.create_model`` (``num_classes``, ``img_size``,
+            ``in_chans``, ``depth``, ...).
+
+    Returns:
+        The anchor, in eval mode.
+
+    Raises:
+        ValueError: Unknown model name (close matches are suggested), unsupported family,
+            missing or unreadable checkpoint, or a checkpoint that does not fit.
+    """
+    if name.startswith("zoo:"):
+        if checkpoint is not None or pretrained or timm_kwargs or input_size is not None:
+            raise ValueError(
+                f"zoo anchor {name!r} takes no checkpoint, pretrained or timm kwargs; its "
+                "weights ship with the package"
+            )
+        from space.zoo import load_zoo_anchor
+
+        return load_zoo_anchor(name.removeprefix("zoo:"))
+    base = name.split(".", 1)[0]
+    if not timm.is_model(name) and not timm.is_model(base):
+        raise ValueError(
+            f"unknown model {name!r}: not in timm's registry"
+            + close_matches(base, timm.list_models())
+        )
+    if checkpoint is not None and pretrained:
+        raise ValueError(f"model {name!r}: pass either checkpoint= or pretrained=True, not both")
+    state = None
+    if checkpoint is not None:
+        state = read_state_dict(checkpoint)
+    try:
+        model = timm.create_model(name, pretrained=pretrained, **timm_kwargs)
+    except TypeError as e:
+        raise ValueError(f"model {name!r}: bad timm kwargs {sorted(timm_kwargs)} ({e})") from None
+    except (OSError, RuntimeError) as e:
+        if pretrained:
+            raise ValueError(
+                f"model {name!r}: timm could not fetch its pretrained weights ({e}); without "
+                "internet access pass checkpoint=PATH to a local file instead"
+            ) from None
+        raise
+    if _family_of(model) is None:
+        raise ValueError(
+            f"model {name!r} ({type(model).__name__}) is not a supported family; supported: "
+            f"{', '.join(SUPPORTED_FAMILIES)}"
+        )
+    if state is not None:
+        _fit_state_dict(model, state, name, Path(checkpoint))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return Anchor(
+        name,
+        model,
+        checkpoint=checkpoint,
+        pretrained=pretrained,
+        timm_kwargs=timm_kwargs,
+        input_size=input_size,
+    )

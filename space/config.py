@@ -1,0 +1,114 @@
+"""Stitch configurations: which two anchors, cut where."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from space.anchor import Anchor
+
+
+@dataclass(frozen=True)
+class StitchConfig:
+    """One stitched network: front blocks, a stitching layer, back blocks and head.
+
+    ``front`` runs its stem and blocks ``[0, front_block)``; ``back`` runs from
+    ``back_block`` to its head.
+
+    Attributes:
+        front: Name of the front anchor (as given to :func:`space.load_anchor`).
+        back: Name of the back anchor.
+        front_block: ``k``: the front anchor's stem and blocks ``[0, k)`` run;
+            ``0 <= k <= front.num_blocks``.
+        back_block: ``j``: the back anchor runs blocks ``[j, n)`` and its head;
+            ``0 <= j <= back.num_blocks``.
+    """
+
+    front: str
+    back: str
+    front_block: int
+    back_block: int
+
+    def __post_init__(self) -> None:
+        for f in ("front", "back"):
+            value = getattr(self, f)
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"StitchConfig.{f} must be a non-empty anchor name, got {value!r}")
+        for f in ("front_block", "back_block"):
+            value = getattr(self, f)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"StitchConfig.{f} must be an integer >= 0, got {value!r}")
+
+    def validate(self, front: Anchor, back: Anchor) -> StitchConfig:
+        """Checks the configuration against the two anchors.
+
+        Args:
+            front: The anchor named by :attr:`front`.
+            back: The anchor named by :attr:`back`.
+
+        Returns:
+            ``self``, for chaining.
+
+        Raises:
+            ValueError: A name does not match, or a block index is out of range (the message
+                names the valid range).
+        """
+        if front.name != self.front:
+            raise ValueError(
+                f"StitchConfig.front is {self.front!r} but the anchor is {front.name!r}"
+            )
+        if back.name != self.back:
+            raise ValueError(f"StitchConfig.back is {self.back!r} but the anchor is {back.name!r}")
+        if not 0 <= self.front_block <= front.num_blocks:
+            raise ValueError(
+                f"StitchConfig.front_block={self.front_block} is out of range for {front.name!r}: "
+                f"valid range is 0..{front.num_blocks}"
+            )
+        if not 0 <= self.back_block <= back.num_blocks:
+            raise ValueError(
+                f"StitchConfig.back_block={self.back_block} is out of range for {back.name!r}: "
+                f"valid range is 0..{back.num_blocks}"
+            )
+        return self
+
+    @property
+    def is_self_stitch(self) -> bool:
+        """Whether an anchor is stitched to itself."""
+        return self.front == self.back
+
+    def to_dict(self) -> dict[str, Any]:
+        """Returns a JSON-serialisable dict."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StitchConfig:
+        """Builds a configuration from :meth:`to_dict` output.
+
+        Raises:
+            ValueError: Missing or unknown fields, or invalid values.
+        """
+        if not isinstance(d, dict):
+            raise ValueError(f"a stitch configuration must be a mapping, got {type(d).__name__}")
+        names = {f.name for f in fields(cls)}
+        missing = sorted(names - d.keys())
+        unknown = sorted(d.keys() - names)
+        if missing or unknown:
+            raise ValueError(
+                f"bad stitch configuration {d!r}: missing fields {missing}, unknown fields "
+                f"{unknown}; expected exactly {sorted(names)}"
+            )
+        return cls(**{k: d[k] for k in names})
+
+    def to_json(self) -> str:
+        """Returns the configuration as a JSON string."""
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, s: str) -> StitchConfig:
+        """Parses :meth:`to_json` output."""
+        return cls.from_dict(json.loads(s))
+
+    def __str__(self) -> str:
+        return f"{self.front}[:{self.front_block}] -> {self.back}[{self.back_block}:]"
