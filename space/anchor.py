@@ -263,7 +263,7 @@ class Anchor:
                 h.update(key.encode())
                 h.update(str(tuple(t.shape)).encode())
                 h.update(str(t.dtype).encode())
-                h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
             self._weights_sha256 = h.hexdigest()
         return self._weights_sha256
 

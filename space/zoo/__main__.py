@@ -30,8 +30,16 @@ def cmd_list() -> int:
     for name in sorted(anchors):
         e = anchors[name]
         blocks = load_zoo_anchor(name).num_blocks
-        rows.append((f"zoo:{name}", e["family"], str(blocks), _fmt(e["macs"]), _fmt(e["params"]),
-                     f"{e['test_acc']:.2f}%"))
+        rows.append(
+            (
+                f"zoo:{name}",
+                e["family"],
+                str(blocks),
+                _fmt(e["macs"]),
+                _fmt(e["params"]),
+                f"{e['test_acc']:.2f}%",
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for i, r in enumerate(rows):
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
@@ -45,11 +53,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m space.zoo", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("list", help="print the zoo: name, family, blocks, MACs, params, test accuracy")
-    tr = sub.add_parser("train", help="train zoo anchors from scratch (seeded) and write the manifest")
-    tr.add_argument("--anchors", nargs="+", default=sorted(SPECS), metavar="NAME",
-                    help=f"which anchors (default: all of {', '.join(sorted(SPECS))})")
-    tr.add_argument("--out", type=Path, default=ZOO_DIR,
-                    help="output folder for weights and manifest.json (default: the package's zoo)")
+    tr = sub.add_parser(
+        "train", help="train zoo anchors from scratch (seeded) and write the manifest"
+    )
+    tr.add_argument(
+        "--anchors",
+        nargs="+",
+        default=sorted(SPECS),
+        metavar="NAME",
+        help=f"which anchors (default: all of {', '.join(sorted(SPECS))})",
+    )
+    tr.add_argument(
+        "--out",
+        type=Path,
+        default=ZOO_DIR,
+        help="output folder for weights and manifest.json (default: the package's zoo)",
+    )
     tr.add_argument("--data", default=None, help="Fashion-MNIST directory (default: auto-detect)")
     tr.add_argument("--epochs", type=int, default=None, help="override every anchor's epochs")
     args = parser.parse_args(argv)

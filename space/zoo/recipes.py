@@ -36,7 +36,7 @@ SPECS: dict[str, ZooSpec] = {
             "resnet-s",
             "resnet",
             "resnet18",
-            {"layers": (1, 1, 1, 1), "channels": (16, 32, 64, 128), "stem_width": 16, **_COMMON},
+            {"layers": (1, 1, 1, 1), "channels": (8, 16, 32, 64), "stem_width": 8, **_COMMON},
             epochs=10,
             lr=3e-3,
         ),
@@ -52,8 +52,14 @@ SPECS: dict[str, ZooSpec] = {
             "vit-s",
             "vit",
             "vit_tiny_patch16_224",
-            {"img_size": 28, "patch_size": 4, "embed_dim": 32, "depth": 4, "num_heads": 2,
-             **_COMMON},
+            {
+                "img_size": 28,
+                "patch_size": 4,
+                "embed_dim": 32,
+                "depth": 4,
+                "num_heads": 2,
+                **_COMMON,
+            },
             epochs=12,
             lr=2e-3,
         ),
@@ -61,8 +67,15 @@ SPECS: dict[str, ZooSpec] = {
             "vit-l",
             "vit",
             "vit_tiny_patch16_224",
-            {"img_size": 28, "patch_size": 4, "embed_dim": 64, "depth": 6, "num_heads": 4,
-             "mlp_ratio": 2.0, **_COMMON},
+            {
+                "img_size": 28,
+                "patch_size": 4,
+                "embed_dim": 64,
+                "depth": 6,
+                "num_heads": 4,
+                "mlp_ratio": 2.0,
+                **_COMMON,
+            },
             epochs=12,
             lr=2e-3,
         ),
@@ -87,5 +100,7 @@ RECIPE: dict[str, Any] = {
 def spec_dict(spec: ZooSpec) -> dict[str, Any]:
     """JSON-friendly form of a spec (tuples as lists)."""
     d = asdict(spec)
-    d["timm_kwargs"] = {k: list(v) if isinstance(v, tuple) else v for k, v in d["timm_kwargs"].items()}
+    d["timm_kwargs"] = {
+        k: list(v) if isinstance(v, tuple) else v for k, v in d["timm_kwargs"].items()
+    }
     return d

@@ -38,7 +38,10 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (no_decay if p.ndim <= 1 or name.endswith(("pos_embed", "cls_token")) else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0}]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0},
+    ]
 
 
 @torch.no_grad()
@@ -52,7 +55,9 @@ def evaluate(model: nn.Module, loader) -> float:
     return 100.0 * correct / total
 
 
-def train_anchor(spec: ZooSpec, data, *, epochs: int | None = None, log=print) -> tuple[nn.Module, dict]:
+def train_anchor(
+    spec: ZooSpec, data, *, epochs: int | None = None, log=print
+) -> tuple[nn.Module, dict]:
     """Trains one zoo anchor from scratch; returns the model and its metrics."""
     torch.manual_seed(RECIPE["seed"])
     g = torch.Generator().manual_seed(RECIPE["seed"])
@@ -65,9 +70,11 @@ def train_anchor(spec: ZooSpec, data, *, epochs: int | None = None, log=print) -
     warmup = steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt,
-        lambda s: (s + 1) / warmup
-        if s < warmup
-        else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup))),
+        lambda s: (
+            (s + 1) / warmup
+            if s < warmup
+            else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup)))
+        ),
     )
     t0 = time.time()
     history = []
@@ -84,9 +91,13 @@ def train_anchor(spec: ZooSpec, data, *, epochs: int | None = None, log=print) -
             running += loss.item() * len(y)
             n += len(y)
         val = evaluate(model, data.validation)
-        history.append({"epoch": epoch + 1, "loss": round(running / n, 4), "val_acc": round(val, 2)})
-        log(f"  {spec.name} epoch {epoch + 1}/{epochs} loss {running / n:.4f} val {val:.2f}% "
-            f"({time.time() - t0:.0f}s)")
+        history.append(
+            {"epoch": epoch + 1, "loss": round(running / n, 4), "val_acc": round(val, 2)}
+        )
+        log(
+            f"  {spec.name} epoch {epoch + 1}/{epochs} loss {running / n:.4f} val {val:.2f}% "
+            f"({time.time() - t0:.0f}s)"
+        )
     model.eval()
     metrics = {
         "val_acc": round(evaluate(model, data.validation), 2),
@@ -98,15 +109,22 @@ def train_anchor(spec: ZooSpec, data, *, epochs: int | None = None, log=print) -
     return model, metrics
 
 
-def run_training(names: list[str], out_dir: Path, *, data_root: str | None = None,
-                 epochs: int | None = None, log=print) -> dict:
+def run_training(
+    names: list[str],
+    out_dir: Path,
+    *,
+    data_root: str | None = None,
+    epochs: int | None = None,
+    log=print,
+) -> dict:
     """Trains the named anchors and (re)writes their weights and the manifest in ``out_dir``."""
     from evaluators.data import fashion_mnist_splits
     from evaluators.macs import count_macs, count_params
 
     torch.set_num_threads(RECIPE["threads"])
-    data = fashion_mnist_splits(data_root, validation=5000, calibration=512,
-                                batch_size=RECIPE["batch_size"])
+    data = fashion_mnist_splits(
+        data_root, validation=5000, calibration=512, batch_size=RECIPE["batch_size"]
+    )
     data.train.shuffle = True
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest_path = out_dir / "manifest.json"
@@ -115,7 +133,8 @@ def run_training(names: list[str], out_dir: Path, *, data_root: str | None = Non
     manifest["recipe"] = RECIPE
     for name in names:
         spec = SPECS[name]
-        log(f"training {name} ({spec.timm_name}, {spec.epochs if epochs is None else epochs} epochs)")
+        n_epochs = spec.epochs if epochs is None else epochs
+        log(f"training {name} ({spec.timm_name}, {n_epochs} epochs)")
         model, metrics = train_anchor(spec, data, epochs=epochs, log=log)
         weights = out_dir / f"{name}.safetensors"
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))

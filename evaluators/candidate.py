@@ -1,0 +1,374 @@
+"""One candidate, end to end: build, fit, and measure accuracy, cost and CKA.
+
+A candidate is either a :class:`space.StitchConfig` (a stitched network) or a plain anchor
+name (the anchor itself). :func:`evaluate_candidate` returns a :class:`CandidateResult`
+with everything the search records.
+
+Cost of an evaluation, and how it is kept close to the forward passes it needs: least
+squares runs each anchor once per calibration batch (once in total for a self-stitch);
+fine-tuning reuses the front activations of that pass; MACs and parameter counts are
+cached per configuration and anchor cut (process-wide), so a search counts each once; the
+latency measurement is capped (warm-up 3, at most 30 timed calls or ``latency_seconds``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from evaluators.cka import anchor_identity
+from evaluators.data import DataSplits
+from evaluators.fit import accuracy, fit_stitch
+from evaluators.latency import measure_latency, measure_memory
+from evaluators.macs import (
+    anchor_used_parameters,
+    count_macs,
+    stitched_param_counts,
+    stitched_parameters,
+)
+from space import Anchor, StitchConfig, build_stitched
+
+
+@dataclass
+class CandidateResult:
+    """Everything measured about one candidate.
+
+    Attributes:
+        kind: ``"anchor"`` or ``"stitch"``.
+        config: The stitch configuration as a dict, ``None`` for an anchor.
+        anchors: Names of the anchors involved (front first).
+        val_acc: Validation top-1 in percent (what the search optimises).
+        val_top5: Validation top-5 in percent, ``None`` for 5 classes or fewer.
+        test_acc: Test top-1 in percent, ``None`` unless asked for.
+        test_top5: Test top-5 in percent, ``None`` unless asked for (and > 5 classes).
+        macs: Multiply-accumulates of one image (fvcore).
+        params: Parameters the forward pass uses: the front anchor's stem and blocks
+            ``[0, k)``, the stitching layer, the back anchor's blocks ``[j, n)`` and head
+            (a tensor shared by both halves of a self-stitch counts once); for an anchor,
+            all the parameters its forward pass uses.
+        stitch_params: Parameters of the stitching layer (0 for an anchor).
+        latency_ms: Median latency at batch 1, ``None`` when not measured.
+        latency_spread_ms: Inter-quartile range of that latency.
+        latency_batch: The configurable batch size of the second measurement.
+        latency_batch_ms: Median latency at ``latency_batch`` (equal to ``latency_ms`` for
+            batch 1).
+        memory_mb: Peak activation memory at batch 1 plus the used parameters' bytes, in
+            MiB; ``None`` when not measured.
+        activation_mb: The peak activation part of ``memory_mb``.
+        cka: CKA at the stitch point (front cut ``k`` vs back cut ``j``), when given.
+        fit_residual: Least-squares relative residual per linear part of the stitch.
+        fit_steps: Fine-tuning steps of the stitching layer.
+        fit_seconds: Time of least squares and fine-tuning.
+        eval_seconds: Time of everything else (accuracy, MACs, params, latency, memory).
+        val_images: Validation images evaluated.
+        device: Where the candidate ran.
+        threads: Torch threads during the evaluation.
+        net: The evaluated module (a fitted :class:`space.StitchedNet`, or the anchor's
+            model); not serialised by :meth:`to_dict`.
+    """
+
+    kind: Literal["anchor", "stitch"]
+    config: dict[str, Any] | None
+    anchors: list[str]
+    val_acc: float
+    val_top5: float | None
+    test_acc: float | None
+    test_top5: float | None
+    macs: int
+    params: int
+    stitch_params: int
+    latency_ms: float | None
+    latency_spread_ms: float | None
+    latency_batch: int
+    latency_batch_ms: float | None
+    memory_mb: float | None
+    activation_mb: float | None
+    cka: float | None
+    fit_residual: dict[str, float]
+    fit_steps: int
+    fit_seconds: float
+    eval_seconds: float
+    val_images: int
+    device: str
+    threads: int
+    net: nn.Module | None = field(default=None, repr=False, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable dict of every field except ``net``."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            if f.name == "net":
+                continue
+            value = getattr(self, f.name)
+            if isinstance(value, dict):
+                value = dict(value)
+            elif isinstance(value, list):
+                value = list(value)
+            out[f.name] = value
+        return out
+
+
+# (front identity, back identity, k, j, input size) -> MACs of one image; process-wide.
+_MACS: dict[tuple, int] = {}
+
+
+def _macs(key: tuple, model: nn.Module, input_size: tuple[int, ...]) -> int:
+    if key not in _MACS:
+        _MACS[key] = count_macs(model, input_size)
+    return _MACS[key]
+
+
+@contextlib.contextmanager
+def _num_threads(threads: int | None) -> Iterator[int]:
+    if threads is None:
+        yield torch.get_num_threads()
+        return
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be a positive integer, got {threads!r}")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield threads
+    finally:
+        torch.set_num_threads(before)
+
+
+def _anchor(anchors: Mapping[str, Anchor], name: str) -> Anchor:
+    if name not in anchors:
+        raise ValueError(
+            f"candidate names anchor {name!r}, which is not among the loaded anchors "
+            f"{sorted(anchors)}"
+        )
+    return anchors[name]
+
+
+def _to_device(anchor: Anchor, device: torch.device) -> None:
+    param = next(anchor.model.parameters())
+    if param.device != device:
+        anchor.model.to(device)
+
+
+def _cka_at(config: StitchConfig, cka: float | None, matrix: np.ndarray | None) -> float | None:
+    if cka is not None:
+        return float(cka)
+    if matrix is None:
+        return None
+    m = np.asarray(matrix)
+    k, j = config.front_block, config.back_block
+    if m.ndim != 2 or k >= m.shape[0] or j >= m.shape[1]:
+        raise ValueError(
+            f"cka_matrix of shape {m.shape} has no entry [{k}, {j}] for {config}; pass the "
+            "matrix of this ordered anchor pair, indexed by cuts"
+        )
+    return float(m[k, j])
+
+
+def evaluate_candidate(
+    candidate: StitchConfig | str,
+    anchors: Mapping[str, Anchor],
+    data: DataSplits,
+    *,
+    fit_steps: int = 0,
+    fit_lr: float = 1e-3,
+    cka: float | None = None,
+    cka_matrix: np.ndarray | None = None,
+    latency_batch: int = 1,
+    measure_latency: bool = True,
+    test: bool = False,
+    device: str | torch.device = "cpu",
+    threads: int | None = None,
+    latency_seconds: float = 1.0,
+) -> CandidateResult:
+    """Builds, fits and measures one candidate.
+
+    Args:
+        candidate: A stitch configuration, or an anchor name (the bare anchor).
+        anchors: Loaded anchors by name. On a CUDA device they are moved there in place.
+        data: Calibration (least squares, fine-tuning), validation and test splits.
+        fit_steps: Fine-tuning steps of the stitching layer after least squares (on the
+            calibration split, cycled; cross-entropy, AdamW).
+        fit_lr: Fine-tuning learning rate.
+        cka: CKA at the stitch point, if already known.
+        cka_matrix: The pair's CKA matrix indexed by cuts (:func:`evaluators.cka_matrix`);
+            its entry ``[k, j]`` is used when ``cka`` is not given.
+        latency_batch: Batch size of the second latency measurement.
+        measure_latency: Measure latency and memory (off: those fields are ``None``).
+        test: Also report test accuracy (final reporting only).
+        device: ``"cpu"`` or a CUDA device.
+        threads: ``torch.set_num_threads`` for the evaluation (the caller's CPU share);
+            restored afterwards.
+        latency_seconds: Time cap of each latency measurement.
+
+    Returns:
+        The result; ``result.net`` holds the fitted network.
+
+    Raises:
+        ValueError: Unknown anchors, a class count that differs from the data's, a bad
+            configuration, non-finite activations or logits.
+    """
+    dev = torch.device(device)
+    if isinstance(latency_batch, bool) or not isinstance(latency_batch, int) or latency_batch < 1:
+        raise ValueError(f"latency_batch must be a positive integer, got {latency_batch!r}")
+    with _num_threads(threads) as n_threads:
+        if isinstance(candidate, str):
+            return _evaluate_anchor(
+                candidate,
+                anchors,
+                data,
+                latency_batch,
+                measure_latency,
+                test,
+                dev,
+                n_threads,
+                latency_seconds,
+            )
+        if not isinstance(candidate, StitchConfig):
+            raise ValueError(
+                f"a candidate is a StitchConfig or an anchor name, got {type(candidate).__name__}"
+            )
+        front, back = _anchor(anchors, candidate.front), _anchor(anchors, candidate.back)
+        _check_classes(back, data)
+        cka_value = _cka_at(candidate, cka, cka_matrix)
+        for a in (front, back):
+            _to_device(a, dev)
+        t0 = time.perf_counter()
+        net = build_stitched(front, back, candidate)
+        fit = fit_stitch(net, data.calibration, steps=fit_steps, lr=fit_lr, device=dev)
+        fit_seconds = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        val = accuracy(net, data.validation, device=dev, input_size=net.input_size)
+        tst = accuracy(net, data.test, device=dev, input_size=net.input_size) if test else None
+        key = (
+            anchor_identity(front),
+            anchor_identity(back),
+            candidate.front_block,
+            candidate.back_block,
+        )
+        key += (tuple(front.input_size), tuple(back.input_size))
+        macs = _macs(key, net, net.input_size)
+        counts = stitched_param_counts(net)
+        used = stitched_parameters(net)
+        cost = _cost(
+            net, net.input_size, used, latency_batch, measure_latency, dev, latency_seconds
+        )
+        return CandidateResult(
+            kind="stitch",
+            config=candidate.to_dict(),
+            anchors=[front.name, back.name],
+            val_acc=val.top1,
+            val_top5=val.top5,
+            test_acc=None if tst is None else tst.top1,
+            test_top5=None if tst is None else tst.top5,
+            macs=macs,
+            params=counts["total"],
+            stitch_params=counts["stitch"],
+            **cost,
+            cka=cka_value,
+            fit_residual={k: float(v) for k, v in fit.residual.items()},
+            fit_steps=fit.steps,
+            fit_seconds=fit_seconds,
+            eval_seconds=time.perf_counter() - t1,
+            val_images=val.num_images,
+            device=str(dev),
+            threads=n_threads,
+            net=net,
+        )
+
+
+def _check_classes(anchor: Anchor, data: DataSplits) -> None:
+    if anchor.num_classes != data.num_classes:
+        raise ValueError(
+            f"anchor {anchor.name!r} has {anchor.num_classes} classes but the data "
+            f"{data.name!r} has {data.num_classes}; load the anchor with "
+            f"num_classes={data.num_classes}"
+        )
+
+
+def _cost(
+    model: nn.Module,
+    input_size: tuple[int, ...],
+    used: list[nn.Parameter],
+    latency_batch: int,
+    enabled: bool,
+    dev: torch.device,
+    seconds: float,
+) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "latency_ms": None,
+        "latency_spread_ms": None,
+        "latency_batch": latency_batch,
+        "latency_batch_ms": None,
+        "memory_mb": None,
+        "activation_mb": None,
+    }
+    if not enabled:
+        return out
+    lat = measure_latency(model, input_size, batch_size=1, device=dev, max_seconds=seconds)
+    out["latency_ms"] = lat.median_ms
+    out["latency_spread_ms"] = lat.iqr_ms
+    out["latency_batch_ms"] = lat.median_ms
+    if latency_batch != 1:
+        lat_b = measure_latency(
+            model, input_size, batch_size=latency_batch, device=dev, max_seconds=seconds
+        )
+        out["latency_batch_ms"] = lat_b.median_ms
+    mem = measure_memory(model, input_size, batch_size=1, device=dev, parameters=used)
+    out["memory_mb"] = mem.total_mb
+    out["activation_mb"] = mem.peak_activation_bytes / 2**20
+    return out
+
+
+def _evaluate_anchor(
+    name: str,
+    anchors: Mapping[str, Anchor],
+    data: DataSplits,
+    latency_batch: int,
+    enabled: bool,
+    test: bool,
+    dev: torch.device,
+    threads: int,
+    latency_seconds: float,
+) -> CandidateResult:
+    anchor = _anchor(anchors, name)
+    _check_classes(anchor, data)
+    _to_device(anchor, dev)
+    model = anchor.model
+    t1 = time.perf_counter()
+    val = accuracy(model, data.validation, device=dev, input_size=anchor.input_size)
+    tst = accuracy(model, data.test, device=dev, input_size=anchor.input_size) if test else None
+    macs = _macs(
+        (anchor_identity(anchor), None, None, None, tuple(anchor.input_size), None),
+        model,
+        anchor.input_size,
+    )
+    used = anchor_used_parameters(anchor)
+    cost = _cost(model, anchor.input_size, used, latency_batch, enabled, dev, latency_seconds)
+    return CandidateResult(
+        kind="anchor",
+        config=None,
+        anchors=[anchor.name],
+        val_acc=val.top1,
+        val_top5=val.top5,
+        test_acc=None if tst is None else tst.top1,
+        test_top5=None if tst is None else tst.top5,
+        macs=macs,
+        params=sum(p.numel() for p in used),
+        stitch_params=0,
+        **cost,
+        cka=None,
+        fit_residual={},
+        fit_steps=0,
+        fit_seconds=0.0,
+        eval_seconds=time.perf_counter() - t1,
+        val_images=val.num_images,
+        device=str(dev),
+        threads=threads,
+        net=model,
+    )

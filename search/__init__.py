@@ -1,0 +1,1 @@
+"""Search: strategy, Ray Tune workers, Optuna storage, budgets, selection and exports."""

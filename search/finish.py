@@ -1,0 +1,341 @@
+"""After the trials: per-device selection, test accuracy, exports, report and summary."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from search.budgets import DeviceBudget, format_quantity, safe_filename
+from search.searcher import budget_metrics, evaluated_trials
+from search.space import Candidate
+
+EXPORT_FORMAT = "stitchsearch-export/1"
+
+
+def select_per_device(
+    trials: Sequence[FrozenTrial], budgets: Sequence[DeviceBudget]
+) -> dict[str, FrozenTrial | None]:
+    """Per device: the highest-accuracy trial within all of its budgets.
+
+    Ties are broken by fewer MACs, then fewer parameters, so the pick is Pareto-optimal
+    (accuracy up, MACs down) among the trials that fit the device.
+    """
+    out: dict[str, FrozenTrial | None] = {}
+    for b in budgets:
+        fits = [
+            t
+            for t in trials
+            if t.user_attrs.get("val_acc") is not None and b.fits(budget_metrics(t.user_attrs))
+        ]
+        out[b.device] = (
+            max(
+                fits,
+                key=lambda t: (
+                    t.user_attrs["val_acc"],
+                    -t.user_attrs.get("macs", 0),
+                    -t.user_attrs.get("params", 0),
+                ),
+            )
+            if fits
+            else None
+        )
+    return out
+
+
+def candidate_of(trial: FrozenTrial) -> Candidate:
+    """The candidate a trial evaluated."""
+    d = trial.user_attrs["config"]
+    if d["kind"] == "anchor":
+        return Candidate(d["anchor"], d["anchor"])
+    return Candidate(d["front"], d["back"], d["front_block"], d["back_block"])
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _anchor_record(role: str, anchor, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    rec: dict[str, Any] = {
+        "role": role,
+        "name": anchor.name,
+        "family": anchor.family,
+        "num_blocks": anchor.num_blocks,
+        "input_size": list(anchor.input_size),
+        "num_classes": anchor.num_classes,
+        "checkpoint": str(Path(anchor.checkpoint).resolve()) if anchor.checkpoint else None,
+        "checkpoint_sha256": anchor.checkpoint_sha256,
+        "pretrained": anchor.pretrained,
+    }
+    if not anchor.name.startswith("zoo:"):
+        rec["timm_kwargs"] = {
+            k: list(v) if isinstance(v, tuple) else v
+            for k, v in kwargs.items()
+            if k not in ("checkpoint", "pretrained", "input_size")
+        }
+    return rec
+
+
+def write_export(
+    export_dir: Path,
+    device: DeviceBudget,
+    trial: FrozenTrial,
+    result,
+    plan,
+    *,
+    taken: set[str],
+    n_evaluated: int,
+) -> Path:
+    """Writes ``<device>.json`` and the fitted stitching layer ``<device>.safetensors``."""
+    from safetensors.torch import save_file
+
+    from space import file_sha256
+
+    stem = safe_filename(device.device, taken)
+    taken.add(stem.lower())
+    c = candidate_of(trial)
+    weights = None
+    if not c.is_anchor:
+        weights = export_dir / f"{stem}.safetensors"
+        state = {
+            k: v.detach().cpu().contiguous() for k, v in result.net.stitch.state_dict().items()
+        }
+        fd, tmp = tempfile.mkstemp(dir=export_dir, prefix=f".{stem}.", suffix=".tmp")
+        os.close(fd)
+        save_file(
+            state,
+            tmp,
+            metadata={"format": EXPORT_FORMAT, "layer": type(result.net.stitch).__name__},
+        )
+        os.replace(tmp, weights)
+    anchors = [_anchor_record("front", plan.anchors[c.front], plan.anchor_kwargs[c.front])]
+    if not c.is_anchor:
+        anchors.append(_anchor_record("back", plan.anchors[c.back], plan.anchor_kwargs[c.back]))
+    metrics = budget_metrics(trial.user_attrs)
+    doc = {
+        "format": EXPORT_FORMAT,
+        "final": True,
+        "device": device.device,
+        "budget": device.to_dict(),
+        "headroom": device.headroom(metrics),
+        "candidate": c.to_dict(),
+        "label": c.label,
+        "anchors": anchors,
+        "stitch": None
+        if weights is None
+        else {
+            "layer": type(result.net.stitch).__name__,
+            "weights": weights.name,
+            "sha256": file_sha256(weights),
+            "src": dataclasses.asdict(result.net.stitch.src),
+            "dst": dataclasses.asdict(result.net.stitch.dst),
+        },
+        "metrics": {
+            "validation": {
+                "top1": trial.user_attrs.get("val_acc"),
+                "top5": trial.user_attrs.get("val_top5"),
+            },
+            "validation_remeasured": {"top1": result.val_acc, "top5": result.val_top5},
+            "test": {"top1": result.test_acc, "top5": getattr(result, "test_top5", None)},
+            "macs": trial.user_attrs.get("macs"),
+            "params": trial.user_attrs.get("params"),
+            "latency_ms": trial.user_attrs.get("latency_ms"),
+            "memory_mb": trial.user_attrs.get("memory_mb"),
+            "cka": trial.user_attrs.get("cka"),
+        },
+        "data": {
+            "name": plan.data.name,
+            "identity": plan.data.identity,
+            "validation_images": plan.data.validation.num_images,
+            "test_images": plan.data.test.num_images,
+            "input_size": list(plan.data.input_size),
+        },
+        "fit": {
+            "calibration_images": plan.study.data.calibration,
+            "steps": plan.study.fit.steps,
+            "lr": plan.study.fit.lr,
+        },
+        "study": {
+            "name": plan.study.name,
+            "storage": _masked(plan.storage_url),
+            "trial_number": trial.number,
+            "objectives": list(plan.study.objectives),
+            "evaluated_trials": n_evaluated,
+        },
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    path = export_dir / f"{stem}.json"
+    _atomic_write(path, (json.dumps(doc, indent=2, default=_json_default) + "\n").encode())
+    return path
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, tuple):
+        return list(o)
+    if isinstance(o, Path):
+        return str(o)
+    return str(o)
+
+
+def _masked(url: str) -> str:
+    from search.run import masked_url
+
+    return masked_url(url)
+
+
+def trial_rows(study: optuna.Study, pareto: set[int]) -> list[dict[str, Any]]:
+    """Trials as plain rows for the report."""
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        a = t.user_attrs
+        rows.append(
+            {
+                "number": t.number,
+                "state": t.state.name,
+                "val_acc": a.get("val_acc"),
+                "macs": a.get("macs"),
+                "params": a.get("params"),
+                "latency_ms": a.get("latency_ms"),
+                "label": a.get("label", ""),
+                "kind": a.get("kind", "stitch"),
+                "feasible": a.get("feasible"),
+                "pareto": t.number in pareto,
+                "cka": a.get("cka"),
+                "reason": a.get("pruned_reason") or a.get("fail_reason"),
+            }
+        )
+    return rows
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def finish(
+    plan,
+    study: optuna.Study,
+    space,
+    stats: Mapping[str, int],
+    *,
+    interrupted: bool,
+    log: Callable = print,
+) -> int:
+    """Selects per device, measures test accuracy, writes exports, report and summary."""
+    from evaluators import evaluate_candidate
+
+    trials = evaluated_trials(study)
+    all_trials = study.get_trials(deepcopy=False)
+    counts = {s.name: sum(1 for t in all_trials if t.state == s) for s in TrialState}
+    pareto = {t.number for t in study.best_trials} if trials else set()
+    out = sys.stdout
+    print(
+        f"\n{'INTERRUPTED: ' if interrupted else ''}study {plan.study.name!r}: "
+        f"{len(trials)}/{plan.trials} candidates evaluated; this run: "
+        f"{stats.get('completed', 0)} evaluated, {stats.get('pruned', 0)} pruned by CKA, "
+        f"{stats.get('failed', 0)} failed; all trials: {counts['COMPLETE']} complete, "
+        f"{counts['PRUNED']} pruned, {counts['FAIL']} failed",
+        file=out,
+    )
+    chosen = select_per_device(trials, plan.budgets)
+    export_dir = plan.out / "exports"
+    rows = [
+        [
+            "device",
+            "trial",
+            "configuration",
+            "val acc",
+            "test acc",
+            "MACs",
+            "params",
+            "latency",
+            "headroom",
+        ]
+    ]
+    exports: list[Path] = []
+    taken: set[str] = set()
+    results: dict[int, Any] = {}
+    if interrupted:
+        log("run interrupted: no exports written (run the same command again to resume)")
+    for b in plan.budgets:
+        t = chosen[b.device]
+        if t is None:
+            rows.append(
+                [b.device, "-", "nothing fits this device's budget", "", "", "", "", "", ""]
+            )
+            continue
+        metrics = budget_metrics(t.user_attrs)
+        head = b.headroom(metrics)
+        test = ""
+        if not interrupted:
+            if t.number not in results:
+                results[t.number] = evaluate_candidate(
+                    candidate_of(t).config,
+                    plan.anchors,
+                    plan.trial_data(),
+                    fit_steps=plan.study.fit.steps,
+                    fit_lr=plan.study.fit.lr,
+                    measure_latency=False,
+                    test=True,
+                    threads=os.cpu_count() or 1,
+                )
+            res = results[t.number]
+            test = f"{res.test_acc:.2f}%"
+            exports.append(
+                write_export(export_dir, b, t, res, plan, taken=taken, n_evaluated=len(trials))
+            )
+        rows.append(
+            [
+                b.device,
+                str(t.number),
+                t.user_attrs.get("label", ""),
+                f"{t.user_attrs['val_acc']:.2f}%",
+                test,
+                format_quantity(t.user_attrs.get("macs", 0)),
+                format_quantity(t.user_attrs.get("params", 0)),
+                f"{t.user_attrs.get('latency_ms', float('nan')):.2f} ms",
+                ", ".join(f"{k} {v:+.0%}" for k, v in head.items()) or "no limits",
+            ]
+        )
+    print(_table(rows), file=out)
+    for b in plan.budgets:
+        if chosen[b.device] is None:
+            print(
+                f"device {b.device!r}: no evaluated candidate fits its budget {b.limits()}; "
+                "no export written",
+                file=out,
+            )
+    if plan.report:
+        from search.report import write_report
+
+        report = write_report(
+            plan.out / "report.html",
+            trial_rows(study, pareto),
+            plan.budgets,
+            study_name=plan.study.name,
+            chosen={d: (t.number if t is not None else None) for d, t in chosen.items()},
+        )
+        print(f"report: {report}", file=out)
+    for p in exports:
+        print(f"export: {p}", file=out)
+    print(f"dashboard: optuna-dashboard {plan.storage_url}", file=out)
+    return 130 if interrupted else 0

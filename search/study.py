@@ -1,0 +1,289 @@
+"""Study definitions: YAML files under ``studies/``, validated with pydantic.
+
+Every field is optional except ``anchors``; see ``studies/default.yaml`` for a documented
+example. Errors name the file and the field (``cka.threshold``), echo the bad value and say
+what is expected.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+OBJECTIVES = {
+    "accuracy": "maximize",
+    "macs": "minimize",
+    "params": "minimize",
+    "latency_ms": "minimize",
+}
+_OBJECTIVE_ALIASES = {"latency": "latency_ms", "acc": "accuracy", "val_acc": "accuracy"}
+
+
+class StudyError(ValueError):
+    """A study definition is invalid; the message is one line naming file and field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AnchorSpec(_Strict):
+    """One anchor of the study.
+
+    Attributes:
+        name: A zoo name (``zoo:resnet-s``) or a timm model name.
+        checkpoint: Local ``.safetensors``/``.pth`` weights (relative to the study file).
+        pretrained: Use timm's pretrained weights (needs the model hub).
+        timm_kwargs: Passed to ``timm.create_model``.
+        input_size: ``[C, H, W]`` the anchor runs at, if not the model's default.
+    """
+
+    name: str = Field(min_length=1)
+    checkpoint: str | None = None
+    pretrained: bool = False
+    timm_kwargs: dict[str, Any] = Field(default_factory=dict)
+    input_size: tuple[int, int, int] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> AnchorSpec:
+        if self.name.startswith("zoo:") and (
+            self.checkpoint or self.pretrained or self.timm_kwargs or self.input_size
+        ):
+            raise ValueError(f"zoo anchor {self.name!r} takes no checkpoint/pretrained/kwargs")
+        if self.checkpoint and self.pretrained:
+            raise ValueError("give either checkpoint or pretrained: true, not both")
+        return self
+
+    def load_kwargs(self, base: Path | None = None) -> dict[str, Any]:
+        """Keyword arguments for :func:`space.load_anchor` (checkpoint resolved from ``base``)."""
+        kw: dict[str, Any] = dict(self.timm_kwargs)
+        if self.checkpoint:
+            path = Path(self.checkpoint).expanduser()
+            if not path.is_absolute() and base is not None:
+                path = base / path
+            kw["checkpoint"] = str(path)
+        if self.pretrained:
+            kw["pretrained"] = True
+        if self.input_size:
+            kw["input_size"] = tuple(self.input_size)
+        return kw
+
+
+class DataSpec(_Strict):
+    """Dataset and split sizes.
+
+    Attributes:
+        dataset: ``fashion-mnist``, ``imagefolder`` or ``synthetic`` (tests).
+        root: Data directory (Fashion-MNIST IDX files, or an ImageFolder tree).
+        calibration: Images for least-squares stitch fitting.
+        validation: Images the search optimises (carved from the training split).
+        test: Test images for the final report of the chosen networks (default: all).
+        batch_size: Evaluation batch size.
+    """
+
+    dataset: Literal["fashion-mnist", "imagefolder", "synthetic"] = "fashion-mnist"
+    root: str | None = None
+    calibration: int = Field(default=256, ge=1)
+    validation: int = Field(default=2000, ge=1)
+    test: int | None = Field(default=None, ge=1)
+    batch_size: int = Field(default=500, ge=1)
+
+
+class CkaSpec(_Strict):
+    """The CKA pruning rule.
+
+    Attributes:
+        images: Images for the CKA matrices (one matrix per ordered anchor pair).
+        threshold: Prune stitch points whose CKA is below this (0 disables).
+        top_k: Keep only the ``top_k`` back cuts with the highest CKA per front cut
+            (``null`` disables).
+    """
+
+    images: int = Field(default=512, ge=2)
+    threshold: float = Field(default=0.0, ge=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=1)
+
+
+class FitSpec(_Strict):
+    """Stitching-layer fitting.
+
+    Attributes:
+        steps: Fine-tuning steps of the stitching layer after least squares (0: none).
+        lr: Fine-tuning learning rate.
+    """
+
+    steps: int = Field(default=0, ge=0)
+    lr: float = Field(default=1e-3, gt=0)
+
+
+class Study(_Strict):
+    """A study definition.
+
+    Attributes:
+        name: Study name in the storage.
+        anchors: Two or more anchors (strings or mappings).
+        data: Dataset and split sizes.
+        objectives: ``accuracy`` (maximised) and ``macs`` (minimised) at least; ``params``
+            and ``latency_ms`` optional.
+        trials: Candidates to evaluate (pruned and repeated configurations are recorded but
+            don't count).
+        workers: Concurrent Ray trials.
+        sampler: ``tpe`` (default), ``nsga2`` or ``random``.
+        seed: Seed of the sampler.
+        self_stitch: Also stitch an anchor to itself at different cuts.
+        cka: The CKA pruning rule.
+        fit: Stitch fitting settings.
+        latency_batch: Batch size for the latency measurement (latency at batch 1 is
+            always measured).
+        trial_timeout_s: Seconds after which a trial is stopped and recorded as failed.
+        max_retries: Retries of a trial whose worker process died.
+    """
+
+    name: str = Field(default="default", min_length=1, max_length=200)
+    anchors: list[AnchorSpec] = Field(min_length=2)
+    data: DataSpec = Field(default_factory=DataSpec)
+    objectives: list[str] = Field(default_factory=lambda: ["accuracy", "macs"])
+    trials: int = Field(default=60, ge=1)
+    workers: int = Field(default=2, ge=1)
+    sampler: Literal["tpe", "nsga2", "random"] = "tpe"
+    seed: int = 0
+    self_stitch: bool = False
+    cka: CkaSpec = Field(default_factory=CkaSpec)
+    fit: FitSpec = Field(default_factory=FitSpec)
+    latency_batch: int = Field(default=1, ge=1)
+    trial_timeout_s: float = Field(default=600.0, gt=0)
+    max_retries: int = Field(default=1, ge=0)
+
+    @field_validator("anchors", mode="before")
+    @classmethod
+    def _anchor_strings(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [{"name": v} if isinstance(v, str) else v for v in value]
+        return value
+
+    @field_validator("objectives", mode="before")
+    @classmethod
+    def _objectives(cls, value: Any) -> Any:
+        if not isinstance(value, list):
+            raise ValueError("must be a list such as [accuracy, macs]")
+        out = []
+        for v in value:
+            v = _OBJECTIVE_ALIASES.get(v, v) if isinstance(v, str) else v
+            if v not in OBJECTIVES:
+                raise ValueError(f"unknown objective {v!r}; choose from {sorted(OBJECTIVES)}")
+            if v in out:
+                raise ValueError(f"objective {v!r} is listed twice")
+            out.append(v)
+        if "accuracy" not in out or "macs" not in out:
+            raise ValueError("must include at least accuracy and macs")
+        return out
+
+    @model_validator(mode="after")
+    def _unique_anchors(self) -> Study:
+        names = [a.name for a in self.anchors]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"anchors are listed twice: {dup}")
+        return self
+
+    @property
+    def directions(self) -> list[str]:
+        """Optuna directions, in objective order."""
+        return [OBJECTIVES[o] for o in self.objectives]
+
+
+def _field_path(loc: tuple[Any, ...], data: Any) -> str:
+    parts = []
+    node = data
+    for item in loc:
+        if isinstance(item, int) and isinstance(node, list):
+            parts.append(f"[{item}]")
+            node = node[item] if item < len(node) else None
+        elif isinstance(item, str) and item in ("function-after", "function-before"):
+            continue
+        else:
+            if isinstance(item, str) and item.startswith(("function-", "tagged-union")):
+                continue
+            parts.append(("." if parts else "") + str(item))
+            node = node.get(item) if isinstance(node, dict) else None
+    return "".join(parts) or "<top level>"
+
+
+def _value_at(loc: tuple[Any, ...], data: Any) -> Any:
+    node = data
+    for item in loc:
+        in_dict = isinstance(node, dict) and item in node
+        in_list = isinstance(node, list) and isinstance(item, int) and item < len(node)
+        if in_dict or in_list:
+            node = node[item]
+        else:
+            return None
+    return node
+
+
+def parse_study(data: Any, *, source: str = "<study>") -> Study:
+    """Validates a study definition given as a mapping.
+
+    Raises:
+        StudyError: One line naming ``source`` and the first bad field.
+    """
+    if not isinstance(data, dict):
+        raise StudyError(f"{source}: a study must be a YAML mapping, got {type(data).__name__}")
+    try:
+        return Study.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = tuple(err.get("loc", ()))
+        field = _field_path(loc, data)
+        msg = re.sub(r"^Value error, ", "", err.get("msg", "invalid"))
+        if err.get("type") == "extra_forbidden":
+            allowed = _allowed_fields(loc[:-1])
+            msg = "unknown field" + (f"; known fields: {', '.join(allowed)}" if allowed else "")
+        value = _value_at(loc, data)
+        shown = f" (got {value!r})" if value is not None and err.get("type") != "missing" else ""
+        raise StudyError(f"{source}: field '{field}': {msg}{shown}") from None
+
+
+def _allowed_fields(loc: tuple[Any, ...]) -> list[str]:
+    model: type[BaseModel] = Study
+    for item in loc:
+        if isinstance(item, int):
+            continue
+        field = model.model_fields.get(str(item))
+        if field is None:
+            return []
+        ann = field.annotation
+        inner = getattr(ann, "__args__", (ann,))
+        sub = next((a for a in inner if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if sub is None:
+            return []
+        model = sub
+    return sorted(model.model_fields)
+
+
+def load_study(path: str | Path) -> Study:
+    """Reads and validates a study YAML file.
+
+    Raises:
+        StudyError: Missing/unreadable file, bad YAML, or an invalid field.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise StudyError(
+            f"study file {str(path)!r} does not exist; pass --study PATH to a YAML file "
+            "(see studies/default.yaml)"
+        )
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise StudyError(f"{path}: not UTF-8 text") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise StudyError(f"{path}{where}: invalid YAML ({problem})") from None
+    return parse_study(data, source=str(path))
