@@ -31,6 +31,7 @@ self-stitch counts once.
 from __future__ import annotations
 
 import logging
+import warnings
 import weakref
 from collections.abc import Sequence
 from math import prod
@@ -121,7 +122,9 @@ def count_macs(
     Returns:
         Multiply-accumulates for the whole batch.
     """
-    from fvcore.nn import FlopCountAnalysis
+    with warnings.catch_warnings():  # fvcore's import touches the deprecated torch.jit
+        warnings.simplefilter("ignore", FutureWarning)
+        from fvcore.nn import FlopCountAnalysis
 
     if backend not in ("fvcore", "torch"):
         raise ValueError(f"backend must be 'fvcore' or 'torch', got {backend!r}")
@@ -145,7 +148,9 @@ def count_macs(
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        with torch.no_grad():
+        # fvcore's tracer goes through torch.jit, which warns that it is deprecated.
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
             analysis = FlopCountAnalysis(model, x)
             analysis.set_op_handle("aten::scaled_dot_product_attention", _sdpa_handle)
             analysis.set_op_handle(*[a for op in _IGNORED_OPS for a in (op, None)])

@@ -18,8 +18,7 @@ from optuna.trial import FrozenTrial, TrialState
 from search.budgets import DeviceBudget, format_quantity, safe_filename
 from search.searcher import budget_metrics, evaluated_trials
 from search.space import Candidate
-
-EXPORT_FORMAT = "stitchsearch-export/1"
+from space.export import EXPORT_FORMAT, anchor_record
 
 
 def select_per_device(
@@ -72,27 +71,6 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
-def _anchor_record(role: str, anchor, kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    rec: dict[str, Any] = {
-        "role": role,
-        "name": anchor.name,
-        "family": anchor.family,
-        "num_blocks": anchor.num_blocks,
-        "input_size": list(anchor.input_size),
-        "num_classes": anchor.num_classes,
-        "checkpoint": str(Path(anchor.checkpoint).resolve()) if anchor.checkpoint else None,
-        "checkpoint_sha256": anchor.checkpoint_sha256,
-        "pretrained": anchor.pretrained,
-    }
-    if not anchor.name.startswith("zoo:"):
-        rec["timm_kwargs"] = {
-            k: list(v) if isinstance(v, tuple) else v
-            for k, v in kwargs.items()
-            if k not in ("checkpoint", "pretrained", "input_size")
-        }
-    return rec
-
-
 def write_export(
     export_dir: Path,
     device: DeviceBudget,
@@ -108,6 +86,7 @@ def write_export(
 
     from space import file_sha256
 
+    export_dir.mkdir(parents=True, exist_ok=True)
     stem = safe_filename(device.device, taken)
     taken.add(stem.lower())
     c = candidate_of(trial)
@@ -125,9 +104,9 @@ def write_export(
             metadata={"format": EXPORT_FORMAT, "layer": type(result.net.stitch).__name__},
         )
         os.replace(tmp, weights)
-    anchors = [_anchor_record("front", plan.anchors[c.front], plan.anchor_kwargs[c.front])]
+    anchors = [anchor_record(plan.anchors[c.front], "front")]
     if not c.is_anchor:
-        anchors.append(_anchor_record("back", plan.anchors[c.back], plan.anchor_kwargs[c.back]))
+        anchors.append(anchor_record(plan.anchors[c.back], "back"))
     metrics = budget_metrics(trial.user_attrs)
     doc = {
         "format": EXPORT_FORMAT,
@@ -166,9 +145,11 @@ def write_export(
             "validation_images": plan.data.validation.num_images,
             "test_images": plan.data.test.num_images,
             "input_size": list(plan.data.input_size),
+            "calibration_images": plan.data.calibration.num_images,
+            "batch_size": plan.study.data.batch_size,
         },
         "fit": {
-            "calibration_images": plan.study.data.calibration,
+            "calibration_images": plan.data.calibration.num_images,
             "steps": plan.study.fit.steps,
             "lr": plan.study.fit.lr,
         },
@@ -337,5 +318,9 @@ def finish(
         print(f"report: {report}", file=out)
     for p in exports:
         print(f"export: {p}", file=out)
+        if plan.onnx:
+            from search.export import write_onnx
+
+            print(f"onnx: {write_onnx(p, p.with_suffix('.onnx'))}", file=out)
     print(f"dashboard: optuna-dashboard {plan.storage_url}", file=out)
     return 130 if interrupted else 0

@@ -328,13 +328,18 @@ def _open_study(plan: Plan, storage):
             )
         fresh = False
     except KeyError:
-        study = optuna.create_study(
-            study_name=plan.study.name,
-            storage=storage,
-            sampler=sampler,
-            directions=plan.study.directions,
-        )
-        study.set_metric_names(list(plan.study.objectives))
+        try:
+            study = optuna.create_study(
+                study_name=plan.study.name,
+                storage=storage,
+                sampler=sampler,
+                directions=plan.study.directions,
+            )
+        except optuna.exceptions.DuplicatedStudyError:  # another driver created it just now
+            return _open_study(plan, storage)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(list(plan.study.objectives))
         study.set_user_attr("objectives", list(plan.study.objectives))
         study.set_user_attr("study_definition", json.loads(plan.study.model_dump_json()))
         fresh = True
@@ -525,7 +530,7 @@ def run_search(plan: Plan, study, space, matrices, *, log=print) -> dict[str, in
         budgets=plan.budgets,
         cka=matrices,
         rule=PruningRule(plan.study.cka.threshold, plan.study.cka.top_k),
-        target=target,
+        total=plan.trials,
         driver_id=plan.driver_id,
         seed=plan.seed,
         on_event=progress,

@@ -133,7 +133,7 @@ class StitchSearcher(Searcher):
         budgets: The device budgets.
         cka: CKA matrix per ordered pair ``(front, back)``, indexed by cuts.
         rule: The CKA pruning rule.
-        target: How many candidate evaluations this run should complete.
+        total: How many candidate evaluations the study should hold (all drivers together).
         driver_id: Written into each trial's user attributes.
         seed: Seed for the fallback choice of unexplored candidates.
         on_event: Called with ``(kind, trial)`` after every tell (progress display).
@@ -149,7 +149,7 @@ class StitchSearcher(Searcher):
         budgets: Sequence[DeviceBudget],
         cka: Mapping[tuple[str, str], np.ndarray],
         rule: PruningRule,
-        target: int,
+        total: int,
         driver_id: str,
         seed: int = 0,
         on_event: Callable[[str, optuna.trial.FrozenTrial], None] | None = None,
@@ -162,10 +162,10 @@ class StitchSearcher(Searcher):
         self.budgets = list(budgets)
         self.cka = cka
         self.rule = rule
-        self.target = target
+        self.total = total
         self.driver_id = driver_id
         self.on_event = on_event
-        self.max_failures = max_failures if max_failures is not None else max(10, target)
+        self.max_failures = max_failures if max_failures is not None else max(10, total)
         self._rng = random.Random(seed)
         self._live: dict[str, tuple[optuna.Trial, Candidate]] = {}
         self._done: dict[str, int] = {}
@@ -174,12 +174,20 @@ class StitchSearcher(Searcher):
             if key:
                 self._done.setdefault(key, t.number)
         self._pruned: set[str] = set()
+        self._foreign: set[str] = set()
         self._candidates = space.all_candidates()
         self.completed = 0
         self.failed = 0
         self.pruned = 0
         self.repeats = 0
         study.sampler = FilteredSampler(study.sampler, space, self.accept, self.fallback)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Ray Tune pickles the searcher with the experiment state; the progress callback
+        # holds the terminal stream and stays behind.
+        state = self.__dict__.copy()
+        state["on_event"] = None
+        return state
 
     # ------------------------------------------------------------- helpers
     def _cka_of(self, c: Candidate) -> float | None:
@@ -226,14 +234,40 @@ class StitchSearcher(Searcher):
         self.pruned += 1
         self._emit("pruned", trial.number)
 
+    def _sync(self) -> tuple[int, int]:
+        """Reads what every driver of the study has finished or is running.
+
+        Returns:
+            ``(evaluated, running)``: evaluated candidates in the study, trials running now.
+        """
+        trials = self.study._storage.get_all_trials(
+            self.study._study_id,
+            deepcopy=False,
+            states=(TrialState.COMPLETE, TrialState.RUNNING),
+        )
+        evaluated = running = 0
+        self._foreign = set()
+        for t in trials:
+            key = t.user_attrs.get("key")
+            if t.state == TrialState.COMPLETE:
+                if "duplicate_of" not in t.user_attrs:
+                    evaluated += 1
+                if key:
+                    self._done.setdefault(key, t.number)
+            else:
+                running += 1
+                if key and t.user_attrs.get("driver") != self.driver_id:
+                    self._foreign.add(key)
+        return evaluated, running
+
     def _unexplored(self) -> list[Candidate]:
         live = {c.key for _, c in self._live.values()}
-        skip = self._done.keys() | self._pruned | live
+        skip = self._done.keys() | self._pruned | live | self._foreign
         return [c for c in self._candidates if c.key not in skip]
 
     def accept(self, c: Candidate) -> bool:
         """Whether a sampled candidate is worth evaluating (not pruned, not explored)."""
-        if c.key in self._done or c.key in self._pruned:
+        if c.key in self._done or c.key in self._pruned or c.key in self._foreign:
             return False
         return c.key not in {x.key for _, x in self._live.values()}
 
@@ -288,7 +322,8 @@ class StitchSearcher(Searcher):
     # ------------------------------------------------------------- Searcher API
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
         """Asks the study for the next candidate to evaluate."""
-        if self.completed + len(self._live) >= self.target or self.failed >= self.max_failures:
+        evaluated, running = self._sync()
+        if evaluated + running >= self.total or self.failed >= self.max_failures:
             return None if self._live else Searcher.FINISHED
         if not self._unexplored():  # the whole (unpruned) space has been evaluated
             return None if self._live else Searcher.FINISHED

@@ -2,6 +2,16 @@
 
 from space.anchor import SUPPORTED_FAMILIES, Anchor, FeatureInfo, file_sha256, load_anchor
 from space.config import StitchConfig
+from space.export import (
+    EXPORT_FORMAT,
+    ExportError,
+    LoadedExport,
+    SwitchableStitchedNet,
+    load_export,
+    load_switchable,
+    read_export,
+    save_switchable,
+)
 from space.stitched import StitchedNet, adapt_images, build_stitched
 from space.stitching import (
     ConvStitch,
@@ -13,19 +23,27 @@ from space.stitching import (
 )
 
 __all__ = [
+    "EXPORT_FORMAT",
     "SUPPORTED_FAMILIES",
     "Anchor",
     "ConvStitch",
     "ConvToToken",
+    "ExportError",
     "FeatureInfo",
+    "LoadedExport",
     "StitchConfig",
     "StitchedNet",
     "StitchingLayer",
+    "SwitchableStitchedNet",
     "TokenStitch",
     "TokenToConv",
     "adapt_images",
     "build_stitched",
     "file_sha256",
     "load_anchor",
+    "load_export",
+    "load_switchable",
     "make_stitching_layer",
+    "read_export",
+    "save_switchable",
 ]

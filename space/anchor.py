@@ -499,6 +499,7 @@ def load_anchor(
     checkpoint: str | Path | None = None,
     pretrained: bool = False,
     input_size: tuple[int, int, int] | None = None,
+    seed: int | None = 0,
     **timm_kwargs: Any,
 ) -> Anchor:
     """Loads a timm model as a stitchable :class:`Anchor`.
@@ -512,6 +513,9 @@ def load_anchor(
         input_size: ``(C, H, W)`` the anchor runs at, when not the model's default (CNNs run
             at any size; ViTs take ``img_size=`` in ``timm_kwargs`` instead). Not passed to
             timm.
+        seed: Seed of the random initialisation, so that every process builds the same
+            weights for an anchor without checkpoint or pretrained weights (``None``: the
+            global RNG). Not passed to timm.
         **timm_kwargs: Passed to ``timm.create_model`` (``num_classes``, ``img_size``,
             ``in_chans``, ``depth``, ...).
 
@@ -543,7 +547,10 @@ def load_anchor(
     if checkpoint is not None:
         state = read_state_dict(checkpoint)
     try:
-        model = timm.create_model(name, pretrained=pretrained, **timm_kwargs)
+        with torch.random.fork_rng(devices=[]):
+            if seed is not None:
+                torch.manual_seed(seed)
+            model = timm.create_model(name, pretrained=pretrained, **timm_kwargs)
     except TypeError as e:
         raise ValueError(f"model {name!r}: bad timm kwargs {sorted(timm_kwargs)} ({e})") from None
     except (OSError, RuntimeError) as e:

@@ -51,8 +51,8 @@ FOUR = ("resnet", "vit", "convnext", "efficientnet")
 def make_tiny(family: str, seed: int = 0) -> Anchor:
     """A freshly initialised tiny anchor of ``family`` (deterministic for a seed)."""
     name, kwargs, size = TINY[family]
+    anchor = load_anchor(name, input_size=size, seed=seed, **kwargs)
     torch.manual_seed(seed)
-    anchor = load_anchor(name, input_size=size, **kwargs)
     # Randomly initialised BatchNorm statistics are the identity; perturb them so that the
     # tests exercise real normalisation.
     with torch.no_grad():
@@ -76,3 +76,12 @@ def tiny_anchor():
         return _CACHE[family]
 
     return get
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Tiny models run fastest on one thread, and CI's two cores are shared with Ray."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

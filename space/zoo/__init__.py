@@ -49,10 +49,10 @@ def load_zoo_anchor(name: str):
 
     entries = manifest()["anchors"]
     if name not in entries:
+        known = [f"zoo:{n}" for n in sorted(entries)]
         raise ValueError(
-            f"unknown zoo anchor 'zoo:{name}'; the zoo has "
-            + ", ".join(f"zoo:{n}" for n in sorted(entries))
-            + close_matches(name, list(entries)).replace("'", "'zoo:", 1).replace(", '", ", 'zoo:")
+            f"unknown zoo anchor 'zoo:{name}'; the zoo has {', '.join(known)}"
+            + close_matches(f"zoo:{name}", known)
         )
     entry = entries[name]
     weights = ZOO_DIR / entry["weights"]

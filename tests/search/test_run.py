@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import threading
 import urllib.request
 from pathlib import Path
@@ -114,7 +113,10 @@ def test_exports_and_report(finished_run) -> None:
     study = _load(out)
     exports = sorted((out / "exports").glob("*.json"))
     assert [p.stem for p in exports] == ["big", "mid"]  # nothing fits tiny-mcu
-    best = max(evaluated_trials(study), key=lambda t: t.user_attrs["val_acc"])
+    best = max(
+        evaluated_trials(study),
+        key=lambda t: (t.user_attrs["val_acc"], -t.user_attrs["macs"], -t.user_attrs["params"]),
+    )
     doc = json.loads((out / "exports" / "big.json").read_text())
     assert doc["final"] is True
     assert doc["device"] == "big"
@@ -153,7 +155,7 @@ def test_dashboard_api_sees_study_and_pareto_front(finished_run) -> None:
         detail = json.loads(
             urllib.request.urlopen(f"{base}/api/studies/{summary['study_id']}", timeout=30).read()
         )
-        assert detail["metric_names"] == ["accuracy", "macs"]
+        assert detail["objective_names"] == ["accuracy", "macs"]
         study = _load(finished_run["out"])
         front = {t.number for t in study.best_trials}
         assert front

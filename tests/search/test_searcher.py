@@ -57,7 +57,7 @@ def _fake_result(config):
     }
 
 
-def _searcher(study, space, target, **kw):
+def _searcher(study, space, total, **kw):
     events = []
     s = StitchSearcher(
         study,
@@ -66,7 +66,7 @@ def _searcher(study, space, target, **kw):
         budgets=[DeviceBudget("small", max_macs=1.5e6), DeviceBudget("mid", max_macs=2.25e6)],
         cka=_matrices(space),
         rule=PruningRule(threshold=0.5),
-        target=target,
+        total=total,
         driver_id="d1",
         on_event=lambda kind, t: events.append((kind, t.number)),
         **kw,
@@ -96,7 +96,7 @@ def _run(s, n, start=0):
 def test_anchors_first_then_only_unpruned_unexplored(sampler) -> None:
     space = SearchSpace(DEPTHS)
     study = _study(space, sampler)
-    s, events = _searcher(study, space, target=12)
+    s, events = _searcher(study, space, total=12)
     assert s.record_pruned() == 3 + 4  # back cut 0 for every front cut of both pairs
     assert s.record_pruned() == 0  # recorded once per study
     dispatched = _run(s, 12)
@@ -123,7 +123,7 @@ def test_anchors_first_then_only_unpruned_unexplored(sampler) -> None:
 def test_exhausted_space_finishes() -> None:
     space = SearchSpace({"a": 1, "b": 2})  # 2 anchors + 1*2 + 2*1 stitches, 3 pruned
     study = _study(space)
-    s, _ = _searcher(study, space, target=100)
+    s, _ = _searcher(study, space, total=100)
     assert s.record_pruned() == 3
     dispatched = _run(s, 3)
     assert len({json.dumps(d, sort_keys=True) for d in dispatched}) == 3
@@ -133,7 +133,7 @@ def test_exhausted_space_finishes() -> None:
 def test_enqueued_repeat_is_answered_from_storage() -> None:
     space = SearchSpace(DEPTHS)
     study = _study(space)
-    s, _ = _searcher(study, space, target=3)
+    s, _ = _searcher(study, space, total=3)
     _run(s, 2)  # the two anchors
     study.enqueue_trial(space.encode(space.anchors()[0]))
     cfg = s.suggest("t2")
@@ -148,7 +148,7 @@ def test_enqueued_repeat_is_answered_from_storage() -> None:
 def test_failures_are_recorded_with_reason() -> None:
     space = SearchSpace(DEPTHS)
     study = _study(space)
-    s, _ = _searcher(study, space, target=3)
+    s, _ = _searcher(study, space, total=3)
     s.suggest("t0")
     s.on_trial_complete("t0", {"error": "ValueError: non-finite activations"})
     s.suggest("t1")

@@ -53,6 +53,13 @@ def test_cut_out_of_range(tiny_anchor) -> None:
         anchor.forward_front(torch.zeros(1, 3, 32, 32), 5)
 
 
+def test_random_init_is_seeded() -> None:
+    name, kwargs, _ = TINY["vit"]
+    a, b = load_anchor(name, **kwargs), load_anchor(name, **kwargs)
+    c = load_anchor(name, seed=1, **kwargs)
+    assert a.weights_sha256 == b.weights_sha256 != c.weights_sha256
+
+
 def test_unknown_model_suggests_close_matches() -> None:
     with pytest.raises(ValueError, match=r"unknown model 'resnet181'.*did you mean.*'resnet18'"):
         load_anchor("resnet181")
@@ -73,8 +80,8 @@ def test_checkpoint_round_trip(tmp_path, suffix: str) -> None:
     else:
         torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, path)
     name, kwargs, size = TINY["resnet"]
-    torch.manual_seed(123)  # a different random init, overwritten by the checkpoint
-    loaded = load_anchor(name, checkpoint=path, input_size=size, **kwargs)
+    # A different random init, overwritten by the checkpoint.
+    loaded = load_anchor(name, checkpoint=path, input_size=size, seed=123, **kwargs)
     x = torch.randn(2, *size)
     with torch.no_grad():
         assert torch.equal(loaded.model(x), src.model(x))
