@@ -21,14 +21,6 @@ from tests.space.test_export import _add, build_exports, copy_export, edit, make
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory):
     return build_exports(tmp_path_factory)

@@ -32,14 +32,6 @@ from space import (
 from tests.conftest import TINY, make_tiny
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ---------------------------------------------------------------------- building exports
 def _checkpointed(
     family: str, root: Path, fmt: str, size: tuple[int, int, int] | None = None
@@ -88,7 +80,7 @@ def make_export(
         study=SimpleNamespace(
             name="unit",
             objectives=["accuracy", "macs"],
-            data=SimpleNamespace(calibration=data.calibration.num_images),
+            data=SimpleNamespace(calibration=data.calibration.num_images, batch_size=64),
             fit=SimpleNamespace(steps=0, lr=1e-3),
         ),
         storage_url="sqlite:////tmp/unit.db",
@@ -354,6 +346,7 @@ def test_random_anchor_with_weights_sha256_is_rebuilt_and_verified(exports, tmp_
 def test_random_anchor_cannot_be_rebuilt(exports, tmp_path) -> None:
     p = edit(copy_export(exports["cnn_vit"][0], tmp_path), _add(["anchors", 1], "checkpoint", None))
     edit(p, _add(["anchors", 1], "checkpoint_sha256", None))
+    edit(p, _drop(["anchors", 1], "weights_sha256"))
     _raises(p, "anchors[1].checkpoint", "random initialisation")
 
 
