@@ -1,10 +1,18 @@
-"""After the trials: per-device selection, test accuracy, exports, report and summary."""
+"""After the trials: per-device selection, test accuracy, exports, report and summary.
+
+Exports are written only when a run finishes (an interrupted run writes none), into a
+staging folder that then replaces ``exports/`` as a whole: a run killed while exporting
+leaves the previous exports (or none), never a mix. An export says ``"final": true`` only
+when the study holds the requested number of evaluations (or has evaluated every unpruned
+candidate).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -80,8 +88,20 @@ def write_export(
     *,
     taken: set[str],
     n_evaluated: int,
+    final: bool = True,
 ) -> Path:
-    """Writes ``<device>.json`` and the fitted stitching layer ``<device>.safetensors``."""
+    """Writes ``<device>.json`` and the fitted stitching layer ``<device>.safetensors``.
+
+    Args:
+        export_dir: The folder to write into.
+        device: The device.
+        trial: The chosen trial.
+        result: Its re-evaluation (fitted network, test accuracy).
+        plan: The run's plan.
+        taken: File stems already used in ``export_dir``.
+        n_evaluated: Evaluations in the study.
+        final: Whether the study is complete (``"final"`` in the manifest).
+    """
     from safetensors.torch import save_file
 
     from space import file_sha256
@@ -110,7 +130,7 @@ def write_export(
     metrics = budget_metrics(trial.user_attrs)
     doc = {
         "format": EXPORT_FORMAT,
-        "final": True,
+        "final": bool(final),
         "device": device.device,
         "budget": device.to_dict(),
         "headroom": device.headroom(metrics),
@@ -181,6 +201,45 @@ def _masked(url: str) -> str:
     return masked_url(url)
 
 
+STAGING_PREFIX = ".exports-"
+
+
+def staging_dir(out: Path, driver_id: str) -> Path:
+    """The folder a driver writes its exports into before publishing them."""
+    return out / f"{STAGING_PREFIX}{driver_id[:12]}.tmp"
+
+
+def clean_staging(out: Path, *, live: set[str]) -> list[Path]:
+    """Removes staging folders left by killed drivers (not those of ``live`` drivers).
+
+    Returns:
+        The removed folders.
+    """
+    removed = []
+    for d in out.glob(f"{STAGING_PREFIX}*"):
+        owner = d.name.removeprefix(STAGING_PREFIX).split(".", 1)[0]
+        if d.is_dir() and not any(x.startswith(owner) for x in live):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
+
+
+def publish(staging: Path, target: Path) -> None:
+    """Replaces ``target`` by ``staging`` (two renames; the old folder is then deleted)."""
+    old = staging.with_name(staging.name.replace(".tmp", ".old"))
+    for _ in range(10):  # another driver publishing into the same folder: try again
+        try:
+            if target.exists():
+                os.replace(target, old)
+            os.replace(staging, target)
+            break
+        except OSError:
+            time.sleep(0.1)
+    else:
+        raise OSError(f"could not publish {staging} as {target}")
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def trial_rows(study: optuna.Study, pareto: set[int]) -> list[dict[str, Any]]:
     """Trials as plain rows for the report."""
     rows = []
@@ -219,9 +278,23 @@ def finish(
     stats: Mapping[str, int],
     *,
     interrupted: bool,
+    complete: bool = True,
     log: Callable = print,
 ) -> int:
-    """Selects per device, measures test accuracy, writes exports, report and summary."""
+    """Selects per device, measures test accuracy, writes exports, report and summary.
+
+    Args:
+        plan: The run's plan.
+        study: The study.
+        space: The search space.
+        stats: This run's counts (completed, failed, pruned, ...).
+        interrupted: The run was interrupted: print the summary, write no exports.
+        complete: The study holds the requested evaluations (exports are final).
+        log: Prints a progress line.
+
+    Returns:
+        The exit code: 0, or 130 when interrupted.
+    """
     from evaluators import evaluate_candidate
 
     trials = evaluated_trials(study)
@@ -232,13 +305,27 @@ def finish(
     print(
         f"\n{'INTERRUPTED: ' if interrupted else ''}study {plan.study.name!r}: "
         f"{len(trials)}/{plan.trials} candidates evaluated; this run: "
-        f"{stats.get('completed', 0)} evaluated, {stats.get('pruned', 0)} pruned by CKA, "
-        f"{stats.get('failed', 0)} failed; all trials: {counts['COMPLETE']} complete, "
-        f"{counts['PRUNED']} pruned, {counts['FAIL']} failed",
+        f"{stats.get('completed', 0)} evaluated, {stats.get('pruned', 0)} pruned, "
+        f"{stats.get('failed', 0)} failed"
+        + (f", {stats['interrupted']} stopped in flight" if stats.get("interrupted") else "")
+        + f"; all trials: {counts['COMPLETE']} complete, "
+        f"{counts['PRUNED']} pruned, {counts['FAIL']} failed, {counts['RUNNING']} running",
         file=out,
+        flush=True,
     )
+    if interrupted:
+        print(
+            f"interrupted: no exports written; to resume, run the same command again: "
+            f"{getattr(plan, 'command', 'python -m search.run ...')}",
+            file=out,
+            flush=True,
+        )
     chosen = select_per_device(trials, plan.budgets)
-    export_dir = plan.out / "exports"
+    export_dir = staging_dir(plan.out, getattr(plan, "driver_id", "") or "driver")
+    final_dir = plan.out / "exports"
+    if not interrupted:
+        shutil.rmtree(export_dir, ignore_errors=True)
+        export_dir.mkdir(parents=True)
     rows = [
         [
             "device",
@@ -255,8 +342,11 @@ def finish(
     exports: list[Path] = []
     taken: set[str] = set()
     results: dict[int, Any] = {}
-    if interrupted:
-        log("run interrupted: no exports written (run the same command again to resume)")
+    if not interrupted and not complete:
+        log(
+            f"the study holds {len(trials)} of the {plan.trials} requested evaluations: "
+            'exports are written with "final": false'
+        )
     for b in plan.budgets:
         t = chosen[b.device]
         if t is None:
@@ -282,7 +372,16 @@ def finish(
             res = results[t.number]
             test = f"{res.test_acc:.2f}%"
             exports.append(
-                write_export(export_dir, b, t, res, plan, taken=taken, n_evaluated=len(trials))
+                write_export(
+                    export_dir,
+                    b,
+                    t,
+                    res,
+                    plan,
+                    taken=taken,
+                    n_evaluated=len(trials),
+                    final=complete,
+                )
             )
         rows.append(
             [
@@ -297,6 +396,9 @@ def finish(
                 ", ".join(f"{k} {v:+.0%}" for k, v in head.items()) or "no limits",
             ]
         )
+    if not interrupted:
+        publish(export_dir, final_dir)
+        exports = [final_dir / p.name for p in exports]
     print(_table(rows), file=out)
     for b in plan.budgets:
         if chosen[b.device] is None:
@@ -305,7 +407,7 @@ def finish(
                 "no export written",
                 file=out,
             )
-    if plan.report:
+    if plan.report and not interrupted:
         from search.report import write_report
 
         report = write_report(

@@ -17,6 +17,8 @@ import dataclasses
 import json
 import logging
 import os
+import re
+import shlex
 import signal
 import sys
 import time
@@ -134,6 +136,8 @@ class Plan:
     report: bool
     driver_id: str = ""
     started_ray: bool = False
+    command: str = "python -m search.run"
+    logged_pruning: bool = False
 
     def trial_data(self):
         """The data splits trials use: calibration cut to the fitting size, no train split."""
@@ -181,6 +185,35 @@ def _storage_url(raw: str | None, out: Path) -> str:
     return raw
 
 
+_RAY_ADDRESS = re.compile(r"^(auto|(ray://)?(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):\d{1,5})$")
+
+
+def _ray_address(raw: str | None) -> str | None:
+    """Validates ``--ray-address`` (``auto``, ``HOST:PORT`` or ``ray://HOST:PORT``)."""
+    if raw is None:
+        return None
+    address = raw.strip()
+    if not _RAY_ADDRESS.match(address):
+        raise InputError(
+            f"--ray-address: {raw!r} is not a Ray cluster address; use auto, HOST:PORT (as "
+            "printed by `ray start --head`) or ray://HOST:PORT"
+        )
+    if address != "auto":
+        # ray.init waits minutes for a cluster that is not there; ask the port first.
+        import socket
+
+        host, _, port = address.removeprefix("ray://").rpartition(":")
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
+        except OSError as e:
+            raise InputError(
+                f"--ray-address: no Ray cluster answers at {address!r} "
+                f"({e.strerror or type(e).__name__}); start one with `ray start --head "
+                "--port=PORT` or check the address"
+            ) from None
+    return address
+
+
 def masked_url(url: str) -> str:
     """The storage URL with any password hidden."""
     try:
@@ -225,7 +258,7 @@ def prepare(args: argparse.Namespace) -> Plan:
         trials=study.trials,
         workers=args.workers or study.workers,
         seed=study.seed if args.seed is None else args.seed,
-        ray_address=args.ray_address,
+        ray_address=_ray_address(args.ray_address),
         onnx=args.onnx,
         report=not args.no_report,
     )
@@ -310,44 +343,98 @@ def _load_data(study, study_path: Path, anchors: dict):
 
 
 # ---------------------------------------------------------------------------- running
+#: Study user attributes: the driver that created the study, and that its setup (anchors
+#: enqueued, CKA-pruned points recorded) is complete.
+CREATOR_KEY = "created_by"
+SETUP_KEY = "setup_complete"
+
+
 def _open_study(plan: Plan, storage):
+    """Loads the study, or creates it; returns ``(study, created)``.
+
+    Raises:
+        InputError: The stored study has other objectives.
+    """
     import optuna
 
-    from search.space import SearchSpace
-
-    sampler = _make_sampler(plan.study.sampler, plan.seed, len(plan.study.objectives))
     try:
-        study = optuna.load_study(study_name=plan.study.name, storage=storage, sampler=sampler)
-        existing = [d.name.lower()[:3] for d in study.directions]
-        wanted = [d[:3] for d in plan.study.directions]
-        names = study.metric_names
-        if existing != wanted or (names and list(names) != list(plan.study.objectives)):
-            raise InputError(
-                f"study {plan.study.name!r} in the storage has objectives {names}, not "
-                f"{plan.study.objectives}; use another study name or --out"
-            )
-        fresh = False
+        study = optuna.load_study(study_name=plan.study.name, storage=storage)
     except KeyError:
         try:
             study = optuna.create_study(
-                study_name=plan.study.name,
-                storage=storage,
-                sampler=sampler,
-                directions=plan.study.directions,
+                study_name=plan.study.name, storage=storage, directions=plan.study.directions
             )
         except optuna.exceptions.DuplicatedStudyError:  # another driver created it just now
             return _open_study(plan, storage)
+        study.set_user_attr(CREATOR_KEY, plan.driver_id)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names(list(plan.study.objectives))
         study.set_user_attr("objectives", list(plan.study.objectives))
         study.set_user_attr("study_definition", json.loads(plan.study.model_dump_json()))
-        fresh = True
-    space = SearchSpace({n: a.num_blocks for n, a in plan.anchors.items()})
-    if fresh:
-        for c in space.anchors():
-            study.enqueue_trial(space.encode(c), user_attrs={"seeded": "anchor"})
-    return study, space
+        return study, True
+    existing = [d.name.lower()[:3] for d in study.directions]
+    wanted = [d[:3] for d in plan.study.directions]
+    names = study.metric_names
+    if existing != wanted or (names and list(names) != list(plan.study.objectives)):
+        raise InputError(
+            f"study {plan.study.name!r} in the storage has objectives {names}, not "
+            f"{plan.study.objectives}; use another study name or --out"
+        )
+    return study, False
+
+
+def _setup_study(
+    plan: Plan, study, space, matrices, *, created: bool, log, critical=contextlib.nullcontext
+) -> int:
+    """Enqueues the anchors and records the CKA-pruned points, once per study.
+
+    The driver that created the study does it; another driver joining waits for it (so that
+    two drivers starting together record nothing twice), and takes over when the creator
+    died first or the study predates this protocol.
+
+    Args:
+        plan: The run's plan.
+        study: The study.
+        space: The search space.
+        matrices: The CKA matrices.
+        created: Whether this driver created the study.
+        log: Prints a progress line.
+        critical: Context manager factory around the writes (defers Ctrl-C).
+
+    Returns:
+        How many PRUNED trials were newly recorded.
+    """
+    from search.searcher import driver_status, heartbeats, record_pruned_trials
+    from search.space import PruningRule
+
+    storage = study._storage
+    if not created:
+        t0 = time.monotonic()
+        while True:
+            attrs = storage.get_study_user_attrs(study._study_id)
+            if attrs.get(SETUP_KEY):
+                return 0
+            creator = attrs.get(CREATOR_KEY)
+            waited = time.monotonic() - t0
+            if creator is None:  # an older study, or its creator has not got that far
+                if study.get_trials(deepcopy=False) or waited > 3:
+                    break
+            else:
+                beat = heartbeats(study).get(creator)
+                if (beat is not None and not driver_status(beat)[0]) or waited > 60:
+                    break
+            time.sleep(0.2)
+        log("setting up the study (its creator did not finish that)")
+    with critical():
+        trials = study.get_trials(deepcopy=False)
+        if not any(t.user_attrs.get("seeded") == "anchor" for t in trials):
+            for c in space.anchors():
+                study.enqueue_trial(space.encode(c), user_attrs={"seeded": "anchor"})
+        rule = PruningRule(plan.study.cka.threshold, plan.study.cka.top_k)
+        new = record_pruned_trials(study, space, matrices, rule)
+        study.set_user_attr(SETUP_KEY, True)
+    return new
 
 
 def _make_sampler(name: str, seed: int, n_objectives: int):
@@ -406,6 +493,10 @@ def _start_ray(plan: Plan, threads: int) -> bool:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    # Failed trials are reported (one line each) and recorded by the searcher; Ray Tune's
+    # own tracebacks for them would only bury that.
+    for name in ("ray.tune.execution.tune_controller", "ray.tune.tune"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     if ray.is_initialized():
         return False
     common = {
@@ -431,10 +522,12 @@ def _start_ray(plan: Plan, threads: int) -> bool:
 class Progress:
     """A live progress line: trials done of total, best so far per objective, time left."""
 
-    def __init__(self, total: int, done: int, objectives: list[str], stream=sys.stderr) -> None:
+    def __init__(self, total: int, done: int, objectives: list[str], stream=None) -> None:
         from tqdm import tqdm
 
+        stream = sys.stderr if stream is None else stream
         self.objectives = objectives
+        self.stream = stream
         self.bar = tqdm(
             total=total,
             initial=min(done, total),
@@ -484,6 +577,8 @@ class Progress:
             self.pruned += 1
         elif kind == "failed":
             self.failed += 1
+            reason = " ".join(str(trial.user_attrs.get("fail_reason", "")).split())
+            self.bar.write(f"trial {trial.number} failed: {reason[:300]}", file=self.stream)
         else:
             self.repeats += 1
         self._refresh()
@@ -493,23 +588,148 @@ class Progress:
         self.bar.close()
 
 
-def run_search(plan: Plan, study, space, matrices, *, log=print) -> dict[str, int]:
-    """Runs Ray Tune trials until the study holds ``plan.trials`` evaluations."""
+@dataclass
+class RunState:
+    """What this driver has done so far (kept when the run is interrupted).
+
+    Attributes:
+        searchers: The searcher of every round (a round is one Ray Tune run).
+        complete: The study holds the requested number of evaluations, or every unpruned
+            candidate has been evaluated.
+        interrupted_trials: Trials in flight when the run was interrupted (marked FAIL).
+        pruned_recorded: CKA-pruned points this driver recorded while setting up the study.
+    """
+
+    searchers: list = dataclasses.field(default_factory=list)
+    complete: bool = False
+    interrupted_trials: list[int] = dataclasses.field(default_factory=list)
+    pruned_recorded: int = 0
+
+    def stats(self) -> dict[str, int]:
+        """Counts over all rounds."""
+        keys = ("completed", "failed", "pruned", "repeats", "surplus")
+        out = {k: sum(getattr(s, k) for s in self.searchers) for k in keys}
+        out["pruned"] += self.pruned_recorded
+        out["interrupted"] = len(self.interrupted_trials)
+        return out
+
+
+class SignalGuard:
+    """Turns SIGINT and SIGTERM into KeyboardInterrupt, deferred inside critical sections.
+
+    Ray Tune's own SIGINT handler (which ends the run as if it had finished) is switched
+    off; an interrupt raised while the searcher writes a trial waits until the write is done,
+    so that no trial is left half-written.
+    """
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.pending: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.depth:
+            self.pending = signum
+            return
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    @contextlib.contextmanager
+    def critical(self):
+        """Defers interrupts until the block is done."""
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+            if not self.depth and self.pending is not None:
+                signum, self.pending = self.pending, None
+                raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    def __enter__(self) -> SignalGuard:
+        import threading
+
+        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.getsignal(sig)
+                signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    @contextlib.contextmanager
+    def ignored(self):
+        """Ignores further interrupts while cleaning up."""
+        if not self._previous:
+            yield
+            return
+        for sig in self._previous:
+            signal.signal(sig, signal.SIG_IGN)
+        try:
+            yield
+        finally:
+            for sig in self._previous:
+                signal.signal(sig, self._handler)
+
+
+def run_search(
+    plan: Plan,
+    study,
+    space,
+    matrices,
+    *,
+    state: RunState,
+    guard: SignalGuard | None = None,
+    log=print,
+) -> RunState:
+    """Runs Ray Tune trials until the study holds ``plan.trials`` evaluations.
+
+    Other drivers may work on the same study: when this driver has nothing left to start, it
+    waits for their running trials, and starts another round if some of them failed.
+    """
+    from search.searcher import evaluated_trials
+
+    done = len(evaluated_trials(study))
+    if done >= plan.trials:
+        log(f"study already holds {done} evaluated trials (>= --trials {plan.trials})")
+        state.complete = True
+        return state
+    progress = Progress(plan.trials, done, list(plan.study.objectives))
+    progress.seed(evaluated_trials(study))
+    try:
+        while True:
+            searcher = _search_round(plan, study, space, matrices, progress, guard, state, log)
+            evaluated, others = _wait_for_other_drivers(plan, study, log)
+            if evaluated >= plan.trials or searcher.exhausted():
+                state.complete = True
+                break
+            if searcher.failed >= searcher.max_failures:
+                log(f"stopping: {searcher.failed} trials failed in this run")
+                break
+            if not (searcher.completed or searcher.failed or others):
+                break  # nothing happened and nothing will: do not spin
+            log(f"study holds {evaluated}/{plan.trials} evaluations: starting another round")
+    finally:
+        progress.close()
+    return state
+
+
+def _search_round(plan: Plan, study, space, matrices, progress, guard, state: RunState, log):
+    """One Ray Tune run: trials until this driver has nothing left to start."""
     import ray
     from ray import tune
 
-    from search.searcher import StitchSearcher, evaluated_trials
+    from search.searcher import RetryCounter, StitchSearcher
     from search.space import PruningRule
-    from search.worker import TrialContext, trainable
+    from search.worker import TrialContext, WorkerJob, trainable
 
-    done = len(evaluated_trials(study))
-    target = plan.trials - done
-    if target <= 0:
-        log(f"study already holds {done} evaluated trials (>= --trials {plan.trials})")
-        return {"completed": 0, "failed": 0, "pruned": 0}
     cpus = max(1, (os.cpu_count() or 1) // plan.workers)
     use_gpu = _has_gpu()
-    plan.started_ray = _start_ray(plan, cpus)
+    started = _start_ray(plan, cpus)
+    plan.started_ray = plan.started_ray or started
     if plan.ray_address:
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)) // plan.workers)
     ctx = TrialContext(
@@ -521,8 +741,7 @@ def run_search(plan: Plan, study, space, matrices, *, log=print) -> dict[str, in
         threads=cpus,
         use_gpu=use_gpu,
     )
-    progress = Progress(plan.trials, done, list(plan.study.objectives))
-    progress.seed(evaluated_trials(study))
+    job = WorkerJob.build(ctx, plan.study.trial_timeout_s)
     searcher = StitchSearcher(
         study,
         space,
@@ -534,16 +753,19 @@ def run_search(plan: Plan, study, space, matrices, *, log=print) -> dict[str, in
         driver_id=plan.driver_id,
         seed=plan.seed,
         on_event=progress,
+        max_retries=plan.study.max_retries,
+        guard=guard.critical if guard is not None else None,
     )
-    newly = searcher.record_pruned()
-    if searcher._pruned:
+    if searcher._pruned and not plan.logged_pruning:
+        plan.logged_pruning = True
         log(
             f"CKA rule prunes {len(searcher._pruned)} of {len(space) - len(space.anchors())} "
-            f"stitch points ({newly} newly recorded as PRUNED trials)"
+            "stitch points (recorded as PRUNED trials)"
         )
+    state.searchers.append(searcher)
     resources = {"cpu": cpus, "gpu": 1.0 / plan.workers if use_gpu else 0}
     tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(trainable, ctx=ctx), resources),
+        tune.with_resources(tune.with_parameters(trainable, job=job), resources),
         tune_config=tune.TuneConfig(
             search_alg=searcher,
             num_samples=-1,
@@ -554,23 +776,49 @@ def run_search(plan: Plan, study, space, matrices, *, log=print) -> dict[str, in
             name=f"ray-{time.strftime('%Y%m%d-%H%M%S')}-{plan.driver_id[:8]}",
             storage_path=str((plan.out / "ray").resolve()),
             verbose=0,
-            stop={"time_total_s": plan.study.trial_timeout_s},
             failure_config=tune.FailureConfig(max_failures=plan.study.max_retries),
+            callbacks=[RetryCounter(searcher)],
             log_to_file=True,
         ),
     )
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            tuner.fit()
-    finally:
-        progress.close()
-    return {
-        "completed": searcher.completed,
-        "failed": searcher.failed,
-        "pruned": searcher.pruned,
-        "repeats": searcher.repeats,
-    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tuner.fit()
+    return searcher
+
+
+def _wait_for_other_drivers(plan: Plan, study, log, poll_s: float = 1.0) -> tuple[int, int]:
+    """Waits while other drivers have trials running that may decide the total.
+
+    Trials of drivers that died meanwhile are failed (:func:`fail_stale_trials`).
+
+    Returns:
+        ``(evaluated, others)``: evaluations in the study, and how many trials of other
+        drivers were waited for.
+    """
+    from optuna.trial import TrialState
+
+    from search.searcher import evaluated_trials, fail_stale_trials
+
+    waited_for: set[int] = set()
+    said = False
+    while True:
+        fail_stale_trials(study)
+        running = [
+            t
+            for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if t.user_attrs.get("driver") != plan.driver_id
+        ]
+        evaluated = len(evaluated_trials(study))
+        # Done when nothing runs, or when the study holds what this driver was asked for
+        # (another driver may have been asked for more).
+        if not running or evaluated >= plan.trials:
+            return evaluated, len(waited_for)
+        waited_for |= {t.number for t in running}
+        if not said:
+            log(f"waiting for {len(running)} trial(s) of other drivers to finish")
+            said = True
+        time.sleep(poll_s)
 
 
 def _has_gpu() -> bool:
@@ -581,6 +829,7 @@ def _has_gpu() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     from search.budgets import BudgetError
     from search.study import StudyError
@@ -588,57 +837,125 @@ def main(argv: list[str] | None = None) -> int:
     try:
         plan = prepare(args)
     except (InputError, StudyError, BudgetError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(str(e))}", file=sys.stderr)
         return 2
     plan.driver_id = uuid.uuid4().hex
+    plan.command = "python -m search.run " + shlex.join(argv)
     return execute(plan)
+
+
+def _one_line(text: str) -> str:
+    return text.replace("\r", "\\r").replace("\n", "\\n")
 
 
 def execute(plan: Plan) -> int:
     """Runs a validated plan: study, CKA, Ray trials, selection, exports and report."""
-    from search.finish import finish
-    from search.searcher import Heartbeat, evaluated_trials, fail_stale_trials
+    from search.finish import clean_staging, finish
+    from search.searcher import Heartbeat, evaluated_trials, fail_stale_trials, live_drivers
+    from search.space import SearchSpace
 
     def log(*a, **k):
         print(*a, **k, file=sys.stderr, flush=True)
 
     plan.out.mkdir(parents=True, exist_ok=True)
     storage = _make_storage(plan.storage_url)
-    try:
-        study, space = _open_study(plan, storage)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    stale = fail_stale_trials(study)
-    if stale:
-        log(f"marked {len(stale)} trial(s) left RUNNING by a stopped run as failed: {stale}")
-    log(
-        f"study {plan.study.name!r}: {len(space)} candidates ({len(space.pairs())} ordered "
-        f"pairs, {len(plan.anchors)} anchors), {len(evaluated_trials(study))}/{plan.trials} "
-        f"evaluated, storage {masked_url(plan.storage_url)}"
-    )
-    matrices = _cka_matrices(plan, space, log)
-    interrupted = False
-    stats: dict[str, int] = {}
-    with Heartbeat(study, plan.driver_id):
+    space = SearchSpace({n: a.num_blocks for n, a in plan.anchors.items()})
+    state = RunState()
+    interrupted: str | None = None
+    with SignalGuard() as guard:
         try:
-            with _sigint_as_keyboard_interrupt():
-                stats = run_search(plan, study, space, matrices, log=log)
-        except KeyboardInterrupt:
-            interrupted = True
-        finally:
-            _shutdown_ray(plan)
-    return finish(plan, study, space, stats, interrupted=interrupted, log=log)
+            matrices = _cka_matrices(plan, space, log)
+            try:
+                study, created = _open_study(plan, storage)
+            except InputError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
+            with Heartbeat(study, plan.driver_id):
+                newly = _setup_study(
+                    plan, study, space, matrices, created=created, log=log, critical=guard.critical
+                )
+                state.pruned_recorded = newly
+                others = live_drivers(study) - {plan.driver_id}
+                study.sampler = _make_sampler(
+                    plan.study.sampler, _driver_seed(plan, others), len(plan.study.objectives)
+                )
+                if others and plan.storage_url.startswith("sqlite"):
+                    log(
+                        f"warning: {len(others)} other driver(s) use this SQLite study; SQLite "
+                        "takes one writer: use --storage postgresql+psycopg://... for several"
+                    )
+                clean_staging(plan.out, live=others)
+                stale = fail_stale_trials(study)
+                if stale:
+                    log(f"failed {len(stale)} trial(s) left RUNNING by a stopped driver: {stale}")
+                log(
+                    f"study {plan.study.name!r}: {len(space)} candidates "
+                    f"({len(space.pairs())} ordered pairs, {len(plan.anchors)} anchors), "
+                    f"{len(evaluated_trials(study))}/{plan.trials} evaluated, "
+                    f"{newly} pruned points recorded, {len(others)} other driver(s) running, "
+                    f"storage {masked_url(plan.storage_url)}"
+                )
+                try:
+                    run_search(plan, study, space, matrices, state=state, guard=guard, log=log)
+                except KeyboardInterrupt as e:
+                    interrupted = str(e) or "SIGINT"
+                finally:
+                    with guard.ignored():
+                        _shutdown_ray(plan)
+                        if interrupted:
+                            state.interrupted_trials = _fail_own_trials(
+                                study, plan.driver_id, interrupted
+                            )
+        except KeyboardInterrupt as e:  # before the search started
+            interrupted = str(e) or "SIGINT"
+            with guard.ignored():
+                _shutdown_ray(plan)
+            log(f"interrupted ({interrupted}) before the search started; nothing was evaluated")
+            return 130 if interrupted == "SIGINT" else 143
+        stats = state.stats()
+        if interrupted:
+            with guard.ignored():
+                finish(plan, study, space, stats, interrupted=True, complete=False, log=log)
+            return 143 if interrupted == "SIGTERM" else 130
+        try:
+            return finish(
+                plan, study, space, stats, interrupted=False, complete=state.complete, log=log
+            )
+        except KeyboardInterrupt as e:
+            log(
+                f"interrupted ({e or 'SIGINT'}) while exporting: no exports were published; "
+                f"to export, run the same command again: {plan.command}"
+            )
+            return 143 if str(e) == "SIGTERM" else 130
 
 
-@contextlib.contextmanager
-def _sigint_as_keyboard_interrupt():
-    previous = signal.getsignal(signal.SIGINT)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
+def _driver_seed(plan: Plan, others: set[str]) -> int:
+    """The sampler seed: the study's, mixed with the driver id when other drivers run.
+
+    Drivers sharing a study with the same seed would propose the same candidates in the same
+    order and keep colliding.
+    """
+    if not others:
+        return plan.seed
+    return (plan.seed * 1_000_003 + int(plan.driver_id[:8], 16)) % 2**32
+
+
+def _fail_own_trials(study, driver_id: str, why: str) -> list[int]:
+    """Marks this driver's RUNNING trials as FAIL (the run was interrupted)."""
+    from optuna.trial import TrialState
+
+    failed = []
+    storage = study._storage
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if t.user_attrs.get("driver") != driver_id:
+            continue
+        try:
+            storage.set_trial_user_attr(t._trial_id, "fail_reason", f"interrupted ({why})")
+            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        except (RuntimeError, ValueError):
+            continue
+        failed.append(t.number)
+    return failed
 
 
 def _shutdown_ray(plan: Plan) -> None:

@@ -13,6 +13,12 @@ On completion it stores the metrics as user attributes, sets the budget constrai
 (``trial.set_constraint``; value <= 0 means the candidate fits at least one device, and
 ``feasible`` / ``fits_devices`` user attributes keep this visible in optuna-dashboard, which
 does not read Optuna 5 constraints) and tells the objective values.
+
+Several drivers may share one study (PostgreSQL storage). Each writes a heartbeat naming its
+host and process into the study, so that trials left RUNNING by a driver that died are
+marked failed (:func:`fail_stale_trials`), and claims each trial after asking for it: a trial
+that would exceed the requested total, or repeat a configuration another driver is already
+evaluating, is recorded as PRUNED with the reason instead of being dispatched.
 """
 
 from __future__ import annotations
@@ -20,15 +26,19 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import random
+import socket
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import optuna
 from optuna.trial import TrialState
+from ray.tune import Callback
 from ray.tune.search import Searcher
 
 from search.budgets import DeviceBudget, constraint_value, fitting_devices
@@ -44,7 +54,10 @@ OBJECTIVE_METRIC = {
 }
 
 HEARTBEAT_KEY = "heartbeat:"
+#: A driver on another machine whose heartbeat is older than this is taken for dead.
 STALE_AFTER_S = 60.0
+#: Seconds between two heartbeats of a driver.
+HEARTBEAT_INTERVAL_S = 10.0
 
 
 def evaluated_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
@@ -61,58 +74,155 @@ def budget_metrics(values: Mapping[str, Any]) -> dict[str, float | None]:
     return {k: values.get(k) for k in ("macs", "params", "latency_ms", "memory_mb")}
 
 
-def fail_stale_trials(study: optuna.Study, *, now: float | None = None) -> list[int]:
-    """Marks RUNNING trials whose driver stopped heart-beating as FAIL.
+# ------------------------------------------------------------------ driver liveness
+def _read(path: str) -> str | None:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return None
 
-    A driver writes ``heartbeat:<driver id>`` into the study's user attributes every few
-    seconds; trials left RUNNING by a driver that has not done so for
-    :data:`STALE_AFTER_S` (killed, crashed) are failed with a reason.
+
+def _process_start(pid: int) -> str | None:
+    """The start time of process ``pid`` (``/proc``), or None when it is gone or a zombie."""
+    stat = _read(f"/proc/{pid}/stat")
+    if stat is None:
+        return None
+    fields = stat.rsplit(")", 1)[-1].split()
+    if len(fields) < 20 or fields[0] in ("Z", "X"):
+        return None
+    return fields[19]
+
+
+def driver_identity() -> dict[str, Any]:
+    """Where this driver runs: host, boot, PID namespace, pid and process start time."""
+    pidns = None
+    with contextlib.suppress(OSError):
+        pidns = os.readlink("/proc/self/ns/pid")
+    return {
+        "host": socket.gethostname(),
+        "boot": _read("/proc/sys/kernel/random/boot_id"),
+        "pidns": pidns,
+        "pid": os.getpid(),
+        "start": _process_start(os.getpid()),
+    }
+
+
+def driver_status(
+    beat: Any, *, now: float | None = None, stale_after: float = STALE_AFTER_S
+) -> tuple[bool, str]:
+    """Whether a driver is alive, from its heartbeat, and why not.
+
+    A driver on this machine (same host, boot and PID namespace) is alive exactly while its
+    process is (so a killed driver is recognised at once); one elsewhere while its heartbeat
+    is younger than ``stale_after`` seconds. A plain number is an old-style heartbeat time.
+
+    Returns:
+        ``(alive, why_not)``: ``why_not`` explains a dead driver (empty when alive).
+    """
+    now = time.time() if now is None else now
+    if isinstance(beat, int | float):
+        age = now - float(beat)
+        return age < stale_after, f"no heartbeat for {age:.0f} s"
+    if not isinstance(beat, Mapping):
+        return False, "no heartbeat"
+    if beat.get("stopped"):
+        return False, "it stopped"
+    here = driver_identity()
+    same_machine = here["boot"] is not None and all(
+        beat.get(k) == here[k] for k in ("host", "boot", "pidns")
+    )
+    if same_machine and isinstance(beat.get("pid"), int):
+        start = _process_start(beat["pid"])
+        if start is None or (beat.get("start") is not None and start != beat["start"]):
+            return False, f"its process {beat['pid']} on {beat['host']} is gone"
+        return True, ""
+    age = now - float(beat.get("time", 0.0))
+    return age < stale_after, f"no heartbeat for {age:.0f} s"
+
+
+def heartbeats(study: optuna.Study) -> dict[str, Any]:
+    """Driver id -> its last heartbeat, from the study's user attributes."""
+    return {
+        k.removeprefix(HEARTBEAT_KEY): v
+        for k, v in study._storage.get_study_user_attrs(study._study_id).items()
+        if k.startswith(HEARTBEAT_KEY)
+    }
+
+
+def live_drivers(study: optuna.Study, *, now: float | None = None) -> set[str]:
+    """Ids of the drivers of a study that are alive."""
+    return {d for d, beat in heartbeats(study).items() if driver_status(beat, now=now)[0]}
+
+
+def fail_stale_trials(
+    study: optuna.Study, *, now: float | None = None, stale_after: float = STALE_AFTER_S
+) -> list[int]:
+    """Marks RUNNING trials whose driver died as FAIL, with the reason.
+
+    Drivers write ``heartbeat:<driver id>`` into the study's user attributes (see
+    :func:`driver_status` for when a driver counts as dead). A RUNNING trial that names no
+    driver (its driver died between asking and annotating it) is failed once it is older
+    than ``stale_after``.
 
     Returns:
         The numbers of the trials marked failed.
     """
     now = time.time() if now is None else now
-    beats = {
-        k.removeprefix(HEARTBEAT_KEY): v
-        for k, v in study.user_attrs.items()
-        if k.startswith(HEARTBEAT_KEY)
-    }
+    beats = heartbeats(study)
+    status: dict[str, tuple[bool, str]] = {}
     storage = study._storage
     failed = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        beat = beats.get(t.user_attrs.get("driver", ""))
-        if beat is not None and now - float(beat) < STALE_AFTER_S:
-            continue
-        storage.set_trial_user_attr(
-            t._trial_id, "fail_reason", "left RUNNING by a driver that stopped (killed or crashed)"
-        )
+    for t in storage.get_all_trials(study._study_id, deepcopy=False, states=(TrialState.RUNNING,)):
+        driver = t.user_attrs.get("driver")
+        if driver is None:
+            started = t.datetime_start.timestamp() if t.datetime_start else 0.0
+            if now - started < stale_after:
+                continue
+            why = "the trial names no driver"
+        else:
+            if driver not in status:
+                status[driver] = driver_status(beats.get(driver), now=now, stale_after=stale_after)
+            alive, why = status[driver]
+            if alive:
+                continue
+            why = f"driver {driver[:8]}: {why}"
         try:
+            storage.set_trial_user_attr(
+                t._trial_id,
+                "fail_reason",
+                f"left RUNNING by a driver that stopped (killed or crashed): {why}",
+            )
             storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-        except RuntimeError:  # finished meanwhile by its (live) driver
+        except (RuntimeError, ValueError):  # finished meanwhile by its (live) driver
             continue
         failed.append(t.number)
     return failed
 
 
 class Heartbeat:
-    """Writes this driver's heartbeat into the study every ``interval`` seconds."""
+    """Writes this driver's heartbeat (time, host, process) into the study periodically."""
 
-    def __init__(self, study: optuna.Study, driver_id: str, interval: float = 10.0) -> None:
+    def __init__(
+        self, study: optuna.Study, driver_id: str, interval: float = HEARTBEAT_INTERVAL_S
+    ) -> None:
         self.study = study
         self.key = HEARTBEAT_KEY + driver_id
         self.interval = interval
+        self.identity = driver_identity()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
 
+    def _beat(self, **extra: Any) -> None:
+        self.study.set_user_attr(self.key, {**self.identity, "time": time.time(), **extra})
+
     def _run(self) -> None:
-        while not self._stop.is_set():
+        while not self._stop.wait(self.interval):
             # The storage being briefly unavailable must not kill the run.
             with contextlib.suppress(Exception):
-                self.study.set_user_attr(self.key, time.time())
-            self._stop.wait(self.interval)
+                self._beat()
 
     def __enter__(self) -> Heartbeat:
-        self.study.set_user_attr(self.key, time.time())
+        self._beat()
         self._thread.start()
         return self
 
@@ -120,14 +230,97 @@ class Heartbeat:
         self._stop.set()
         self._thread.join(timeout=5)
         with contextlib.suppress(Exception):
-            self.study.set_user_attr(self.key, 0.0)  # stopped: its RUNNING trials are stale
+            self._beat(stopped=True)  # its RUNNING trials (if any) are stale now
+
+
+def _finished_elsewhere(study: optuna.Study, trial: optuna.Trial) -> bool:
+    """Whether another driver finished ``trial`` meanwhile (it took the driver for dead)."""
+    return study._storage.get_trial(trial._trial_id).state.is_finished()
+
+
+def _guarded(study: optuna.Study, trial: optuna.Trial, write: Callable[[], Any]) -> bool:
+    """Runs ``write`` (attributes, tell); False if the trial was finished by someone else."""
+    try:
+        write()
+    except (RuntimeError, ValueError):
+        if _finished_elsewhere(study, trial):
+            return False
+        raise
+    return True
+
+
+def pruned_reasons(
+    space: SearchSpace, cka: Mapping[tuple[str, str], np.ndarray], rule: PruningRule
+) -> dict[str, tuple[Candidate, str]]:
+    """Candidate key -> (candidate, reason) for every candidate the CKA rule prunes."""
+    out: dict[str, tuple[Candidate, str]] = {}
+    if not cka or not rule.active:
+        return out
+    for c in space.all_candidates():
+        if c.is_anchor or (c.front, c.back) not in cka:
+            continue
+        reason = rule.reason(c, cka[(c.front, c.back)])
+        if reason is not None:
+            out[c.key] = (c, reason)
+    return out
+
+
+def record_pruned_trials(
+    study: optuna.Study,
+    space: SearchSpace,
+    cka: Mapping[tuple[str, str], np.ndarray],
+    rule: PruningRule,
+) -> int:
+    """Records every candidate the CKA rule prunes as a PRUNED trial, once per study.
+
+    Returns:
+        How many were newly recorded.
+    """
+    reasons = pruned_reasons(space, cka, rule)
+    if not reasons:
+        return 0
+    recorded = {
+        t.user_attrs.get("key")
+        for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
+    }
+    dists = space.distributions()
+    new = [
+        optuna.trial.create_trial(
+            state=TrialState.PRUNED,
+            params=space.encode(c),
+            distributions=dists,
+            user_attrs={
+                "key": c.key,
+                "label": c.label,
+                "kind": "stitch",
+                "config": c.to_dict(),
+                "cka": round(float(cka[(c.front, c.back)][c.front_block, c.back_block]), 6),
+                "pruned_reason": reason,
+            },
+        )
+        for key, (c, reason) in reasons.items()
+        if key not in recorded
+    ]
+    if new:
+        study.add_trials(new)
+    return len(new)
+
+
+class RetryCounter(Callback):
+    """Ray Tune callback that tells the searcher about retried trials (worker died)."""
+
+    def __init__(self, searcher: StitchSearcher) -> None:
+        self.searcher = searcher
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.searcher.note_retry(trial.trial_id)
 
 
 class StitchSearcher(Searcher):
     """Ray Tune searcher that asks and tells an Optuna study.
 
     Args:
-        study: The study (its storage is only written by this driver process).
+        study: The study (other drivers may share it).
         space: The search space.
         objectives: Objective names in study order.
         budgets: The device budgets.
@@ -138,6 +331,10 @@ class StitchSearcher(Searcher):
         seed: Seed for the fallback choice of unexplored candidates.
         on_event: Called with ``(kind, trial)`` after every tell (progress display).
         max_failures: Stop after this many failed evaluations in this run.
+        max_retries: Retries of a trial whose worker died (for the failure reason).
+        stale_check_s: Seconds between two sweeps for trials of dead drivers.
+        guard: Context manager factory wrapped around each ask/tell sequence (the driver
+            defers Ctrl-C there, so that no trial is left half-written).
     """
 
     def __init__(
@@ -154,6 +351,9 @@ class StitchSearcher(Searcher):
         seed: int = 0,
         on_event: Callable[[str, optuna.trial.FrozenTrial], None] | None = None,
         max_failures: int | None = None,
+        max_retries: int = 0,
+        stale_check_s: float = 15.0,
+        guard: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
     ) -> None:
         super().__init__(metric=None, mode=None)
         self.study = study
@@ -166,6 +366,9 @@ class StitchSearcher(Searcher):
         self.driver_id = driver_id
         self.on_event = on_event
         self.max_failures = max_failures if max_failures is not None else max(10, total)
+        self.max_retries = max_retries
+        self.stale_check_s = stale_check_s
+        self.guard = guard
         self._rng = random.Random(seed)
         self._live: dict[str, tuple[optuna.Trial, Candidate]] = {}
         self._done: dict[str, int] = {}
@@ -173,20 +376,26 @@ class StitchSearcher(Searcher):
             key = t.user_attrs.get("key")
             if key:
                 self._done.setdefault(key, t.number)
-        self._pruned: set[str] = set()
+        self._pruned: set[str] = set(self.pruned_reasons())
         self._foreign: set[str] = set()
         self._candidates = space.all_candidates()
+        self._worker_errors: dict[str, str] = {}
+        self._retries: dict[str, int] = {}
+        self._last_stale_check = time.monotonic()
         self.completed = 0
         self.failed = 0
         self.pruned = 0
         self.repeats = 0
-        study.sampler = FilteredSampler(study.sampler, space, self.accept, self.fallback)
+        self.surplus = 0
+        inner = study.sampler.inner if isinstance(study.sampler, FilteredSampler) else study.sampler
+        study.sampler = FilteredSampler(inner, space, self.accept, self.fallback)
 
     def __getstate__(self) -> dict[str, Any]:
         # Ray Tune pickles the searcher with the experiment state; the progress callback
         # holds the terminal stream and stays behind.
         state = self.__dict__.copy()
         state["on_event"] = None
+        state["guard"] = None
         return state
 
     # ------------------------------------------------------------- helpers
@@ -197,11 +406,11 @@ class StitchSearcher(Searcher):
         return None if m is None else float(m[c.front_block, c.back_block])
 
     def _annotate(self, trial: optuna.Trial, c: Candidate) -> None:
+        trial.set_user_attr("driver", self.driver_id)
         trial.set_user_attr("key", c.key)
         trial.set_user_attr("label", c.label)
         trial.set_user_attr("kind", "anchor" if c.is_anchor else "stitch")
         trial.set_user_attr("config", c.to_dict())
-        trial.set_user_attr("driver", self.driver_id)
         cka = self._cka_of(c)
         if cka is not None:
             trial.set_user_attr("cka", round(cka, 6))
@@ -215,8 +424,8 @@ class StitchSearcher(Searcher):
         if self.on_event is not None:
             self.on_event(kind, self._frozen(number))
 
-    def _repeat(self, trial: optuna.Trial, c: Candidate) -> None:
-        source = self._frozen(self._done[c.key])
+    def _repeat(self, trial: optuna.Trial, c: Candidate, number: int | None = None) -> None:
+        source = self._frozen(self._done[c.key] if number is None else number)
         for k, v in source.user_attrs.items():
             if k not in ("driver", "duplicate_of"):
                 trial.set_user_attr(k, v)
@@ -237,9 +446,15 @@ class StitchSearcher(Searcher):
     def _sync(self) -> tuple[int, int]:
         """Reads what every driver of the study has finished or is running.
 
+        Every ``stale_check_s`` seconds it first fails the trials of drivers that died.
+
         Returns:
             ``(evaluated, running)``: evaluated candidates in the study, trials running now.
         """
+        if time.monotonic() - self._last_stale_check > self.stale_check_s:
+            self._last_stale_check = time.monotonic()
+            with contextlib.suppress(Exception):  # a storage hiccup must not stop the run
+                fail_stale_trials(self.study)
         trials = self.study._storage.get_all_trials(
             self.study._study_id,
             deepcopy=False,
@@ -260,6 +475,56 @@ class StitchSearcher(Searcher):
                     self._foreign.add(key)
         return evaluated, running
 
+    def _claim(self, trial: optuna.Trial, c: Candidate) -> tuple[str, int | None]:
+        """Decides, against every driver's trials, whether this driver may evaluate ``c``.
+
+        Trials are ordered by their storage id: of two trials asked at the same time for the
+        same configuration, or for the last free slot of the total, the earlier one wins.
+        A RUNNING trial asked just before this one whose configuration is not recorded yet
+        is waited for (briefly).
+
+        Returns:
+            ``("ok", None)``, ``("done", number)`` (evaluated before: answer from storage),
+            ``("running", None)`` (another trial evaluates it now) or ``("surplus", None)``
+            (the study holds the requested total already).
+        """
+        mine = trial._trial_id
+        deadline = time.monotonic() + 2.0
+        recent = time.time() - 10.0  # older keyless trials belong to drivers that died
+        while True:
+            trials = self.study._storage.get_all_trials(
+                self.study._study_id,
+                deepcopy=False,
+                states=(TrialState.COMPLETE, TrialState.RUNNING),
+            )
+            evaluated = ahead = 0
+            done: int | None = None
+            running = unknown = False
+            for t in trials:
+                if t._trial_id == mine:
+                    continue
+                key = t.user_attrs.get("key")
+                if t.state == TrialState.COMPLETE:
+                    if "duplicate_of" not in t.user_attrs:
+                        evaluated += 1
+                        if key == c.key:
+                            done = t.number
+                elif t._trial_id < mine:
+                    ahead += 1
+                    running = running or key == c.key
+                    started = t.datetime_start.timestamp() if t.datetime_start else 0.0
+                    unknown = unknown or (key is None and started > recent)
+            if not unknown or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        if done is not None:
+            return "done", done
+        if running:
+            return "running", None
+        if evaluated + ahead >= self.total:
+            return "surplus", None
+        return "ok", None
+
     def _unexplored(self) -> list[Candidate]:
         live = {c.key for _, c in self._live.values()}
         skip = self._done.keys() | self._pruned | live | self._foreign
@@ -276,52 +541,33 @@ class StitchSearcher(Searcher):
         options = self._unexplored()
         return self._rng.choice(options) if options else None
 
+    def exhausted(self) -> bool:
+        """Whether every unpruned candidate has been evaluated or is being evaluated."""
+        self._sync()
+        return not self._unexplored()
+
+    def pruned_reasons(self) -> dict[str, tuple[Candidate, str]]:
+        """Candidate key -> (candidate, reason) for every candidate the CKA rule prunes."""
+        return pruned_reasons(self.space, self.cka, self.rule)
+
     def record_pruned(self) -> int:
         """Records every candidate the CKA rule prunes as a PRUNED trial, once per study.
 
         Returns:
             How many were newly recorded.
         """
-        if not self.cka or not self.rule.active:
-            return 0
-        recorded = {
-            t.user_attrs.get("key")
-            for t in self.study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
-        }
-        dists = self.space.distributions()
-        new = []
-        for c in self.space.all_candidates():
-            if c.is_anchor or (c.front, c.back) not in self.cka:
-                continue
-            reason = self.rule.reason(c, self.cka[(c.front, c.back)])
-            if reason is None:
-                continue
-            self._pruned.add(c.key)
-            if c.key in recorded:
-                continue
-            new.append(
-                optuna.trial.create_trial(
-                    state=TrialState.PRUNED,
-                    params=self.space.encode(c),
-                    distributions=dists,
-                    user_attrs={
-                        "key": c.key,
-                        "label": c.label,
-                        "kind": "stitch",
-                        "config": c.to_dict(),
-                        "cka": round(self._cka_of(c), 6),
-                        "pruned_reason": reason,
-                    },
-                )
-            )
-        if new:
-            self.study.add_trials(new)
-        self.pruned += len(new)
-        return len(new)
+        self._pruned |= set(self.pruned_reasons())
+        new = record_pruned_trials(self.study, self.space, self.cka, self.rule)
+        self.pruned += new
+        return new
 
     # ------------------------------------------------------------- Searcher API
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
         """Asks the study for the next candidate to evaluate."""
+        with (self.guard or contextlib.nullcontext)():
+            return self._suggest(trial_id)
+
+    def _suggest(self, trial_id: str) -> dict[str, Any] | str | None:
         evaluated, running = self._sync()
         if evaluated + running >= self.total or self.failed >= self.max_failures:
             return None if self._live else Searcher.FINISHED
@@ -332,13 +578,30 @@ class StitchSearcher(Searcher):
             trial = self.study.ask(dists)
             c = self.space.decode(trial.params)
             self._annotate(trial, c)
-            if self.accept(c):
+            if not self.accept(c):
+                # Only enqueued (fixed) parameters can get here: the sampler filters the rest.
+                if c.key in self._done:
+                    self._repeat(trial, c)
+                else:
+                    self._prune(trial, "repeat of a pruned or running configuration")
+                continue
+            verdict, number = self._claim(trial, c)
+            if verdict == "ok":
                 return self._dispatch(trial_id, trial, c)
-            # Only enqueued (fixed) parameters can get here: the sampler filters the rest.
-            if c.key in self._done:
-                self._repeat(trial, c)
+            if verdict == "done":
+                self._done[c.key] = number
+                self._repeat(trial, c, number)
+            elif verdict == "running":
+                self._foreign.add(c.key)
+                self._prune(trial, "repeat of a configuration another driver is evaluating")
             else:
-                self._prune(trial, "repeat of a pruned or running configuration")
+                self.surplus += 1
+                self._prune(
+                    trial,
+                    f"surplus: the study holds its {self.total} trials already "
+                    "(another driver took the last one)",
+                )
+                return None if self._live else Searcher.FINISHED
         return None
 
     def _dispatch(self, trial_id: str, trial: optuna.Trial, c: Candidate) -> dict[str, Any]:
@@ -349,17 +612,63 @@ class StitchSearcher(Searcher):
             "cka": self._cka_of(c),
         }
 
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        """Keeps what a worker reported before it failed (the reason, for the trial)."""
+        if result.get("worker_error"):
+            self._worker_errors[trial_id] = str(result["worker_error"])
+
+    def note_retry(self, trial_id: str) -> None:
+        """Counts a retry of a trial whose worker died (called by a Tune callback)."""
+        self._retries[trial_id] = self._retries.get(trial_id, 0) + 1
+
+    def _worker_failure(self, trial_id: str) -> str:
+        attempts = self._retries.get(trial_id, 0) + 1
+        cause = self._worker_errors.get(trial_id, "the Ray worker process died or was lost")
+        return (
+            f"{cause}; {attempts} attempt(s), no retries left "
+            f"(max_retries={self.max_retries}; see the Ray logs)"
+        )
+
+    def _fail(self, trial: optuna.Trial, reason: str, result: Mapping[str, Any] | None) -> None:
+        def write() -> None:
+            trial.set_user_attr("fail_reason", reason[:2000])
+            for k in ("host", "eval_pid", "trial_seconds"):
+                if result and result.get(k) is not None:
+                    trial.set_user_attr(k, result[k])
+            self.study.tell(trial, state=TrialState.FAIL)
+
+        if _guarded(self.study, trial, write):
+            self.failed += 1
+            self._emit("failed", trial.number)
+
+    def fail_live(self, reason: str) -> list[int]:
+        """Fails every trial this searcher has dispatched and not yet told (interrupted).
+
+        Returns:
+            Their numbers.
+        """
+        numbers = []
+        for trial_id in list(self._live):
+            trial, _ = self._live.pop(trial_id)
+            self._fail(trial, reason, None)
+            numbers.append(trial.number)
+        return numbers
+
     def on_trial_complete(
         self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False
     ) -> None:
         """Stores a finished evaluation in the study."""
+        with (self.guard or contextlib.nullcontext)():
+            self._complete(trial_id, result, error)
+
+    def _complete(self, trial_id: str, result: dict[str, Any] | None, error: bool) -> None:
         entry = self._live.pop(trial_id, None)
         if entry is None:
             return
         trial, c = entry
         reason = None
         if error or result is None:
-            reason = "the worker failed or was lost (see the Ray logs); retries exhausted"
+            reason = self._worker_failure(trial_id)
         elif result.get("error"):
             reason = str(result["error"])
         else:
@@ -371,21 +680,23 @@ class StitchSearcher(Searcher):
                     break
                 values.append(float(v))
         if reason is not None:
-            trial.set_user_attr("fail_reason", reason[:2000])
-            self.study.tell(trial, state=TrialState.FAIL)
-            self.failed += 1
-            self._emit("failed", trial.number)
+            self._fail(trial, reason, result)
             return
-        for k, v in result.items():
-            if k in _RESULT_ATTRS and v is not None:
-                trial.set_user_attr(k, v)
-        metrics = budget_metrics(result)
-        devices = fitting_devices(self.budgets, metrics)
-        trial.set_user_attr("fits_devices", devices)
-        trial.set_user_attr("feasible", bool(devices))
-        if self.budgets:
-            trial.set_constraint("budgets", float(constraint_value(self.budgets, metrics)))
-        self.study.tell(trial, values)
+
+        def write() -> None:
+            for k, v in result.items():
+                if k in _RESULT_ATTRS and v is not None:
+                    trial.set_user_attr(k, v)
+            metrics = budget_metrics(result)
+            devices = fitting_devices(self.budgets, metrics)
+            trial.set_user_attr("fits_devices", devices)
+            trial.set_user_attr("feasible", bool(devices))
+            if self.budgets:
+                trial.set_constraint("budgets", float(constraint_value(self.budgets, metrics)))
+            self.study.tell(trial, values)
+
+        if not _guarded(self.study, trial, write):
+            return
         self._done[c.key] = trial.number
         self.completed += 1
         self._emit("complete", trial.number)
@@ -406,4 +717,5 @@ _RESULT_ATTRS = {
     "eval_seconds",
     "trial_seconds",
     "host",
+    "eval_pid",
 }

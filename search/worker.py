@@ -1,20 +1,64 @@
-"""What a Ray worker runs for one trial: evaluate one candidate and report its metrics."""
+"""What a Ray worker runs for one trial: evaluate one candidate and report its metrics.
+
+A Ray Tune worker (an actor, reused across trials) does not evaluate candidates itself: it
+keeps one *evaluation process*, a child Python process that loads the anchors and data once
+and then evaluates candidates on request. This makes the study's per-trial time limit hard:
+
+- the worker waits for an evaluation at most ``trial_timeout_s`` seconds; past that it kills
+  the evaluation process (a stuck evaluation cannot keep running, nor be reused by the next
+  trial), reports ``{"error": "timed out after ... s"}`` and the trial is recorded as failed;
+- an evaluation that raises, or yields NaN, comes back as an error or a non-finite metric
+  and the driver records the trial as failed with the reason;
+- an evaluation process that dies mid-trial (killed, out of memory) makes the worker raise,
+  as a worker process that dies does, so Ray Tune retries the trial on a fresh worker up to
+  ``FailureConfig(max_failures)`` (the study's ``max_retries``) times.
+
+The worker process itself imports neither torch nor the evaluators; only the evaluation
+process does, once.
+
+Test-only fault injection (read by the worker; never set it in production): with
+``STITCHSEARCH_TEST_FAULT=raise,nan,sleep:30,die,crash`` and ``STITCHSEARCH_TEST_FAULT_DIR``
+naming a folder shared by every worker, the k-th distinct trial to start gets the k-th fault
+(retries of a trial get its fault again; ``none`` for no fault; trials after the last fault
+get none): ``raise`` raises in the evaluation, ``nan`` yields
+a NaN accuracy, ``sleep:N`` sleeps N seconds in the evaluation, ``die`` SIGKILLs the Ray
+worker process, ``crash`` SIGKILLs the evaluation process. Each attempt at a trial appends a
+line to ``attempts-<trial number>`` in that folder.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import math
+import os
+import pickle
+import signal
 import socket
+import subprocess
+import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    from evaluators import DataSplits
+    from search.space import Candidate
+    from space import Anchor
 
-from evaluators import DataSplits, evaluate_candidate
-from search.space import Candidate
-from space import Anchor, load_anchor
+#: Environment variables of the test-only fault injection (see the module docstring).
+FAULT_ENV = "STITCHSEARCH_TEST_FAULT"
+FAULT_DIR_ENV = "STITCHSEARCH_TEST_FAULT_DIR"
+
+#: Longest wait for an evaluation process to import, load the anchors and say it is ready.
+STARTUP_TIMEOUT_S = 600.0
+
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[1])
 
 
 @dataclass
@@ -44,11 +88,41 @@ class TrialContext:
         self._cache_key = json.dumps(self.anchors, sort_keys=True, default=str)
 
 
+@dataclass(frozen=True)
+class WorkerJob:
+    """What every trial of a run shares: the pickled context and the limits.
+
+    Attributes:
+        context: ``pickle.dumps(TrialContext)``; only the evaluation process unpickles it.
+        timeout_s: The per-trial time limit (the study's ``trial_timeout_s``).
+        test_env: ``STITCHSEARCH_TEST_*`` variables of the driver (test-only fault
+            injection), handed to the workers of an already running cluster.
+    """
+
+    context: bytes
+    timeout_s: float
+    test_env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        """Identifies the context: an evaluation process serves one context."""
+        return hashlib.sha256(self.context).hexdigest()
+
+    @classmethod
+    def build(cls, ctx: TrialContext, timeout_s: float) -> WorkerJob:
+        """Pickles ``ctx`` and picks up the test-only variables of this process."""
+        test_env = {k: v for k, v in os.environ.items() if k.startswith("STITCHSEARCH_TEST_")}
+        return cls(pickle.dumps(ctx), float(timeout_s), test_env)
+
+
+# --------------------------------------------------------------------------- evaluation
 _ANCHORS: dict[str, dict[str, Anchor]] = {}
 
 
 def load_anchors(specs: dict[str, dict[str, Any]]) -> dict[str, Anchor]:
     """Loads every anchor of a study (by name, with its load kwargs)."""
+    from space import load_anchor
+
     out = {}
     for name, kwargs in specs.items():
         out[name] = load_anchor(name, **kwargs)
@@ -56,7 +130,7 @@ def load_anchors(specs: dict[str, dict[str, Any]]) -> dict[str, Anchor]:
 
 
 def _anchors(ctx: TrialContext) -> dict[str, Anchor]:
-    """The study's anchors, loaded once per worker process."""
+    """The study's anchors, loaded once per process."""
     if ctx._cache_key not in _ANCHORS:
         _ANCHORS.clear()
         _ANCHORS[ctx._cache_key] = load_anchors(ctx.anchors)
@@ -65,19 +139,34 @@ def _anchors(ctx: TrialContext) -> dict[str, Anchor]:
 
 def candidate_from_json(text: str) -> Candidate:
     """Inverse of ``json.dumps(Candidate.to_dict())``."""
+    from search.space import Candidate
+
     d = json.loads(text)
     if d["kind"] == "anchor":
         return Candidate(d["anchor"], d["anchor"])
     return Candidate(d["front"], d["back"], int(d["front_block"]), int(d["back_block"]))
 
 
-def run_candidate(config: dict[str, Any], ctx: TrialContext) -> dict[str, Any]:
-    """Evaluates one candidate; never raises (errors are returned as ``{"error": ...}``)."""
+def run_candidate(
+    config: dict[str, Any], ctx: TrialContext, *, fault: str | None = None
+) -> dict[str, Any]:
+    """Evaluates one candidate; never raises (errors are returned as ``{"error": ...}``).
+
+    Args:
+        config: The trial's configuration (``candidate`` JSON, ``cka``).
+        ctx: The run's context.
+        fault: Test-only fault to inject (``raise``, ``nan``, ``sleep:N``, ``crash``).
+    """
+    import torch
+
+    from evaluators import evaluate_candidate
+
     start = time.perf_counter()
     try:
         torch.set_num_threads(max(1, ctx.threads))
         device = "cuda" if ctx.use_gpu and torch.cuda.is_available() else "cpu"
         candidate = candidate_from_json(config["candidate"])
+        _inject(fault)
         result = evaluate_candidate(
             candidate.config,
             _anchors(ctx),
@@ -95,17 +184,252 @@ def run_candidate(config: dict[str, Any], ctx: TrialContext) -> dict[str, Any]:
         }
         if isinstance(out.get("fit_residual"), dict):
             out["fit_residual"] = {k: float(v) for k, v in out["fit_residual"].items()}
+        if fault == "nan":
+            out["val_acc"] = math.nan
     except Exception as e:  # a failed trial is recorded, the search goes on
         tb = traceback.extract_tb(e.__traceback__)
         where = f" at {Path(tb[-1].filename).name}:{tb[-1].lineno}" if tb else ""
         out = {"error": f"{type(e).__name__}: {e}{where}"}
     out["trial_seconds"] = round(time.perf_counter() - start, 3)
     out["host"] = socket.gethostname()
+    out["eval_pid"] = os.getpid()
     return out
 
 
-def trainable(config: dict[str, Any], ctx: TrialContext) -> None:
-    """Ray Tune function trainable: one report per trial."""
+def _inject(fault: str | None) -> None:
+    if not fault or fault == "none":
+        return
+    if fault == "raise":
+        raise RuntimeError("injected test fault (STITCHSEARCH_TEST_FAULT=raise)")
+    if fault and fault.startswith("sleep:"):
+        time.sleep(float(fault.split(":", 1)[1]))
+    if fault == "crash":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# --------------------------------------------------------------------- evaluation process
+def _serve(fd: int) -> None:
+    """The evaluation process: load the context once, then evaluate candidates on request.
+
+    Protocol on the socket ``fd``: the parent sends the pickled :class:`TrialContext` (bytes),
+    the child answers ``("ready", None)`` or ``("error", message)``; then each request
+    ``(config, fault)`` is answered by ``("result", dict)``.
+    """
+    conn = Connection(fd)
+    parent = os.getppid()
+    # Ctrl-C reaches the whole process group; the worker decides what happens to us.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def watch_parent() -> None:  # the worker was killed: nobody wants our results
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=watch_parent, name="watch-parent", daemon=True).start()
+    try:
+        ctx = pickle.loads(conn.recv_bytes())
+        _anchors(ctx)
+    except EOFError:
+        os._exit(0)
+    except Exception as e:
+        conn.send(("error", f"the evaluation process could not start: {type(e).__name__}: {e}"))
+        os._exit(1)
+    conn.send(("ready", None))
+    while True:
+        try:
+            config, fault = conn.recv()
+        except EOFError:
+            os._exit(0)
+        conn.send(("result", run_candidate(config, ctx, fault=fault)))
+
+
+def _exit_status(code: int | None) -> str:
+    if code is None:
+        return "an unknown status"
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"signal {signal.Signals(-code).name}"
+        return f"signal {-code}"
+    return f"exit code {code}"
+
+
+class EvaluationProcessDied(RuntimeError):
+    """The evaluation process died mid-trial (Ray Tune retries the trial)."""
+
+
+class EvaluationProcess:
+    """The worker's handle on its evaluation process.
+
+    Args:
+        job: The run's shared job (context, limits, test environment).
+    """
+
+    def __init__(self, job: WorkerJob) -> None:
+        self.key = job.key
+        parent_end, child_end = socket.socketpair()
+        env = {**os.environ, **job.test_env}
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH", "")) if p
+        )
+        with child_end:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "search.worker", str(child_end.fileno())],
+                pass_fds=(child_end.fileno(),),
+                env=env,
+                stdin=subprocess.DEVNULL,
+            )
+        self.conn = Connection(parent_end.detach())
+        self.conn.send_bytes(job.context)
+        self._ready = False
+
+    @property
+    def pid(self) -> int:
+        """The evaluation process's id."""
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        """Whether the process is still running."""
+        return self.proc.poll() is None
+
+    def _receive(self, timeout: float) -> tuple[str, Any] | None:
+        """The next message, or None when ``timeout`` passed first.
+
+        Raises:
+            EvaluationProcessDied: The process exited instead of answering.
+        """
+        try:
+            if not self.conn.poll(timeout):
+                return None
+            return self.conn.recv()
+        except (EOFError, OSError):
+            try:
+                code = self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:  # it closed the socket but hangs: kill it
+                self.kill()
+                code = self.proc.returncode
+            how = _exit_status(code)
+            raise EvaluationProcessDied(
+                f"the evaluation process (pid {self.proc.pid}) died mid-trial with {how}"
+            ) from None
+
+    def evaluate(
+        self, config: dict[str, Any], timeout: float, fault: str | None = None
+    ) -> dict[str, Any] | None:
+        """Evaluates a candidate; None when it took longer than ``timeout`` seconds.
+
+        Raises:
+            EvaluationProcessDied: The process died mid-trial.
+        """
+        if not self._ready:
+            msg = self._receive(max(STARTUP_TIMEOUT_S, timeout))
+            if msg is None:
+                self.kill()
+                return {"error": f"the evaluation process did not start in {STARTUP_TIMEOUT_S} s"}
+            if msg[0] == "error":
+                return {"error": msg[1]}
+            self._ready = True
+        self.conn.send((config, fault))
+        msg = self._receive(timeout)
+        return None if msg is None else msg[1]
+
+    def kill(self) -> None:
+        """Kills the process and waits for it."""
+        with contextlib.suppress(OSError):
+            self.proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=10)
+        with contextlib.suppress(OSError):
+            self.conn.close()
+
+
+_PROCESS: EvaluationProcess | None = None
+
+
+def _evaluation_process(job: WorkerJob) -> EvaluationProcess:
+    """This worker's evaluation process for ``job`` (started when missing or stale)."""
+    global _PROCESS
+    if _PROCESS is not None and (_PROCESS.key != job.key or not _PROCESS.alive()):
+        _PROCESS.kill()
+        _PROCESS = None
+    if _PROCESS is None:
+        _PROCESS = EvaluationProcess(job)
+    return _PROCESS
+
+
+def evaluate_with_limit(config: dict[str, Any], job: WorkerJob) -> dict[str, Any]:
+    """Evaluates a candidate in the evaluation process, killing it past the time limit.
+
+    Raises:
+        EvaluationProcessDied: The evaluation process died mid-trial.
+    """
+    global _PROCESS
+    fault = _test_fault(config.get("number"), job.test_env)
+    if fault == "die":
+        os.kill(os.getpid(), signal.SIGKILL)
+    proc = _evaluation_process(job)
+    start = time.perf_counter()
+    try:
+        result = proc.evaluate(config, job.timeout_s, fault)
+    except EvaluationProcessDied:
+        _PROCESS = None
+        raise
+    if result is None:
+        proc.kill()
+        _PROCESS = None
+        result = {
+            "error": f"timed out after {job.timeout_s:g} s (the study's trial_timeout_s); "
+            "the evaluation was stopped",
+            "timed_out": True,
+            "trial_seconds": round(time.perf_counter() - start, 3),
+            "host": socket.gethostname(),
+            "eval_pid": proc.pid,
+        }
+    return result
+
+
+def trainable(config: dict[str, Any], job: WorkerJob) -> None:
+    """Ray Tune function trainable: one report per trial.
+
+    Raises:
+        EvaluationProcessDied: After reporting ``{"worker_error": ...}``, so that Ray Tune
+            retries the trial and the driver knows why.
+    """
     from ray import tune
 
-    tune.report(run_candidate(config, ctx))
+    try:
+        result = evaluate_with_limit(config, job)
+    except EvaluationProcessDied as e:
+        tune.report({"worker_error": str(e)})
+        raise
+    tune.report(result)
+
+
+def _test_fault(number: Any, env: dict[str, str]) -> str | None:
+    """The test-only fault for trial ``number`` (see the module docstring), or None."""
+    spec = env.get(FAULT_ENV) or os.environ.get(FAULT_ENV)
+    folder = env.get(FAULT_DIR_ENV) or os.environ.get(FAULT_DIR_ENV)
+    if not spec or not folder or number is None:
+        return None
+    d = Path(folder)
+    with open(d / f"attempts-{number}", "a") as f:
+        f.write(f"{os.getpid()}\n")
+    mine = d / f"trial-{number}"
+    if mine.exists():
+        return mine.read_text() or None
+    for i, fault in enumerate(s.strip() for s in spec.split(",")):
+        try:
+            fd = os.open(d / f"slot-{i}", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            continue
+        os.write(fd, str(number).encode())
+        os.close(fd)
+        mine.write_text(fault)
+        return fault
+    mine.write_text("")
+    return None
+
+
+if __name__ == "__main__":
+    from search.worker import _serve as serve  # run in the importable module, not __main__
+
+    serve(int(sys.argv[1]))

@@ -1,0 +1,275 @@
+"""Bad input: one clear line on stderr naming the file or field, exit 2, nothing written.
+
+Every case runs ``search.run``'s ``main`` in-process on otherwise valid inputs (the tiny
+study, a valid budget table); one more test checks the same through a real subprocess.
+"""
+
+from __future__ import annotations
+
+import builtins
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from search.run import main
+
+STUDY = Path(__file__).resolve().parent / "data" / "tiny_study.yaml"
+RESNET_LINE = "    timm_kwargs: {num_classes: 4}\n"
+
+
+class _Evil:
+    """Pickles as a call that would create a file: loading it must not execute that."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (builtins.open, (str(self.marker), "w"))
+
+
+@dataclass
+class Inputs:
+    """A folder of valid inputs the cases spoil one at a time."""
+
+    root: Path
+    devices: Path
+    marker: Path
+
+    def write(self, name: str, text: str | bytes) -> Path:
+        path = self.root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(text, bytes):
+            path.write_bytes(text)
+        else:
+            path.write_text(text)
+        return path
+
+    def study(self, name: str, old: str, new: str) -> Path:
+        text = STUDY.read_text()
+        assert old in text, old
+        return self.write(name, text.replace(old, new, 1))
+
+    def checkpoint_study(self, name: str, checkpoint: Path) -> Path:
+        return self.study(name, RESNET_LINE, f"    checkpoint: {checkpoint}\n{RESNET_LINE}")
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> dict[str, dict[str, torch.Tensor]]:
+    from space import load_anchor
+
+    resnet = load_anchor("resnet10t", num_classes=4, input_size=(3, 32, 32))
+    vit = load_anchor(
+        "vit_tiny_patch16_224",
+        img_size=32,
+        patch_size=8,
+        depth=3,
+        embed_dim=48,
+        num_heads=3,
+        num_classes=4,
+    )
+    return {"resnet": resnet.model.state_dict(), "vit": vit.model.state_dict()}
+
+
+def _save(path: Path, state: dict[str, torch.Tensor]) -> Path:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return path
+
+
+# Each case: (inputs, weights) -> (argv after the defaults, text the error line must hold).
+Case = Callable[[Inputs, dict], tuple[list[str], str]]
+
+
+def _flags(*argv: str, needle: str) -> Case:
+    return lambda x, w: (["--budget-table", str(x.devices), *argv], needle)
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nobody listens there once closed
+
+
+def _table(text: str | bytes, needle: str) -> Case:
+    def case(x: Inputs, w: dict) -> tuple[list[str], str]:
+        return ["--budget-table", str(x.write("bad.csv", text))], needle
+
+    return case
+
+
+def _yaml(old: str, new: str, needle: str) -> Case:
+    def case(x: Inputs, w: dict) -> tuple[list[str], str]:
+        path = x.study("s.yaml", old, new)
+        return ["--budget-table", str(x.devices), "--study", str(path)], needle
+
+    return case
+
+
+def _checkpoint(make: Callable[[Inputs, dict], Path], needle: str) -> Case:
+    def case(x: Inputs, w: dict) -> tuple[list[str], str]:
+        path = x.checkpoint_study("ck.yaml", make(x, w))
+        return ["--budget-table", str(x.devices), "--study", str(path)], needle
+
+    return case
+
+
+def _truncated(x: Inputs, w: dict) -> Path:
+    path = _save(x.root / "trunc.safetensors", w["resnet"])
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def _pickled_code(x: Inputs, w: dict) -> Path:
+    path = x.root / "evil.pth"
+    torch.save({"state_dict": {"conv": torch.zeros(1)}, "payload": _Evil(x.marker)}, path)
+    return path
+
+
+def _not_torch(x: Inputs, w: dict) -> Path:
+    return x.write("garbage.pth", "this is not a checkpoint\n")
+
+
+def _empty_imagefolder(x: Inputs, w: dict) -> Path:
+    for split in ("train/a", "train/b", "val/a", "val/b"):
+        (x.root / "imgs" / split).mkdir(parents=True, exist_ok=True)
+    return x.root / "imgs"
+
+
+def _imagefolder(make: Callable[[Inputs, dict], Path] | None, needle: str) -> Case:
+    def case(x: Inputs, w: dict) -> tuple[list[str], str]:
+        root = make(x, w) if make else x.root / "missing-images"
+        path = x.study("img.yaml", "dataset: synthetic", f"dataset: imagefolder\n  root: {root}")
+        return ["--budget-table", str(x.devices), "--study", str(path)], needle
+
+    return case
+
+
+CASES: dict[str, Case] = {
+    # command-line flags
+    "no-flags": lambda x, w: ([], "--budget-table"),
+    "unknown-flag": _flags("--frobnicate", needle="--frobnicate"),
+    "trials-zero": _flags("--trials", "0", needle="--trials must be >= 1"),
+    "workers-word": _flags("--workers", "two", needle="--workers must be a whole number"),
+    "seed-word": _flags("--seed", "x", needle="--seed"),
+    "storage-not-url": _flags("--study", str(STUDY), "--storage", "nonsense", needle="--storage"),
+    "storage-mongodb": _flags(
+        "--study", str(STUDY), "--storage", "mongodb://x/y", needle="'mongodb'"
+    ),
+    "storage-no-folder": _flags(
+        "--study", str(STUDY), "--storage", "sqlite:////no/such/dir/s.db", needle="/no/such/dir"
+    ),
+    "out-is-a-file": lambda x, w: (
+        ["--budget-table", str(x.devices), "--study", str(STUDY), "--out", str(x.devices)],
+        "--out",
+    ),
+    "ray-address": _flags(
+        "--study", str(STUDY), "--ray-address", "not an address", needle="--ray-address"
+    ),
+    "ray-address-nobody-there": lambda x, w: _flags(
+        "--study",
+        str(STUDY),
+        "--ray-address",
+        f"127.0.0.1:{_closed_port()}",
+        needle="--ray-address: no Ray cluster answers",
+    )(x, w),
+    # the budget table
+    "csv-missing": lambda x, w: (["--budget-table", str(x.root / "none.csv")], "none.csv"),
+    "csv-is-folder": lambda x, w: (["--budget-table", str(x.root)], "is a directory"),
+    "csv-empty": _table("", "bad.csv: the file is empty"),
+    "csv-bad-number": _table("device,max_macs\nsmall,ten\n", "bad.csv:2: column 'max_macs'"),
+    "csv-unknown-column": _table("device,max_macz\nsmall,10M\n", "'max_macz'"),
+    "csv-duplicate-device": _table("device,max_macs\na,1M\na,2M\n", "bad.csv:3: column 'device'"),
+    "csv-not-utf8": _table(b"device,max_macs\n\xff,1M\n", "bad.csv:2: not valid UTF-8"),
+    # the study YAML
+    "yaml-missing": lambda x, w: (
+        ["--budget-table", str(x.devices), "--study", str(x.root / "x.yaml")],
+        "x.yaml",
+    ),
+    "yaml-syntax": _yaml("objectives: [accuracy, macs]", "objectives: [accuracy, macs", "s.yaml:"),
+    "yaml-negative-trials": _yaml("trials: 8", "trials: -3", "field 'trials'"),
+    "yaml-unknown-field": _yaml("seed: 0", "seed: 0\nsead: 1", "field 'sead': unknown field"),
+    "yaml-unknown-objective": _yaml(
+        "objectives: [accuracy, macs]", "objectives: [accuracy, flops]", "field 'objectives'"
+    ),
+    "yaml-zero-timeout": _yaml("trial_timeout_s: 120", "trial_timeout_s: 0", "trial_timeout_s"),
+    "yaml-unknown-model": _yaml("resnet10t", "resnet10x", "resnet10x"),
+    # checkpoints
+    "ckpt-missing": _checkpoint(lambda x, w: x.root / "nope.safetensors", "nope.safetensors"),
+    "ckpt-truncated": _checkpoint(_truncated, "trunc.safetensors"),
+    "ckpt-wrong-architecture": _checkpoint(
+        lambda x, w: _save(x.root / "vit.safetensors", w["vit"]), "does not fit model"
+    ),
+    "ckpt-pickled-code": _checkpoint(_pickled_code, "evil.pth' was refused"),
+    "ckpt-not-a-checkpoint": _checkpoint(_not_torch, "garbage.pth"),
+    # dataset paths
+    "fashion-mnist-missing-root": _yaml(
+        "dataset: synthetic", "dataset: fashion-mnist\n  root: /nonexistent/fm", "/nonexistent/fm"
+    ),
+    "imagefolder-no-root": _yaml("dataset: synthetic", "dataset: imagefolder", "data.root"),
+    "imagefolder-missing": _imagefolder(None, "missing-images"),
+    "imagefolder-no-images": _imagefolder(_empty_imagefolder, "has no images"),
+}
+
+
+def _files(root: Path) -> set[Path]:
+    return set(root.rglob("*"))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_exits_2_with_one_line(name, tmp_path, weights, capsys, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # a default --out would land here
+    inputs = Inputs(tmp_path, tmp_path / "devices.csv", tmp_path / "pwned")
+    inputs.devices.write_text("device,max_macs\nsmall,10M\n")
+    argv, needle = CASES[name](inputs, weights)
+    out = tmp_path / "out"
+    if "--out" not in argv:
+        argv = [*argv, "--out", str(out)]
+    before = _files(tmp_path)
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # argparse
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert needle in lines[0], (needle, lines[0])
+    assert "Traceback" not in err
+    assert not out.exists(), f"{argv} created {out}"
+    assert _files(tmp_path) == before, "something was written"
+    assert not inputs.marker.exists(), "a checkpoint's pickled code was executed"
+
+
+def test_help_and_subprocess_error_have_no_traceback(tmp_path) -> None:
+    res = subprocess.run(
+        [sys.executable, "-m", "search.run", "--help"], capture_output=True, text=True
+    )
+    assert res.returncode == 0
+    assert "--budget-table" in res.stdout and "--ray-address" in res.stdout
+    bad = tmp_path / "b.csv"
+    bad.write_text("device,max_params\n,1M\n")
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "search.run",
+            "--budget-table",
+            str(bad),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 2
+    assert res.stderr.strip().count("\n") == 0 and "b.csv:2" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert not (tmp_path / "o").exists()
