@@ -6,11 +6,24 @@ and NSGA-II ignore PRUNED trials), filling the study with repeats. :class:`Filte
 draws from the wrapped sampler until the decoded candidate is accepted (not evaluated, not
 under evaluation, not pruned), and after ``max_tries`` rejections falls back to a random
 unexplored candidate. Only accepted proposals become trials.
+
+The wrapped sampler learns only from the trials ``learn_from`` admits (by default
+:func:`stitch_trials`: evaluated stitch points; no anchors, repeats or CKA-pruned points).
+
+- The anchors are evaluated first and never proposed again, yet they dominate a zoo's front:
+  a multi-objective TPE that sees them puts its density on ``front == back``, and most of
+  its draws decode to an explored anchor.
+- Optuna's TPE fills its "good" set with PRUNED trials when too few trials are complete; a
+  CKA-pruned point is one judged *not* worth evaluating, so it must not count as good.
+
+Without them the sampler models where good *stitch points* lie (measured in BENCHMARKS.md,
+section 2). The trials are read once per proposal, not once per draw.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import copy
+from collections.abc import Callable, Container, Sequence
 from typing import Any
 
 import optuna
@@ -19,6 +32,58 @@ from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial, TrialState
 
 from search.space import Candidate, SearchSpace
+
+
+def stitch_trials(trial: FrozenTrial) -> bool:
+    """Whether a trial teaches the sampler: a stitch point, not an anchor, repeat or pruned."""
+    attrs = trial.user_attrs
+    return (
+        trial.state != TrialState.PRUNED
+        and attrs.get("kind") != "anchor"
+        and "duplicate_of" not in attrs
+    )
+
+
+class _ModelView:
+    """The study as the wrapped sampler sees it: only the admitted trials, read once.
+
+    Everything but the trial lists is the real study (storage, directions, system
+    attributes), so samplers that write to the storage keep working.
+    """
+
+    def __init__(self, study: optuna.Study, learn_from: Callable[[FrozenTrial], bool]) -> None:
+        self._study = study
+        self._learn_from = learn_from
+        self._cache: dict[tuple[TrialState, ...] | None, list[FrozenTrial]] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._study, name)
+
+    def _get_trials(
+        self,
+        deepcopy: bool = True,
+        states: Container[TrialState] | None = None,
+        use_cache: bool = False,
+    ) -> list[FrozenTrial]:
+        key = tuple(sorted(states, key=lambda s: s.value)) if states is not None else None
+        if key not in self._cache:
+            trials = self._study._get_trials(deepcopy=False, states=states, use_cache=use_cache)
+            self._cache[key] = [t for t in trials if self._learn_from(t)]
+        trials = self._cache[key]
+        return copy.deepcopy(trials) if deepcopy else list(trials)
+
+    def get_trials(
+        self, deepcopy: bool = True, states: Container[TrialState] | None = None
+    ) -> list[FrozenTrial]:
+        return self._get_trials(deepcopy=deepcopy, states=states)
+
+    @property
+    def trials(self) -> list[FrozenTrial]:
+        return self.get_trials()
+
+    @property
+    def best_trials(self) -> list[FrozenTrial]:  # pragma: no cover - not used by samplers
+        return self._study.best_trials
 
 
 class FilteredSampler(BaseSampler):
@@ -30,6 +95,7 @@ class FilteredSampler(BaseSampler):
         accept: Whether a decoded candidate may be proposed.
         fallback: A candidate to propose when ``inner`` keeps proposing rejected ones.
         max_tries: Proposals drawn from ``inner`` before the fallback.
+        learn_from: Which finished trials ``inner`` models (``None``: all of them).
     """
 
     def __init__(
@@ -40,8 +106,10 @@ class FilteredSampler(BaseSampler):
         fallback: Callable[[], Candidate | None],
         *,
         max_tries: int = 64,
+        learn_from: Callable[[FrozenTrial], bool] | None = stitch_trials,
     ) -> None:
         self.inner = inner
+        self.learn_from = learn_from
         self.space = space
         self.accept = accept
         self.fallback = fallback
@@ -52,6 +120,11 @@ class FilteredSampler(BaseSampler):
         self, study: optuna.Study, trial: FrozenTrial
     ) -> dict[str, BaseDistribution]:
         return self.space.distributions()
+
+    def _view(self, study: optuna.Study) -> optuna.Study:
+        if self.learn_from is None:
+            return study
+        return _ModelView(study, self.learn_from)  # type: ignore[return-value]
 
     def _propose(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
         inner_space = self.inner.infer_relative_search_space(study, trial)
@@ -70,8 +143,9 @@ class FilteredSampler(BaseSampler):
         if not search_space:
             return {}
         params: dict[str, Any] = {}
+        view = self._view(study)
         for _ in range(self.max_tries):
-            params = self._propose(study, trial)
+            params = self._propose(view, trial)
             if self.accept(self.space.decode(params)):
                 return params
         c = self.fallback()
@@ -87,7 +161,9 @@ class FilteredSampler(BaseSampler):
         param_name: str,
         param_distribution: BaseDistribution,
     ) -> Any:
-        return self.inner.sample_independent(study, trial, param_name, param_distribution)
+        return self.inner.sample_independent(
+            self._view(study), trial, param_name, param_distribution
+        )
 
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         self.inner.before_trial(study, trial)

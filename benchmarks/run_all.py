@@ -1,0 +1,90 @@
+"""Rebuilds every benchmark and its section of BENCHMARKS.md, one script after another.
+
+    python -m benchmarks.run_all                      # everything (ground truth resumed)
+    python -m benchmarks.run_all --only search,claims
+    python -m benchmarks.run_all --rebuild-ground-truth
+
+Each script runs in its own process (clean threads and memory) and is also runnable alone
+(``python -m benchmarks.bench_<name> --help``). The ground truth is cached in
+``benchmarks/results/ground_truth.json``: only missing candidates are evaluated unless
+``--rebuild-ground-truth`` is given (8 minutes on 2 cores for the default zoo, measured).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.common import (
+    DEFAULT_BUDGETS,
+    DEFAULT_GROUND_TRUTH,
+    DEFAULT_MD,
+    DEFAULT_STUDY,
+    ROOT,
+)
+
+#: (name, takes --study/--budget-table, takes --ground-truth)
+STEPS = (
+    ("ground_truth", True, False),
+    ("pruning", False, True),
+    ("search", True, True),
+    ("trial_cost", True, False),
+    ("scaling", True, False),
+    ("claims", True, True),
+)
+
+
+def commands(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
+    """The command line of every selected step."""
+    only = set(args.only.split(",")) if args.only else {s for s, _, _ in STEPS}
+    unknown = only - {s for s, _, _ in STEPS}
+    if unknown:
+        names = [s for s, *_ in STEPS]
+        raise SystemExit(f"error: --only: unknown steps {sorted(unknown)}; choose from {names}")
+    out = []
+    for name, study, gt in STEPS:
+        if name not in only:
+            continue
+        cmd = [sys.executable, "-m", f"benchmarks.bench_{name}", "--md", str(args.md)]
+        if study:
+            cmd += ["--study", str(args.study), "--budget-table", str(args.budget_table)]
+        if gt:
+            cmd += ["--ground-truth", str(args.ground_truth)]
+        if name == "ground_truth":
+            cmd += ["--out", str(args.ground_truth)]
+            if args.rebuild_ground_truth:
+                cmd.append("--rebuild")
+        out.append((name, cmd))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--study", type=Path, default=DEFAULT_STUDY, help="study YAML")
+    parser.add_argument("--budget-table", type=Path, default=DEFAULT_BUDGETS, help="devices CSV")
+    parser.add_argument("--ground-truth", type=Path, default=DEFAULT_GROUND_TRUTH)
+    parser.add_argument("--md", type=Path, default=DEFAULT_MD, help="markdown file to update")
+    parser.add_argument("--only", default=None, help="comma-separated steps to run")
+    parser.add_argument("--rebuild-ground-truth", action="store_true")
+    args = parser.parse_args(argv)
+    failed = []
+    for name, cmd in commands(args):
+        print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=ROOT, check=False)
+        print(f"== {name}: exit {proc.returncode} in {time.perf_counter() - t0:.0f}s", flush=True)
+        if proc.returncode != 0:
+            failed.append(name)
+            if name == "ground_truth":
+                break  # everything else reads it
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

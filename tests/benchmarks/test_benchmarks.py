@@ -1,0 +1,232 @@
+"""Each benchmark script runs on a tiny study and writes its JSON and markdown section.
+
+No timing is asserted: only that the scripts run and their outputs hold what they promise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks import (
+    bench_claims,
+    bench_ground_truth,
+    bench_pruning,
+    bench_search,
+    bench_trial_cost,
+    run_all,
+)
+from benchmarks.common import GroundTruth, Hypervolume, pareto_mask, spearman, update_markdown
+
+ROOT = Path(__file__).resolve().parents[2]
+DATA = Path(__file__).parent / "data"
+STUDY = DATA / "tiny_bench.yaml"
+DEVICES = DATA / "devices.csv"
+N_CANDIDATES = 2 + 4 * 2 * 2  # two anchors, 4 x 2 stitch points in each order
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """A complete ground truth of the tiny study, built in two sessions (resumed)."""
+    tmp = tmp_path_factory.mktemp("bench")
+    gt, md = tmp / "gt.json", tmp / "BENCH.md"
+    common = ["--study", str(STUDY), "--budget-table", str(DEVICES), "--out", str(gt)]
+    common += ["--md", str(md), "--processes", "1"]
+    assert bench_ground_truth.main([*common, "--limit", "5"]) == 0
+    partial = json.loads(gt.read_text())
+    assert len(partial["entries"]) == 5 and "summary" not in partial
+    assert bench_ground_truth.main(common) == 0
+    return tmp, gt, md
+
+
+def _args(tmp: Path, gt: Path, md: Path, name: str) -> list[str]:
+    return ["--ground-truth", str(gt), "--md", str(md), "--out", str(tmp / f"{name}.json")]
+
+
+def test_ground_truth_is_complete_and_cached(built) -> None:
+    _, gt_path, md = built
+    raw = json.loads(gt_path.read_text())
+    s = raw["summary"]
+    assert s["candidates"] == N_CANDIDATES == len(raw["entries"])
+    assert s["front_size"] >= 1 and s["hypervolume"] > 0
+    assert set(raw["cka"]) == {
+        "resnet18|vit_tiny_patch16_224",
+        "vit_tiny_patch16_224|resnet18",
+    }
+    gt = GroundTruth.load(gt_path)
+    assert len(gt.records) == N_CANDIDATES
+    assert all(r["kind"] == "anchor" or r["cka"] is not None for r in gt.records.values())
+    # A second session finds everything cached and evaluates nothing.
+    before = {k: v["seconds"] for k, v in raw["entries"].items()}
+    args = ["--study", str(STUDY), "--budget-table", str(DEVICES), "--out", str(gt_path)]
+    assert bench_ground_truth.main([*args, "--no-md", "--processes", "1"]) == 0
+    after = json.loads(gt_path.read_text())["entries"]
+    assert {k: v["seconds"] for k, v in after.items()} == before
+    assert "## 1. Ground truth" in md.read_text()
+
+
+def test_search_replay_exhausts_the_space_without_repeats(built) -> None:
+    tmp, gt, md = built
+    argv = _args(tmp, gt, md, "search")
+    argv += ["--study", str(STUDY), "--budget-table", str(DEVICES), "--seeds", "2"]
+    argv += ["--budgets", "0.2,1.0", "--processes", "1", "--concurrency", "2"]
+    argv += ["--samplers", "default,nsga2,random,uniform,tpe-independent,default+nearest"]
+    assert bench_search.main(argv) == 0
+    res = json.loads((tmp / "search.json").read_text())
+    assert res["budgets"] == [round(0.2 * N_CANDIDATES), N_CANDIDATES]
+    for v in res["variants"]:
+        whole = res["summary"][v]["per_budget"]["1.0"]
+        assert whole["hv_fraction"] == pytest.approx([1.0, 1.0]), v
+        assert whole["front_found"] == [res["front_size"]] * 2
+        part = res["summary"][v]["per_budget"]["0.2"]["hv_fraction"]
+        assert all(0.0 <= x <= 1.0 + 1e-9 for x in part)
+    for r in res["runs"]:
+        assert len(r["order"]) == len(set(r["order"])) == N_CANDIDATES
+        assert r["order"][:2] == ["anchor|resnet18", "anchor|vit_tiny_patch16_224"]
+    text = md.read_text()
+    assert "## 2. Search efficiency" in text
+    hv = np.mean(res["summary"]["default"]["per_budget"]["0.2"]["hv_fraction"])
+    assert ("so it **meets** it" in text) == (hv >= 0.98)
+    assert "- Best at 20% (4):" in text and "- Best at 100% (18):" in text
+
+
+def test_pruning_sweep(built) -> None:
+    tmp, gt, md = built
+    argv = _args(tmp, gt, md, "pruning")
+    argv += ["--study", str(STUDY), "--budget-table", str(DEVICES), "--search-seeds", "1"]
+    argv += ["--processes", "1", "--compare", "k1,t0.5k2"]
+    assert bench_pruning.main(argv) == 0
+    res = json.loads((tmp / "pruning.json").read_text())
+    assert res["stitches"] == N_CANDIDATES - 2
+    assert "chosen" in res and {"all", "per_pair_mean"} <= set(res["correlation"])
+    for r in res["rules"]:
+        assert 0 <= r["stitch_hv_fraction"] <= 1 + 1e-9 and r["front_lost"] >= 0
+    search = res["search"]
+    assert search["budget"] == 8  # the tiny study's trials
+    rules = [(v["rule"]["threshold"], v["rule"]["top_k"]) for v in search["resolved"].values()]
+    assert {(0.0, None), (0.0, 1), (0.5, 2)} <= set(rules)
+    removed = [r["removed"] for r in res["rules"] if r["top_k"] is None]
+    assert removed == sorted(removed)  # a higher threshold never removes less
+    assert all(0 <= r["hv_fraction"] <= 1 + 1e-9 for r in res["rules"])
+    rec = res["recommended"]
+    assert (rec["threshold"], rec["top_k"]) in set(rules)
+    assert "**Recommended rule:" in md.read_text()
+    assert "## 3. CKA pruning" in md.read_text()
+
+
+def test_claims(built) -> None:
+    tmp, gt, md = built
+    argv = _args(tmp, gt, md, "claims")
+    argv += ["--study", str(STUDY), "--budget-table", str(DEVICES)]
+    argv += ["--sample", "2", "--ft-steps", "3", "--threads", "1", "--ft-calibration", "48"]
+    assert bench_claims.main(argv) == 0
+    res = json.loads((tmp / "claims.json").read_text())
+    assert {"a", "b", "c", "d"} <= set(res)
+    assert res["a"]["zoo"]["front_size"] >= 1
+    assert res["d"]["sample"] == 2
+    for s in ("random", "ls", "ls_ft", "random_ft"):
+        assert 0 <= res["d"][f"{s}_mean"] <= 100
+    assert "**(d) Initialisation" in md.read_text()
+    front = res["d_front"]
+    assert front["calibration_sizes"] == [32, 48]
+    gt_front = GroundTruth.load(gt).front_keys(GroundTruth.load(gt).stitch_keys())
+    assert sorted(r["key"] for r in front["rows"]) == sorted(gt_front)
+    for r in front["rows"]:
+        # least squares on the study's own calibration reproduces the ground truth
+        assert r["cal32_steps0"] == pytest.approx(r["ground_truth"], abs=1e-6)
+        assert 0 <= r["cal48_steps3"] <= 100
+    for col in front["summary"].values():
+        assert 0 <= col["on_true_front"] <= len(front["rows"])
+    assert "**(d) on the best stitches." in md.read_text()
+
+
+def test_trial_cost_breakdown(tmp_path) -> None:
+    out, md = tmp_path / "tc.json", tmp_path / "B.md"
+    argv = ["--study", str(STUDY), "--budget-table", str(DEVICES), "--out", str(out)]
+    argv += ["--md", str(md), "--sample", "2", "--skip-ray"]
+    assert bench_trial_cost.main(argv) == 0
+    res = json.loads(out.read_text())
+    assert len(res["breakdown"]) == 2 + 2
+    for k in (*bench_trial_cost.STEPS, "total", "pure_forward", "evaluate_candidate"):
+        assert res["stitch_mean"][k] >= 0
+    assert res["stitch_mean"]["total"] > 0 and "search_run" not in res
+
+
+def _run_module(module: str, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_trial_cost_with_ray(tmp_path) -> None:
+    out = tmp_path / "tc.json"
+    _run_module(
+        "benchmarks.bench_trial_cost",
+        *("--study", str(STUDY), "--budget-table", str(DEVICES), "--out", str(out)),
+        *("--md", str(tmp_path / "B.md"), "--sample", "1", "--trials", "4", "--noop-trials", "3"),
+    )
+    res = json.loads(out.read_text())
+    assert res["search_run"]["evaluated"] == 4 and res["search_run"]["workers"] == 1
+    assert res["noop_ray"]["per_trial_seconds"] > 0
+
+
+@pytest.mark.slow
+def test_scaling(tmp_path) -> None:
+    out = tmp_path / "scaling.json"
+    _run_module(
+        "benchmarks.bench_scaling",
+        *("--study", str(STUDY), "--budget-table", str(DEVICES), "--out", str(out)),
+        *("--md", str(tmp_path / "B.md"), "--trials", "4", "--repeats", "1"),
+    )
+    res = json.loads(out.read_text())
+    assert [r["workers"] for r in res["runs"]] == [1, 2]
+    assert all(r["evaluated"] == 4 for r in res["runs"])
+    assert res["summary"]["1"]["speedup"] == pytest.approx(1.0)
+
+
+def test_run_all_builds_every_command() -> None:
+    cmds = run_all.commands(
+        argparse.Namespace(
+            study=STUDY,
+            budget_table=DEVICES,
+            ground_truth=Path("gt.json"),
+            md=Path("B.md"),
+            only=None,
+            rebuild_ground_truth=True,
+        )
+    )
+    names = [n for n, _ in cmds]
+    assert names == ["ground_truth", "pruning", "search", "trial_cost", "scaling", "claims"]
+    gt_cmd = dict(cmds)["ground_truth"]
+    assert "--rebuild" in gt_cmd and "gt.json" in gt_cmd
+    assert "--ground-truth" in dict(cmds)["search"]
+
+
+def test_helpers(tmp_path) -> None:
+    mask = pareto_mask([90, 80, 85, 70], [10, 5, 12, 5])
+    assert mask.tolist() == [True, True, False, False]
+    hv = Hypervolume(acc_best=90, acc_chance=10, macs_min=5, macs_max=10)
+    assert hv([90], [5]) == pytest.approx(1.0 * 1.1)
+    assert hv([10], [5]) == 0.0  # chance accuracy adds nothing
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    md = tmp_path / "B.md"
+    info = {"date": "d", "cpu": "c", "cores": 2, "commit": "x"}
+    update_markdown("pruning", "first", info, "cmd", md)
+    update_markdown("pruning", "second", info, "cmd", md)
+    text = md.read_text()
+    assert "second" in text and "first" not in text and text.count("BEGIN pruning") == 1
+    assert "(not run yet)" in text  # the other sections are placeholders
