@@ -564,7 +564,7 @@ class Progress:
                 parts.append(
                     f"acc {v:.2f}%" if name == "accuracy" else f"{name} {format_quantity(v)}"
                 )
-        parts.append(f"pruned {self.pruned}")
+        parts.append(f"pruned {self.pruned}")  # CKA-pruned points and pruned repeats
         if self.failed:
             parts.append(f"failed {self.failed}")
         self.bar.set_postfix_str(", ".join(parts))
@@ -758,6 +758,7 @@ def _search_round(plan: Plan, study, space, matrices, progress, guard, state: Ru
     )
     if searcher._pruned and not plan.logged_pruning:
         plan.logged_pruning = True
+        progress.pruned += len(searcher._pruned)  # the bar counts CKA-pruned points too
         log(
             f"CKA rule prunes {len(searcher._pruned)} of {len(space) - len(space.anchors())} "
             "stitch points (recorded as PRUNED trials)"
