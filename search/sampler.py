@@ -81,10 +81,6 @@ class _ModelView:
     def trials(self) -> list[FrozenTrial]:
         return self.get_trials()
 
-    @property
-    def best_trials(self) -> list[FrozenTrial]:  # pragma: no cover - not used by samplers
-        return self._study.best_trials
-
 
 class FilteredSampler(BaseSampler):
     """Wraps a sampler so that every proposal decodes to an acceptable candidate.
