@@ -46,7 +46,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import time
 import warnings
 import weakref
@@ -58,6 +57,7 @@ import numpy as np
 import torch
 
 from space import Anchor, FeatureInfo, adapt_images
+from space._io import atomic_path, atomic_write
 
 CKAMode = Literal["pooled", "flatten"]
 CKA_MODES: tuple[str, ...] = ("pooled", "flatten")
@@ -354,18 +354,6 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:60]
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def cka_cache_path(
     front: Anchor,
     back: Anchor,
@@ -493,7 +481,8 @@ def cka_matrix(
         )
     result = acc.compute()
     if path is not None:
-        _atomic_write(path, lambda f: np.save(f, result, allow_pickle=False))
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.save(f, result, allow_pickle=False)
         meta = {
             "front": anchor_identity(front),
             "back": anchor_identity(back),
@@ -504,9 +493,7 @@ def cka_matrix(
             "seconds": round(time.perf_counter() - start, 3),
             "shape": list(shape),
         }
-        _atomic_write(
-            path.with_suffix(".json"), lambda f: f.write(json.dumps(meta, indent=1).encode())
-        )
+        atomic_write(path.with_suffix(".json"), json.dumps(meta, indent=1))
     return result
 
 

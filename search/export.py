@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from space import EXPORT_FORMAT, ExportError, LoadedExport, read_export
+from space._io import atomic_path
 from space.export import check_fields
 
 if TYPE_CHECKING:
@@ -139,13 +140,6 @@ def _quiet_fds() -> Iterator[None]:
             os.close(fd)
 
 
-def _atomic_target(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    return Path(tmp)
-
-
 def export_onnx(
     model: nn.Module,
     onnx_path: str | Path,
@@ -182,30 +176,28 @@ def export_onnx(
     onnx_path = Path(onnx_path)
     model = model.cpu().eval()
     x = torch.zeros((2, *input_size))  # batch 2, so that no size-1 broadcast gets baked in
-    tmp = _atomic_target(onnx_path)
     try:
-        with warnings.catch_warnings(), _onnx_symbolics(opset), _quiet_fds(), torch.no_grad():
-            warnings.simplefilter("ignore")  # TorchScript exporter deprecation, tracer notes
-            torch.onnx.export(
-                model,
-                (x,),
-                str(tmp),
-                dynamo=False,
-                opset_version=opset,
-                input_names=["images"],
-                output_names=["logits"],
-                dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
-                do_constant_folding=True,
-            )
-        proto = onnx.load(str(tmp))
-        onnx.checker.check_model(proto)
-        for key, value in (metadata or {}).items():
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = key, str(value)
-        onnx.save(proto, str(tmp))
-        os.replace(tmp, onnx_path)
+        with atomic_path(onnx_path) as tmp:
+            with warnings.catch_warnings(), _onnx_symbolics(opset), _quiet_fds(), torch.no_grad():
+                warnings.simplefilter("ignore")  # TorchScript exporter deprecation, tracer notes
+                torch.onnx.export(
+                    model,
+                    (x,),
+                    str(tmp),
+                    dynamo=False,
+                    opset_version=opset,
+                    input_names=["images"],
+                    output_names=["logits"],
+                    dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+                    do_constant_folding=True,
+                )
+            proto = onnx.load(str(tmp))
+            onnx.checker.check_model(proto)
+            for key, value in (metadata or {}).items():
+                entry = proto.metadata_props.add()
+                entry.key, entry.value = key, str(value)
+            onnx.save(proto, str(tmp))
     except Exception as e:
-        tmp.unlink(missing_ok=True)
         if isinstance(e, ValueError):
             raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""

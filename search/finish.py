@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -26,6 +25,7 @@ from optuna.trial import FrozenTrial, TrialState
 from search.budgets import DeviceBudget, format_quantity, safe_filename
 from search.searcher import budget_metrics, evaluated_trials
 from search.space import Candidate
+from space._io import atomic_path, atomic_write
 from space.export import EXPORT_FORMAT, anchor_record
 
 
@@ -67,18 +67,6 @@ def candidate_of(trial: FrozenTrial) -> Candidate:
     return Candidate(d["front"], d["back"], d["front_block"], d["back_block"])
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_export(
     export_dir: Path,
     device: DeviceBudget,
@@ -116,14 +104,12 @@ def write_export(
         state = {
             k: v.detach().cpu().contiguous() for k, v in result.net.stitch.state_dict().items()
         }
-        fd, tmp = tempfile.mkstemp(dir=export_dir, prefix=f".{stem}.", suffix=".tmp")
-        os.close(fd)
-        save_file(
-            state,
-            tmp,
-            metadata={"format": EXPORT_FORMAT, "layer": type(result.net.stitch).__name__},
-        )
-        os.replace(tmp, weights)
+        with atomic_path(weights) as tmp:
+            save_file(
+                state,
+                str(tmp),
+                metadata={"format": EXPORT_FORMAT, "layer": type(result.net.stitch).__name__},
+            )
     anchors = [anchor_record(plan.anchors[c.front], "front")]
     if not c.is_anchor:
         anchors.append(anchor_record(plan.anchors[c.back], "back"))
@@ -183,7 +169,7 @@ def write_export(
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     path = export_dir / f"{stem}.json"
-    _atomic_write(path, (json.dumps(doc, indent=2, default=_json_default) + "\n").encode())
+    atomic_write(path, json.dumps(doc, indent=2, default=_json_default) + "\n")
     return path
 
 

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import html
 import math
-import os
-import tempfile
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -18,6 +16,7 @@ from typing import Any
 import plotly.graph_objects as go
 
 from search.budgets import DeviceBudget, format_quantity
+from space._io import atomic_write
 
 #: Marker style per plotted status: (legend name, colour, symbol).
 _STATUS_STYLE: dict[str, tuple[str, str, str]] = {
@@ -472,16 +471,5 @@ def write_report(
     """
     path = Path(path)
     page = _page(title or f"stitchsearch: {study_name}", study_name, trials, budgets, chosen)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(page)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates it private; a report is for sharing.
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, page, mode=0o644)  # a report is for sharing, not private
     return path

@@ -29,9 +29,7 @@ safetensors file, verified the same way.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
@@ -41,6 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from space._io import atomic_path, atomic_write
 from space.anchor import Anchor, FeatureInfo, file_sha256, load_anchor
 from space.config import StitchConfig
 from space.stitched import StitchedNet
@@ -902,10 +901,8 @@ def save_switchable(net: SwitchableStitchedNet, path: str | Path) -> Path:
         for name, layer in net.stitches.items()
         for k, v in layer.state_dict().items()
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{weights.name}.", suffix=".tmp")
-    os.close(fd)
-    save_file(state, tmp, metadata={"format": SWITCHABLE_FORMAT})
-    os.replace(tmp, weights)
+    with atomic_path(weights) as tmp:
+        save_file(state, str(tmp), metadata={"format": SWITCHABLE_FORMAT})
     doc = {
         "format": SWITCHABLE_FORMAT,
         "anchors": [anchor_record(net.front, "front"), anchor_record(net.back, "back")],
@@ -923,10 +920,7 @@ def save_switchable(net: SwitchableStitchedNet, path: str | Path) -> Path:
         "sha256": file_sha256(weights),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(doc, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(doc, indent=2) + "\n")
     return path
 
 

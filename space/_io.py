@@ -1,0 +1,53 @@
+"""Atomic file writes: a crash or an error never leaves a half-written file behind."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path, *, mode: int | None = None) -> Iterator[Path]:
+    """A temporary file beside ``path`` that replaces ``path`` when the block succeeds.
+
+    The block writes the yielded path by any means (``open``, ``np.save``, safetensors,
+    the ONNX exporter). On an exception the temporary file is removed and ``path`` is left
+    as it was.
+
+    Args:
+        path: The file to write; its folder is created when missing.
+        mode: Permission bits for the result (temporary files are created private).
+
+    Yields:
+        The temporary path to write.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        if mode is not None:
+            os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write(path: str | Path, data: bytes | str, *, mode: int | None = None) -> None:
+    """Writes ``data`` (text as UTF-8) to ``path`` atomically, flushed to disk first.
+
+    Args:
+        path: The file to write.
+        data: Its whole content.
+        mode: Permission bits for the result.
+    """
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    with atomic_path(path, mode=mode) as tmp, open(tmp, "wb") as f:
+        f.write(raw)
+        f.flush()
+        os.fsync(f.fileno())
