@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import (
-    RESULTS,
     bench_parser,
     machine_info,
     md_table,
@@ -118,7 +117,7 @@ def markdown(res: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = bench_parser(__doc__, "scaling", ground_truth=False)
+    parser = bench_parser(__doc__, "scaling", ground_truth=False, cka_cache=True)
     parser.add_argument("--trials", type=int, default=40, help="trials per run")
     parser.add_argument(
         "--workers",
@@ -128,12 +127,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--repeats", type=int, default=2, help="runs per worker count")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--cka-cache",
-        type=Path,
-        default=RESULTS / "cache" / "cka",
-        help="cached CKA matrices copied into each run (skips recomputing them)",
-    )
     args = parser.parse_args(argv)
     res = run(args)
     return publish("scaling", res, markdown(res), args, argv)

@@ -32,7 +32,6 @@ import numpy as np
 import torch
 
 from benchmarks.common import (
-    RESULTS,
     bench_parser,
     load_plan,
     machine_info,
@@ -344,18 +343,12 @@ def markdown(res: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = bench_parser(__doc__, "trial_cost", ground_truth=False)
+    parser = bench_parser(__doc__, "trial_cost", ground_truth=False, cka_cache=True)
     parser.add_argument("--sample", type=int, default=24, help="stitch points to break down")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (a trial's share)")
     parser.add_argument("--trials", type=int, default=24, help="trials of the real run")
     parser.add_argument("--noop-trials", type=int, default=20, help="trials of the no-op run")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--cka-cache",
-        type=Path,
-        default=RESULTS / "cache" / "cka",
-        help="cached CKA matrices copied into the real run (skips recomputing them)",
-    )
     parser.add_argument("--skip-ray", action="store_true", help="only the in-process breakdown")
     args = parser.parse_args(argv)
     res = run(args)

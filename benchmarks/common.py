@@ -487,6 +487,7 @@ def bench_parser(
     study: bool = True,
     ground_truth: bool = True,
     out: Path | None = None,
+    cka_cache: bool = False,
 ) -> argparse.ArgumentParser:
     """The options every benchmark shares: inputs, the results JSON and the markdown.
 
@@ -497,6 +498,7 @@ def bench_parser(
         study: Add ``--study`` and ``--budget-table``.
         ground_truth: Add ``--ground-truth``.
         out: Default of ``--out`` instead of the section's JSON.
+        cka_cache: Add ``--cka-cache`` (cached CKA matrices copied into each real run).
     """
     parser = argparse.ArgumentParser(description=(doc or "").splitlines()[0])
     if study:
@@ -512,6 +514,13 @@ def bench_parser(
     parser.add_argument("--out", type=Path, default=default_out, help="results JSON")
     parser.add_argument("--md", type=Path, default=DEFAULT_MD, help="markdown file to update")
     parser.add_argument("--no-md", action="store_true", help="do not touch the markdown")
+    if cka_cache:
+        parser.add_argument(
+            "--cka-cache",
+            type=Path,
+            default=RESULTS / "cache" / "cka",
+            help="cached CKA matrices copied into each real run (skips recomputing them)",
+        )
     return parser
 
 
