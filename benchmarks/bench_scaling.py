@@ -98,7 +98,8 @@ def markdown(res: dict[str, Any]) -> str:
             f"`python -m search.run --trials {res['trials']} --workers W` on a fresh study, "
             f"{res['repeats']} repeat(s) per worker count (mean ± std); each trial gets "
             f"`{res['machine']['cores']} // W` torch threads. Trials per minute over the "
-            "tuning window; wall time includes start-up (Ray, anchors, data, cached CKA), "
+            "tuning window; wall time includes start-up (Ray, anchors, data, the CKA matrices "
+            "unless `--cka-cache` holds them), "
             "selection and exports.",
             "",
             md_table(
