@@ -74,6 +74,7 @@ def _timed(fn):
 
 def breakdown(plan, candidate, matrices, rule) -> dict[str, Any]:
     """Times each step of one evaluation (as ``evaluate_candidate`` runs them)."""
+    from benchmarks.bench_evaluators import pure_forward_seconds
     from evaluators import (
         accuracy,
         anchor_used_parameters,
@@ -123,12 +124,7 @@ def breakdown(plan, candidate, matrices, rule) -> dict[str, Any]:
         t["params"], used = _timed(params)
 
         def pure() -> None:
-            with torch.inference_mode():
-                for x, _ in data.calibration:
-                    front.forward_front(x, k)
-                    back.forward_front(x, j)
-                for x, _ in data.validation:
-                    net(x)
+            pure_forward_seconds(net, front, back, candidate.config, data)
 
     t["latency"], _ = _timed(lambda: measure_latency(net, size, batch_size=1, max_seconds=1.0))
     t["memory"], _ = _timed(lambda: measure_memory(net, size, batch_size=1, parameters=used))
