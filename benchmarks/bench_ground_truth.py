@@ -75,7 +75,7 @@ def _init(study: str, budgets: str, threads: int) -> None:
 def _evaluate(item: tuple[dict[str, Any], float | None]) -> dict[str, Any]:
     """Evaluates one candidate in a worker process; failures are recorded, not raised."""
     from evaluators import evaluate_candidate
-    from search.space import Candidate
+    from space import Candidate
 
     cand_dict, cka = item
     c = Candidate(**cand_dict)

@@ -162,7 +162,7 @@ def replay(job: dict[str, Any]) -> dict[str, Any]:
 
     from search.searcher import Heartbeat, StitchSearcher
     from search.space import PruningRule
-    from search.worker import candidate_from_json
+    from space import Candidate
 
     gt: GroundTruth = _STATE["gt"]
     space = gt.space
@@ -223,7 +223,7 @@ def replay(job: dict[str, Any]) -> dict[str, Any]:
             if not live:
                 break
             tid, cfg = live.popleft()
-            c = candidate_from_json(cfg["candidate"])
+            c = Candidate.from_json(cfg["candidate"])
             searcher.on_trial_complete(tid, result_of(gt.records[c.key]))
             order.append(c.key)
     if searcher.failed or len(order) != len(set(order)):

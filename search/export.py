@@ -40,9 +40,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from space import EXPORT_FORMAT, ExportError, LoadedExport, read_export
+from space import EXPORT_FORMAT, ExportError, LoadedExport, check_fields, read_export
 from space._io import atomic_path
-from space.export import check_fields
 
 if TYPE_CHECKING:
     from evaluators import DataSplits

@@ -24,9 +24,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 from search.budgets import DeviceBudget, format_quantity, safe_filename
 from search.searcher import budget_metrics, evaluated_trials
-from search.space import Candidate
+from space import EXPORT_FORMAT, Candidate, anchor_record
 from space._io import atomic_path, atomic_write
-from space.export import EXPORT_FORMAT, anchor_record
 
 
 def select_per_device(
@@ -61,10 +60,7 @@ def select_per_device(
 
 def candidate_of(trial: FrozenTrial) -> Candidate:
     """The candidate a trial evaluated."""
-    d = trial.user_attrs["config"]
-    if d["kind"] == "anchor":
-        return Candidate(d["anchor"], d["anchor"])
-    return Candidate(d["front"], d["back"], d["front_block"], d["back_block"])
+    return Candidate.from_dict(trial.user_attrs["config"])
 
 
 def write_export(

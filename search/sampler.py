@@ -31,7 +31,8 @@ from optuna.distributions import BaseDistribution
 from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial, TrialState
 
-from search.space import Candidate, SearchSpace
+from search.space import SearchSpace
+from space import Candidate
 
 
 def stitch_trials(trial: FrozenTrial) -> bool:

@@ -24,7 +24,6 @@ evaluating, is recorded as PRUNED with the reason instead of being dispatched.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import random
@@ -43,7 +42,8 @@ from ray.tune.search import Searcher
 
 from search.budgets import DeviceBudget, constraint_value, fitting_devices
 from search.sampler import FilteredSampler
-from search.space import Candidate, PruningRule, SearchSpace
+from search.space import PruningRule, SearchSpace
+from space import Candidate
 
 #: Metric reported by workers -> Optuna objective name.
 OBJECTIVE_METRIC = {
@@ -608,7 +608,7 @@ class StitchSearcher(Searcher):
         self._live[trial_id] = (trial, c)
         return {
             "number": trial.number,
-            "candidate": json.dumps(c.to_dict()),
+            "candidate": c.to_json(),
             "cka": self._cka_of(c),
         }
 

@@ -24,56 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
 
-from space import StitchConfig
-
-
-@dataclass(frozen=True, order=True)
-class Candidate:
-    """One point of the search space.
-
-    Attributes:
-        front: Front anchor name (the anchor itself when ``back == front``).
-        back: Back anchor name.
-        front_block: ``k`` (``None`` for a bare anchor).
-        back_block: ``j`` (``None`` for a bare anchor).
-    """
-
-    front: str
-    back: str
-    front_block: int | None = None
-    back_block: int | None = None
-
-    @property
-    def is_anchor(self) -> bool:
-        """Whether this is a bare anchor."""
-        return self.front_block is None
-
-    @property
-    def config(self) -> StitchConfig | str:
-        """What the evaluators take: an anchor name, or a :class:`space.StitchConfig`."""
-        if self.is_anchor:
-            return self.front
-        return StitchConfig(self.front, self.back, self.front_block, self.back_block)
-
-    @property
-    def key(self) -> str:
-        """A stable string key (for de-duplication in the storage)."""
-        if self.is_anchor:
-            return f"anchor|{self.front}"
-        return f"stitch|{self.front}|{self.front_block}|{self.back}|{self.back_block}"
-
-    @property
-    def label(self) -> str:
-        """Human-readable form."""
-        if self.is_anchor:
-            return f"{self.front} (anchor)"
-        return f"{self.front}[:{self.front_block}] -> {self.back}[{self.back_block}:]"
-
-    def to_dict(self) -> dict:
-        """JSON form."""
-        if self.is_anchor:
-            return {"kind": "anchor", "anchor": self.front}
-        return {"kind": "stitch", **self.config.to_dict()}
+from space import Candidate
 
 
 class SearchSpace:

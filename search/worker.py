@@ -46,9 +46,10 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from space import Candidate
+
 if TYPE_CHECKING:
     from evaluators import DataSplits
-    from search.space import Candidate
     from space import Anchor
 
 #: Environment variables of the test-only fault injection (see the module docstring).
@@ -137,16 +138,6 @@ def _anchors(ctx: TrialContext) -> dict[str, Anchor]:
     return _ANCHORS[ctx._cache_key]
 
 
-def candidate_from_json(text: str) -> Candidate:
-    """Inverse of ``json.dumps(Candidate.to_dict())``."""
-    from search.space import Candidate
-
-    d = json.loads(text)
-    if d["kind"] == "anchor":
-        return Candidate(d["anchor"], d["anchor"])
-    return Candidate(d["front"], d["back"], int(d["front_block"]), int(d["back_block"]))
-
-
 def run_candidate(
     config: dict[str, Any], ctx: TrialContext, *, fault: str | None = None
 ) -> dict[str, Any]:
@@ -165,7 +156,7 @@ def run_candidate(
     try:
         torch.set_num_threads(max(1, ctx.threads))
         device = "cuda" if ctx.use_gpu and torch.cuda.is_available() else "cpu"
-        candidate = candidate_from_json(config["candidate"])
+        candidate = Candidate.from_json(config["candidate"])
         _inject(fault)
         result = evaluate_candidate(
             candidate.config,

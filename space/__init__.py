@@ -1,12 +1,15 @@
 """What a candidate is: anchors, stitch configurations, stitching layers, stitched networks."""
 
 from space.anchor import SUPPORTED_FAMILIES, Anchor, FeatureInfo, file_sha256, load_anchor
-from space.config import StitchConfig
+from space.config import Candidate, StitchConfig
+from space.errors import InputError
 from space.export import (
     EXPORT_FORMAT,
     ExportError,
     LoadedExport,
     SwitchableStitchedNet,
+    anchor_record,
+    check_fields,
     load_export,
     load_switchable,
     read_export,
@@ -26,10 +29,12 @@ __all__ = [
     "EXPORT_FORMAT",
     "SUPPORTED_FAMILIES",
     "Anchor",
+    "Candidate",
     "ConvStitch",
     "ConvToToken",
     "ExportError",
     "FeatureInfo",
+    "InputError",
     "LoadedExport",
     "StitchConfig",
     "StitchedNet",
@@ -38,7 +43,9 @@ __all__ = [
     "TokenStitch",
     "TokenToConv",
     "adapt_images",
+    "anchor_record",
     "build_stitched",
+    "check_fields",
     "file_sha256",
     "load_anchor",
     "load_export",

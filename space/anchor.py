@@ -21,7 +21,7 @@ import timm
 import torch
 from torch import nn
 
-from space._errors import close_matches
+from space.errors import close_matches
 
 Layout = Literal["NCHW", "NLC"]
 

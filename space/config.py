@@ -1,4 +1,9 @@
-"""Stitch configurations: which two anchors, cut where."""
+"""What one candidate is: a bare anchor, or a stitch configuration (two anchors, cut where).
+
+:class:`Candidate` owns the candidate's JSON form (``{"kind": "anchor", "anchor": ...}`` or
+``{"kind": "stitch", "front": ..., "back": ..., "front_block": k, "back_block": j}``), used by
+trial records, Ray workers and export manifests alike.
+"""
 
 from __future__ import annotations
 
@@ -112,3 +117,101 @@ class StitchConfig:
 
     def __str__(self) -> str:
         return f"{self.front}[:{self.front_block}] -> {self.back}[{self.back_block}:]"
+
+
+#: The fields of each kind of candidate's JSON form.
+CANDIDATE_FIELDS: dict[str, frozenset[str]] = {
+    "anchor": frozenset({"kind", "anchor"}),
+    "stitch": frozenset({"kind", "front", "back", "front_block", "back_block"}),
+}
+
+
+@dataclass(frozen=True, order=True)
+class Candidate:
+    """One point of a search space: a bare anchor or a stitched network.
+
+    Attributes:
+        front: Front anchor name (the anchor itself when ``back == front``).
+        back: Back anchor name.
+        front_block: ``k`` (``None`` for a bare anchor).
+        back_block: ``j`` (``None`` for a bare anchor).
+    """
+
+    front: str
+    back: str
+    front_block: int | None = None
+    back_block: int | None = None
+
+    @classmethod
+    def anchor(cls, name: str) -> Candidate:
+        """The bare anchor ``name``."""
+        return cls(name, name)
+
+    @property
+    def is_anchor(self) -> bool:
+        """Whether this is a bare anchor."""
+        return self.front_block is None
+
+    @property
+    def config(self) -> StitchConfig | str:
+        """What the evaluators take: an anchor name, or a :class:`StitchConfig`."""
+        if self.is_anchor:
+            return self.front
+        return StitchConfig(self.front, self.back, self.front_block, self.back_block)
+
+    @property
+    def key(self) -> str:
+        """A stable string key (for de-duplication in the storage)."""
+        if self.is_anchor:
+            return f"anchor|{self.front}"
+        return f"stitch|{self.front}|{self.front_block}|{self.back}|{self.back_block}"
+
+    @property
+    def label(self) -> str:
+        """Human-readable form."""
+        if self.is_anchor:
+            return f"{self.front} (anchor)"
+        return f"{self.front}[:{self.front_block}] -> {self.back}[{self.back_block}:]"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form (see the module docstring)."""
+        if self.is_anchor:
+            return {"kind": "anchor", "anchor": self.front}
+        return {"kind": "stitch", **self.config.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Candidate:
+        """Inverse of :meth:`to_dict`.
+
+        Raises:
+            ValueError: Not a mapping, an unknown ``kind``, missing or unknown fields, or
+                invalid values; the message names the field.
+        """
+        if not isinstance(d, dict):
+            raise ValueError(f"a candidate must be a JSON object, got {d!r}")
+        kind = d.get("kind")
+        if kind not in CANDIDATE_FIELDS:
+            raise ValueError(f"field 'kind' must be 'anchor' or 'stitch', got {kind!r}")
+        missing = sorted(CANDIDATE_FIELDS[kind] - d.keys())
+        unknown = sorted(d.keys() - CANDIDATE_FIELDS[kind])
+        if missing or unknown:
+            raise ValueError(
+                f"bad {kind} candidate {d!r}: missing fields {missing}, unknown fields "
+                f"{unknown}; expected exactly {sorted(CANDIDATE_FIELDS[kind])}"
+            )
+        if kind == "anchor":
+            name = d["anchor"]
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"field 'anchor' must be a non-empty anchor name, got {name!r}")
+            return cls.anchor(name)
+        config = StitchConfig.from_dict({k: v for k, v in d.items() if k != "kind"})
+        return cls(config.front, config.back, config.front_block, config.back_block)
+
+    def to_json(self) -> str:
+        """The JSON form as a string."""
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Candidate:
+        """Inverse of :meth:`to_json`."""
+        return cls.from_dict(json.loads(text))

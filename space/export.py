@@ -842,7 +842,7 @@ class SwitchableStitchedNet(nn.Module):
             ValueError: Unknown name (close matches are suggested).
         """
         if name not in self.configs:
-            from space._errors import close_matches
+            from space.errors import close_matches
 
             raise ValueError(
                 f"unknown stitch point {name!r}; this network has {', '.join(self.configs)}"

@@ -214,8 +214,7 @@ def test_write_onnx_raises_export_error_for_an_invalid_export(exports, tmp_path)
 # ---------------------------------------------------------------------- Fashion-MNIST
 def test_check_on_fashion_mnist_with_a_zoo_anchor(tmp_path, capsys) -> None:
     from evaluators import fashion_mnist_splits
-    from search.space import Candidate
-    from space import load_anchor
+    from space import Candidate, load_anchor
     from space.zoo import zoo_names
 
     try:

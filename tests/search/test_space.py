@@ -3,7 +3,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from search.space import Candidate, PruningRule, SearchSpace
+from search.space import PruningRule, SearchSpace
+from space import Candidate
 
 DEPTHS = {"a": 4, "b": 8, "c": 3}
 

@@ -19,9 +19,9 @@ from safetensors.torch import save_file
 from evaluators import CandidateResult, DataSplits, accuracy, evaluate_candidate, synthetic_splits
 from search.budgets import DeviceBudget
 from search.finish import write_export
-from search.space import Candidate
 from space import (
     Anchor,
+    Candidate,
     ExportError,
     StitchedNet,
     file_sha256,
