@@ -160,7 +160,8 @@ def replay(job: dict[str, Any]) -> dict[str, Any]:
     """One search run against the ground truth; returns the evaluation order."""
     import optuna
 
-    from search.searcher import Heartbeat, StitchSearcher
+    from search.liveness import Heartbeat
+    from search.searcher import StitchSearcher
     from search.space import PruningRule
     from space import Candidate
 

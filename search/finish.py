@@ -23,7 +23,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from search.budgets import DeviceBudget, format_quantity, safe_filename
-from search.searcher import budget_metrics, evaluated_trials
+from search.trials import budget_metrics, evaluated_trials
 from space import EXPORT_FORMAT, Candidate, anchor_record
 from space._io import atomic_path, atomic_write
 

@@ -405,7 +405,8 @@ def _setup_study(
     Returns:
         How many PRUNED trials were newly recorded.
     """
-    from search.searcher import driver_status, heartbeats, record_pruned_trials
+    from search.liveness import driver_status, heartbeats
+    from search.searcher import record_pruned_trials
     from search.space import PruningRule
 
     storage = study._storage
@@ -690,7 +691,7 @@ def run_search(
     Other drivers may work on the same study: when this driver has nothing left to start, it
     waits for their running trials, and starts another round if some of them failed.
     """
-    from search.searcher import evaluated_trials
+    from search.trials import evaluated_trials
 
     done = len(evaluated_trials(study))
     if done >= plan.trials:
@@ -799,7 +800,8 @@ def _wait_for_other_drivers(plan: Plan, study, log, poll_s: float = 1.0) -> tupl
     """
     from optuna.trial import TrialState
 
-    from search.searcher import evaluated_trials, fail_stale_trials
+    from search.liveness import fail_stale_trials
+    from search.trials import evaluated_trials
 
     waited_for: set[int] = set()
     said = False
@@ -852,8 +854,9 @@ def _one_line(text: str) -> str:
 def execute(plan: Plan) -> int:
     """Runs a validated plan: study, CKA, Ray trials, selection, exports and report."""
     from search.finish import clean_staging, finish
-    from search.searcher import Heartbeat, evaluated_trials, fail_stale_trials, live_drivers
+    from search.liveness import Heartbeat, fail_stale_trials, live_drivers
     from search.space import SearchSpace
+    from search.trials import evaluated_trials
 
     def log(*a, **k):
         print(*a, **k, file=sys.stderr, flush=True)

@@ -25,13 +25,9 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import random
-import socket
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,202 +36,13 @@ from optuna.trial import TrialState
 from ray.tune import Callback
 from ray.tune.search import Searcher
 
+from search import optuna_access
 from search.budgets import DeviceBudget, constraint_value, fitting_devices
+from search.liveness import fail_stale_trials
 from search.sampler import FilteredSampler
 from search.space import PruningRule, SearchSpace
+from search.trials import OBJECTIVES, RESULT_ATTRS, budget_metrics, evaluated_trials
 from space import Candidate
-
-#: Metric reported by workers -> Optuna objective name.
-OBJECTIVE_METRIC = {
-    "accuracy": "val_acc",
-    "macs": "macs",
-    "params": "params",
-    "latency_ms": "latency_ms",
-}
-
-HEARTBEAT_KEY = "heartbeat:"
-#: A driver on another machine whose heartbeat is older than this is taken for dead.
-STALE_AFTER_S = 60.0
-#: Seconds between two heartbeats of a driver.
-HEARTBEAT_INTERVAL_S = 10.0
-
-
-def evaluated_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    """COMPLETE trials that evaluated a candidate (repeats answered from storage excluded)."""
-    return [
-        t
-        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if "duplicate_of" not in t.user_attrs
-    ]
-
-
-def budget_metrics(values: Mapping[str, Any]) -> dict[str, float | None]:
-    """The metrics budgets are checked against, from a result or user attributes."""
-    return {k: values.get(k) for k in ("macs", "params", "latency_ms", "memory_mb")}
-
-
-# ------------------------------------------------------------------ driver liveness
-def _read(path: str) -> str | None:
-    try:
-        return Path(path).read_text().strip()
-    except OSError:
-        return None
-
-
-def _process_start(pid: int) -> str | None:
-    """The start time of process ``pid`` (``/proc``), or None when it is gone or a zombie."""
-    stat = _read(f"/proc/{pid}/stat")
-    if stat is None:
-        return None
-    fields = stat.rsplit(")", 1)[-1].split()
-    if len(fields) < 20 or fields[0] in ("Z", "X"):
-        return None
-    return fields[19]
-
-
-def driver_identity() -> dict[str, Any]:
-    """Where this driver runs: host, boot, PID namespace, pid and process start time."""
-    pidns = None
-    with contextlib.suppress(OSError):
-        pidns = os.readlink("/proc/self/ns/pid")
-    return {
-        "host": socket.gethostname(),
-        "boot": _read("/proc/sys/kernel/random/boot_id"),
-        "pidns": pidns,
-        "pid": os.getpid(),
-        "start": _process_start(os.getpid()),
-    }
-
-
-def driver_status(
-    beat: Any, *, now: float | None = None, stale_after: float = STALE_AFTER_S
-) -> tuple[bool, str]:
-    """Whether a driver is alive, from its heartbeat, and why not.
-
-    A driver on this machine (same host, boot and PID namespace) is alive exactly while its
-    process is (so a killed driver is recognised at once); one elsewhere while its heartbeat
-    is younger than ``stale_after`` seconds. A plain number is an old-style heartbeat time.
-
-    Returns:
-        ``(alive, why_not)``: ``why_not`` explains a dead driver (empty when alive).
-    """
-    now = time.time() if now is None else now
-    if isinstance(beat, int | float):
-        age = now - float(beat)
-        return age < stale_after, f"no heartbeat for {age:.0f} s"
-    if not isinstance(beat, Mapping):
-        return False, "no heartbeat"
-    if beat.get("stopped"):
-        return False, "it stopped"
-    here = driver_identity()
-    same_machine = here["boot"] is not None and all(
-        beat.get(k) == here[k] for k in ("host", "boot", "pidns")
-    )
-    if same_machine and isinstance(beat.get("pid"), int):
-        start = _process_start(beat["pid"])
-        if start is None or (beat.get("start") is not None and start != beat["start"]):
-            return False, f"its process {beat['pid']} on {beat['host']} is gone"
-        return True, ""
-    age = now - float(beat.get("time", 0.0))
-    return age < stale_after, f"no heartbeat for {age:.0f} s"
-
-
-def heartbeats(study: optuna.Study) -> dict[str, Any]:
-    """Driver id -> its last heartbeat, from the study's user attributes."""
-    return {
-        k.removeprefix(HEARTBEAT_KEY): v
-        for k, v in study._storage.get_study_user_attrs(study._study_id).items()
-        if k.startswith(HEARTBEAT_KEY)
-    }
-
-
-def live_drivers(study: optuna.Study, *, now: float | None = None) -> set[str]:
-    """Ids of the drivers of a study that are alive."""
-    return {d for d, beat in heartbeats(study).items() if driver_status(beat, now=now)[0]}
-
-
-def fail_stale_trials(
-    study: optuna.Study, *, now: float | None = None, stale_after: float = STALE_AFTER_S
-) -> list[int]:
-    """Marks RUNNING trials whose driver died as FAIL, with the reason.
-
-    Drivers write ``heartbeat:<driver id>`` into the study's user attributes (see
-    :func:`driver_status` for when a driver counts as dead). A RUNNING trial that names no
-    driver (its driver died between asking and annotating it) is failed once it is older
-    than ``stale_after``.
-
-    Returns:
-        The numbers of the trials marked failed.
-    """
-    now = time.time() if now is None else now
-    beats = heartbeats(study)
-    status: dict[str, tuple[bool, str]] = {}
-    storage = study._storage
-    failed = []
-    for t in storage.get_all_trials(study._study_id, deepcopy=False, states=(TrialState.RUNNING,)):
-        driver = t.user_attrs.get("driver")
-        if driver is None:
-            started = t.datetime_start.timestamp() if t.datetime_start else 0.0
-            if now - started < stale_after:
-                continue
-            why = "the trial names no driver"
-        else:
-            if driver not in status:
-                status[driver] = driver_status(beats.get(driver), now=now, stale_after=stale_after)
-            alive, why = status[driver]
-            if alive:
-                continue
-            why = f"driver {driver[:8]}: {why}"
-        try:
-            storage.set_trial_user_attr(
-                t._trial_id,
-                "fail_reason",
-                f"left RUNNING by a driver that stopped (killed or crashed): {why}",
-            )
-            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-        except (RuntimeError, ValueError):  # finished meanwhile by its (live) driver
-            continue
-        failed.append(t.number)
-    return failed
-
-
-class Heartbeat:
-    """Writes this driver's heartbeat (time, host, process) into the study periodically."""
-
-    def __init__(
-        self, study: optuna.Study, driver_id: str, interval: float = HEARTBEAT_INTERVAL_S
-    ) -> None:
-        self.study = study
-        self.key = HEARTBEAT_KEY + driver_id
-        self.interval = interval
-        self.identity = driver_identity()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
-
-    def _beat(self, **extra: Any) -> None:
-        self.study.set_user_attr(self.key, {**self.identity, "time": time.time(), **extra})
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            # The storage being briefly unavailable must not kill the run.
-            with contextlib.suppress(Exception):
-                self._beat()
-
-    def __enter__(self) -> Heartbeat:
-        self._beat()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        with contextlib.suppress(Exception):
-            self._beat(stopped=True)  # its RUNNING trials (if any) are stale now
-
-
-def _finished_elsewhere(study: optuna.Study, trial: optuna.Trial) -> bool:
-    """Whether another driver finished ``trial`` meanwhile (it took the driver for dead)."""
-    return study._storage.get_trial(trial._trial_id).state.is_finished()
 
 
 def _guarded(study: optuna.Study, trial: optuna.Trial, write: Callable[[], Any]) -> bool:
@@ -243,7 +50,7 @@ def _guarded(study: optuna.Study, trial: optuna.Trial, write: Callable[[], Any])
     try:
         write()
     except (RuntimeError, ValueError):
-        if _finished_elsewhere(study, trial):
+        if optuna_access.is_finished(study, trial):  # another driver took this one for dead
             return False
         raise
     return True
@@ -416,9 +223,7 @@ class StitchSearcher(Searcher):
             trial.set_user_attr("cka", round(cka, 6))
 
     def _frozen(self, number: int) -> optuna.trial.FrozenTrial:
-        storage = self.study._storage
-        trial_id = storage.get_trial_id_from_study_id_trial_number(self.study._study_id, number)
-        return storage.get_trial(trial_id)
+        return optuna_access.trial_by_number(self.study, number)
 
     def _emit(self, kind: str, number: int) -> None:
         if self.on_event is not None:
@@ -455,11 +260,7 @@ class StitchSearcher(Searcher):
             self._last_stale_check = time.monotonic()
             with contextlib.suppress(Exception):  # a storage hiccup must not stop the run
                 fail_stale_trials(self.study)
-        trials = self.study._storage.get_all_trials(
-            self.study._study_id,
-            deepcopy=False,
-            states=(TrialState.COMPLETE, TrialState.RUNNING),
-        )
+        trials = optuna_access.trials(self.study, (TrialState.COMPLETE, TrialState.RUNNING))
         evaluated = running = 0
         self._foreign = set()
         for t in trials:
@@ -488,20 +289,16 @@ class StitchSearcher(Searcher):
             ``("running", None)`` (another trial evaluates it now) or ``("surplus", None)``
             (the study holds the requested total already).
         """
-        mine = trial._trial_id
+        mine = optuna_access.storage_id(trial)
         deadline = time.monotonic() + 2.0
         recent = time.time() - 10.0  # older keyless trials belong to drivers that died
         while True:
-            trials = self.study._storage.get_all_trials(
-                self.study._study_id,
-                deepcopy=False,
-                states=(TrialState.COMPLETE, TrialState.RUNNING),
-            )
+            trials = optuna_access.trials(self.study, (TrialState.COMPLETE, TrialState.RUNNING))
             evaluated = ahead = 0
             done: int | None = None
             running = unknown = False
             for t in trials:
-                if t._trial_id == mine:
+                if optuna_access.storage_id(t) == mine:
                     continue
                 key = t.user_attrs.get("key")
                 if t.state == TrialState.COMPLETE:
@@ -509,7 +306,7 @@ class StitchSearcher(Searcher):
                         evaluated += 1
                         if key == c.key:
                             done = t.number
-                elif t._trial_id < mine:
+                elif optuna_access.storage_id(t) < mine:
                     ahead += 1
                     running = running or key == c.key
                     started = t.datetime_start.timestamp() if t.datetime_start else 0.0
@@ -674,7 +471,7 @@ class StitchSearcher(Searcher):
         else:
             values = []
             for o in self.objectives:
-                v = result.get(OBJECTIVE_METRIC[o])
+                v = result.get(OBJECTIVES[o].metric)
                 if v is None or not math.isfinite(float(v)):
                     reason = f"objective {o} is {v!r}"
                     break
@@ -685,7 +482,7 @@ class StitchSearcher(Searcher):
 
         def write() -> None:
             for k, v in result.items():
-                if k in _RESULT_ATTRS and v is not None:
+                if k in RESULT_ATTRS and v is not None:
                     trial.set_user_attr(k, v)
             metrics = budget_metrics(result)
             devices = fitting_devices(self.budgets, metrics)
@@ -700,22 +497,3 @@ class StitchSearcher(Searcher):
         self._done[c.key] = trial.number
         self.completed += 1
         self._emit("complete", trial.number)
-
-
-_RESULT_ATTRS = {
-    "val_acc",
-    "val_top5",
-    "macs",
-    "params",
-    "stitch_params",
-    "latency_ms",
-    "latency_spread_ms",
-    "memory_mb",
-    "cka",
-    "fit_residual",
-    "fit_seconds",
-    "eval_seconds",
-    "trial_seconds",
-    "host",
-    "eval_pid",
-}

@@ -13,8 +13,9 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from search.liveness import HEARTBEAT_KEY
 from search.run import main
-from search.searcher import HEARTBEAT_KEY, evaluated_trials
+from search.trials import evaluated_trials
 
 DATA = Path(__file__).resolve().parent / "data"
 STUDY = DATA / "tiny_study.yaml"

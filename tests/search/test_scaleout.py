@@ -26,7 +26,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from search.searcher import HEARTBEAT_KEY, evaluated_trials
+from search.liveness import HEARTBEAT_KEY
+from search.trials import evaluated_trials
 
 STUDY = Path(__file__).resolve().parent / "data" / "tiny_study.yaml"
 REPO = Path(__file__).resolve().parents[2]

@@ -12,13 +12,10 @@ from optuna.trial import TrialState
 from ray.tune.search import Searcher
 
 from search.budgets import DeviceBudget
-from search.searcher import (
-    HEARTBEAT_KEY,
-    StitchSearcher,
-    evaluated_trials,
-    fail_stale_trials,
-)
+from search.liveness import HEARTBEAT_KEY, fail_stale_trials
+from search.searcher import StitchSearcher
 from search.space import PruningRule, SearchSpace
+from search.trials import evaluated_trials
 
 DEPTHS = {"a": 3, "b": 4}
 

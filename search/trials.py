@@ -1,0 +1,173 @@
+"""The trial record: what a stored trial says, under which names.
+
+One owner for everything the search writes into, and reads back from, an Optuna study:
+
+- :class:`Attr`: the user-attribute keys of a trial (and :class:`StudyAttr` of the study);
+- :data:`OBJECTIVES`: the objective table (name, direction, unit, the worker metric it is
+  read from); the study YAML, the searcher, the storage check and the report all use it;
+- the candidate codec (:func:`candidate_of`, via :class:`space.Candidate`);
+- small readers over trials (:func:`evaluated_trials`, :func:`budget_metrics`).
+
+Everything here is plain data and pure functions; nothing talks to Ray.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from space import Candidate
+
+
+class Attr:
+    """User-attribute keys of a trial."""
+
+    #: The driver (run) that asked for the trial.
+    DRIVER = "driver"
+    #: :attr:`space.Candidate.key` of the configuration.
+    KEY = "key"
+    #: :attr:`space.Candidate.label`.
+    LABEL = "label"
+    #: ``"anchor"`` or ``"stitch"``.
+    KIND = "kind"
+    #: :meth:`space.Candidate.to_dict`.
+    CONFIG = "config"
+    #: CKA at the stitch point (stitches only).
+    CKA = "cka"
+    #: Why the CKA rule, a collision or the total pruned it.
+    PRUNED_REASON = "pruned_reason"
+    #: Why the evaluation failed.
+    FAIL_REASON = "fail_reason"
+    #: The trial number whose result a repeat copies.
+    DUPLICATE_OF = "duplicate_of"
+    #: Devices whose budgets the candidate fits (visible in optuna-dashboard).
+    FITS_DEVICES = "fits_devices"
+    #: Whether it fits any device (optuna-dashboard does not read Optuna 5 constraints).
+    FEASIBLE = "feasible"
+    #: Set on the anchors enqueued at study set-up.
+    SEEDED = "seeded"
+    # Metrics reported by a worker.
+    VAL_ACC = "val_acc"
+    VAL_TOP5 = "val_top5"
+    MACS = "macs"
+    PARAMS = "params"
+    STITCH_PARAMS = "stitch_params"
+    LATENCY_MS = "latency_ms"
+    LATENCY_SPREAD_MS = "latency_spread_ms"
+    MEMORY_MB = "memory_mb"
+    FIT_RESIDUAL = "fit_residual"
+    FIT_SECONDS = "fit_seconds"
+    EVAL_SECONDS = "eval_seconds"
+    TRIAL_SECONDS = "trial_seconds"
+    HOST = "host"
+    EVAL_PID = "eval_pid"
+
+
+#: What a worker reports that is stored on the trial (everything else is dropped).
+RESULT_ATTRS = frozenset(
+    {
+        Attr.VAL_ACC,
+        Attr.VAL_TOP5,
+        Attr.MACS,
+        Attr.PARAMS,
+        Attr.STITCH_PARAMS,
+        Attr.LATENCY_MS,
+        Attr.LATENCY_SPREAD_MS,
+        Attr.MEMORY_MB,
+        Attr.CKA,
+        Attr.FIT_RESIDUAL,
+        Attr.FIT_SECONDS,
+        Attr.EVAL_SECONDS,
+        Attr.TRIAL_SECONDS,
+        Attr.HOST,
+        Attr.EVAL_PID,
+    }
+)
+
+#: The metrics device budgets are checked against.
+BUDGET_METRICS = (Attr.MACS, Attr.PARAMS, Attr.LATENCY_MS, Attr.MEMORY_MB)
+
+
+class StudyAttr:
+    """User-attribute keys of a study."""
+
+    #: The driver that created the study.
+    CREATOR = "created_by"
+    #: Set once the anchors are enqueued and the CKA-pruned points recorded.
+    SETUP_COMPLETE = "setup_complete"
+    #: The objective names, in order.
+    OBJECTIVES = "objectives"
+    #: The study YAML as validated (JSON).
+    DEFINITION = "study_definition"
+    # Drivers' heartbeats (``heartbeat:<driver id>``) belong to :mod:`search.liveness`.
+
+
+@dataclass(frozen=True)
+class Objective:
+    """One objective of a study.
+
+    Attributes:
+        name: The name in the study YAML and in optuna-dashboard.
+        direction: Optuna's direction.
+        unit: What the value counts (for reports).
+        metric: The worker metric (trial user attribute) it is read from.
+    """
+
+    name: str
+    direction: Literal["maximize", "minimize"]
+    unit: str
+    metric: str
+
+
+#: Every objective a study may optimise, by name.
+OBJECTIVES: dict[str, Objective] = {
+    o.name: o
+    for o in (
+        Objective("accuracy", "maximize", "top-1 %", Attr.VAL_ACC),
+        Objective("macs", "minimize", "multiply-accumulates", Attr.MACS),
+        Objective("params", "minimize", "parameters", Attr.PARAMS),
+        Objective("latency_ms", "minimize", "milliseconds", Attr.LATENCY_MS),
+    )
+}
+
+
+def candidate_of(trial: FrozenTrial) -> Candidate:
+    """The candidate a trial evaluated."""
+    return Candidate.from_dict(trial.user_attrs[Attr.CONFIG])
+
+
+def annotation(candidate: Candidate, driver_id: str, cka: float | None) -> dict[str, Any]:
+    """The user attributes that say which candidate a trial evaluates, and for whom."""
+    attrs: dict[str, Any] = {
+        Attr.DRIVER: driver_id,
+        Attr.KEY: candidate.key,
+        Attr.LABEL: candidate.label,
+        Attr.KIND: "anchor" if candidate.is_anchor else "stitch",
+        Attr.CONFIG: candidate.to_dict(),
+    }
+    if cka is not None:
+        attrs[Attr.CKA] = round(cka, 6)
+    return attrs
+
+
+def is_repeat(trial: FrozenTrial) -> bool:
+    """Whether a trial copies an earlier trial's result instead of evaluating."""
+    return Attr.DUPLICATE_OF in trial.user_attrs
+
+
+def evaluated_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """COMPLETE trials that evaluated a candidate (repeats answered from storage excluded)."""
+    return [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if not is_repeat(t)
+    ]
+
+
+def budget_metrics(values: Mapping[str, Any]) -> dict[str, float | None]:
+    """The metrics budgets are checked against, from a result or user attributes."""
+    return {k: values.get(k) for k in BUDGET_METRICS}
