@@ -223,7 +223,7 @@ def claim_d(args: argparse.Namespace, gt: GroundTruth) -> dict[str, Any]:
 
     from benchmarks.bench_trial_cost import sample_stitches
     from evaluators import accuracy, fit_stitch
-    from evaluators.fit import _finetune
+    from evaluators.fit import finetune_stitch
     from space import build_stitched
 
     torch.set_num_threads(args.threads)
@@ -245,7 +245,7 @@ def claim_d(args: argparse.Namespace, gt: GroundTruth) -> dict[str, Any]:
                     steps = args.ft_steps if setting == "ls_ft" else 0
                     fit_stitch(net, data.calibration, steps=steps, lr=lr)
                 elif setting == "random_ft":
-                    _finetune(
+                    finetune_stitch(
                         net,
                         data.calibration,
                         cached=False,

@@ -42,7 +42,7 @@ from evaluators import (  # noqa: E402
     fit_stitch,
     synthetic_splits,
 )
-from evaluators.latency import _LiveBytes  # noqa: E402
+from evaluators.latency import LiveBytes  # noqa: E402
 from space import Anchor, StitchConfig, build_stitched, load_anchor  # noqa: E402
 
 ZOO = ("resnet-l", "resnet-s", "vit-l", "vit-s")
@@ -123,7 +123,7 @@ def _timed(fn, repeats: int = 1) -> tuple[float, Any]:
 
 def cka_tensor_peak(front: Anchor, back: Anchor, loader: ArrayLoader) -> int:
     """Most bytes of torch tensors alive at once during one CKA matrix computation."""
-    with _LiveBytes(set()) as tracker:
+    with LiveBytes(set()) as tracker:
         cka_matrix(front, back, loader, use_cache=False)
     return tracker.peak
 

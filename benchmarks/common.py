@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import json
 import multiprocessing
@@ -120,9 +121,9 @@ def load_plan(study: Path | str = DEFAULT_STUDY, budget_table: Path | str = DEFA
     """The study's validated plan, exactly as ``python -m search.run`` prepares it.
 
     Returns:
-        A :class:`search.run.Plan` (anchors loaded, data split).
+        A :class:`search.plan.Plan` (anchors loaded, data split).
     """
-    from search.run import build_parser, prepare
+    from search.plan import build_parser, prepare
 
     args = build_parser().parse_args(["--budget-table", str(budget_table), "--study", str(study)])
     return prepare(args)
@@ -150,14 +151,11 @@ def study_cka(plan, space, cache_root: Path) -> dict[tuple[str, str], np.ndarray
         space: Its search space.
         cache_root: The cache goes under ``cache_root / "cache" / "cka"``.
     """
-    from search.run import _cka_matrices
+    from search.driver import cka_matrices
 
-    out = plan.out
-    plan.out = Path(cache_root)
-    try:
-        return _cka_matrices(plan, space, lambda *a, **k: None)
-    finally:
-        plan.out = out
+    return cka_matrices(
+        dataclasses.replace(plan, out=Path(cache_root)), space, lambda *a, **k: None
+    )
 
 
 def data_tag(plan) -> str:

@@ -160,7 +160,7 @@ def fit_stitch(
         return result
     cached = bool(counter[1]) and bool(keep)
     t1 = time.perf_counter()
-    result.losses = _finetune(
+    result.losses = finetune_stitch(
         net,
         keep if cached else (train_loader if train_loader is not None else loader),
         cached=cached,
@@ -175,7 +175,7 @@ def fit_stitch(
     return result
 
 
-def _finetune(
+def finetune_stitch(
     net: StitchedNet,
     batches: Iterable[Any],
     *,
@@ -185,6 +185,24 @@ def _finetune(
     weight_decay: float,
     device: torch.device,
 ) -> list[float]:
+    """Trains the stitching layer alone (anchors frozen, in eval mode) with AdamW.
+
+    Args:
+        net: The stitched network.
+        batches: ``(images, labels)`` batches (re-iterated as needed), or, with ``cached``,
+            ``(front activations, labels)`` pairs.
+        cached: The batches hold the front anchor's activations at the cut.
+        steps: Optimiser steps.
+        lr: Learning rate.
+        weight_decay: AdamW weight decay.
+        device: Where the batches go.
+
+    Returns:
+        The training loss of every step.
+
+    Raises:
+        ValueError: The batches have no labels, or the loss diverged.
+    """
     params = [p for p in net.stitch.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     j = net.config.back_block

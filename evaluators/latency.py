@@ -206,7 +206,7 @@ class MemoryResult:
         return {**asdict(self), "total_bytes": self.total_bytes}
 
 
-class _LiveBytes(TorchDispatchMode):
+class LiveBytes(TorchDispatchMode):
     """Tracks bytes of storages created by ATen operators while they are alive.
 
     Outputs that alias an input (views, in-place results: an alias annotation in the
@@ -286,7 +286,7 @@ def measure_memory(
                 method = "cuda"
             else:
                 exclude = _storage_ptrs([*model.parameters(), *model.buffers(), x])
-                with _LiveBytes(exclude) as tracker:
+                with LiveBytes(exclude) as tracker:
                     out = model(x)
                 peak = tracker.peak
                 method = "dispatch"

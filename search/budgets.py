@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from space import InputError
+
 #: Metric names, in column order: the keys of the ``metrics`` mappings and of
 #: :meth:`DeviceBudget.limits`.
 METRICS: tuple[str, ...] = ("macs", "params", "latency_ms", "memory_mb")
@@ -49,7 +51,7 @@ def _quote(text: str) -> str:
     return f"'{escaped}'"
 
 
-class BudgetError(ValueError):
+class BudgetError(InputError):
     """A budget table (or one of its values) is invalid.
 
     ``str(err)`` is one line:

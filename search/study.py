@@ -14,16 +14,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-OBJECTIVES = {
-    "accuracy": "maximize",
-    "macs": "minimize",
-    "params": "minimize",
-    "latency_ms": "minimize",
-}
+from search.trials import OBJECTIVES
+from space import InputError
+
 _OBJECTIVE_ALIASES = {"latency": "latency_ms", "acc": "accuracy", "val_acc": "accuracy"}
 
 
-class StudyError(ValueError):
+class StudyError(InputError):
     """A study definition is invalid; the message is one line naming file and field."""
 
 
@@ -193,7 +190,7 @@ class Study(_Strict):
     @property
     def directions(self) -> list[str]:
         """Optuna directions, in objective order."""
-        return [OBJECTIVES[o] for o in self.objectives]
+        return [OBJECTIVES[o].direction for o in self.objectives]
 
 
 def _field_path(loc: tuple[Any, ...], data: Any) -> str:

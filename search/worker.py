@@ -13,8 +13,8 @@ and then evaluates candidates on request. This makes the study's per-trial time 
   as a worker process that dies does, so Ray Tune retries the trial on a fresh worker up to
   ``FailureConfig(max_failures)`` (the study's ``max_retries``) times.
 
-The worker process itself imports neither torch nor the evaluators; only the evaluation
-process does, once.
+The worker process itself imports neither torch nor the evaluators (this module imports
+nothing of the project); only the evaluation process (:mod:`search.evaluation`) does, once.
 
 Test-only fault injection (read by the worker; never set it in production): with
 ``STITCHSEARCH_TEST_FAULT=raise,nan,sleep:30,die,crash`` and ``STITCHSEARCH_TEST_FAULT_DIR``
@@ -30,27 +30,19 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
-import math
 import os
 import pickle
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
-import traceback
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from space import Candidate
-
-if TYPE_CHECKING:
-    from evaluators import DataSplits
-    from space import Anchor
+from ray import tune
 
 #: Environment variables of the test-only fault injection (see the module docstring).
 FAULT_ENV = "STITCHSEARCH_TEST_FAULT"
@@ -62,39 +54,13 @@ STARTUP_TIMEOUT_S = 600.0
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[1])
 
 
-@dataclass
-class TrialContext:
-    """Everything a worker needs besides the candidate (shipped once via the object store).
-
-    Attributes:
-        anchors: Anchor name -> keyword arguments for :func:`space.load_anchor`.
-        data: The data splits.
-        fit_steps: Stitch fine-tuning steps after least squares.
-        fit_lr: Fine-tuning learning rate.
-        latency_batch: Batch size of the extra latency measurement.
-        threads: Torch threads per trial (the trial's CPU share).
-        use_gpu: Evaluate on the GPU when the worker has one.
-    """
-
-    anchors: dict[str, dict[str, Any]]
-    data: DataSplits
-    fit_steps: int = 0
-    fit_lr: float = 1e-3
-    latency_batch: int = 1
-    threads: int = 1
-    use_gpu: bool = False
-    _cache_key: str = field(default="", repr=False)
-
-    def __post_init__(self) -> None:
-        self._cache_key = json.dumps(self.anchors, sort_keys=True, default=str)
-
-
 @dataclass(frozen=True)
 class WorkerJob:
     """What every trial of a run shares: the pickled context and the limits.
 
     Attributes:
-        context: ``pickle.dumps(TrialContext)``; only the evaluation process unpickles it.
+        context: ``pickle.dumps(search.evaluation.TrialContext)``; only the evaluation
+            process unpickles it.
         timeout_s: The per-trial time limit (the study's ``trial_timeout_s``).
         test_env: ``STITCHSEARCH_TEST_*`` variables of the driver (test-only fault
             injection), handed to the workers of an already running cluster.
@@ -110,128 +76,10 @@ class WorkerJob:
         return hashlib.sha256(self.context).hexdigest()
 
     @classmethod
-    def build(cls, ctx: TrialContext, timeout_s: float) -> WorkerJob:
+    def build(cls, ctx: Any, timeout_s: float) -> WorkerJob:
         """Pickles ``ctx`` and picks up the test-only variables of this process."""
         test_env = {k: v for k, v in os.environ.items() if k.startswith("STITCHSEARCH_TEST_")}
         return cls(pickle.dumps(ctx), float(timeout_s), test_env)
-
-
-# --------------------------------------------------------------------------- evaluation
-_ANCHORS: dict[str, dict[str, Anchor]] = {}
-
-
-def load_anchors(specs: dict[str, dict[str, Any]]) -> dict[str, Anchor]:
-    """Loads every anchor of a study (by name, with its load kwargs)."""
-    from space import load_anchor
-
-    out = {}
-    for name, kwargs in specs.items():
-        out[name] = load_anchor(name, **kwargs)
-    return out
-
-
-def _anchors(ctx: TrialContext) -> dict[str, Anchor]:
-    """The study's anchors, loaded once per process."""
-    if ctx._cache_key not in _ANCHORS:
-        _ANCHORS.clear()
-        _ANCHORS[ctx._cache_key] = load_anchors(ctx.anchors)
-    return _ANCHORS[ctx._cache_key]
-
-
-def run_candidate(
-    config: dict[str, Any], ctx: TrialContext, *, fault: str | None = None
-) -> dict[str, Any]:
-    """Evaluates one candidate; never raises (errors are returned as ``{"error": ...}``).
-
-    Args:
-        config: The trial's configuration (``candidate`` JSON, ``cka``).
-        ctx: The run's context.
-        fault: Test-only fault to inject (``raise``, ``nan``, ``sleep:N``, ``crash``).
-    """
-    import torch
-
-    from evaluators import evaluate_candidate
-
-    start = time.perf_counter()
-    try:
-        torch.set_num_threads(max(1, ctx.threads))
-        device = "cuda" if ctx.use_gpu and torch.cuda.is_available() else "cpu"
-        candidate = Candidate.from_json(config["candidate"])
-        _inject(fault)
-        result = evaluate_candidate(
-            candidate.config,
-            _anchors(ctx),
-            ctx.data,
-            fit_steps=ctx.fit_steps,
-            fit_lr=ctx.fit_lr,
-            cka=config.get("cka"),
-            latency_batch=ctx.latency_batch,
-            device=device,
-            threads=ctx.threads,
-        )
-        out = result.to_dict()
-        out = {
-            k: v for k, v in out.items() if not isinstance(v, dict | list) or k == "fit_residual"
-        }
-        if isinstance(out.get("fit_residual"), dict):
-            out["fit_residual"] = {k: float(v) for k, v in out["fit_residual"].items()}
-        if fault == "nan":
-            out["val_acc"] = math.nan
-    except Exception as e:  # a failed trial is recorded, the search goes on
-        tb = traceback.extract_tb(e.__traceback__)
-        where = f" at {Path(tb[-1].filename).name}:{tb[-1].lineno}" if tb else ""
-        out = {"error": f"{type(e).__name__}: {e}{where}"}
-    out["trial_seconds"] = round(time.perf_counter() - start, 3)
-    out["host"] = socket.gethostname()
-    out["eval_pid"] = os.getpid()
-    return out
-
-
-def _inject(fault: str | None) -> None:
-    if not fault or fault == "none":
-        return
-    if fault == "raise":
-        raise RuntimeError("injected test fault (STITCHSEARCH_TEST_FAULT=raise)")
-    if fault and fault.startswith("sleep:"):
-        time.sleep(float(fault.split(":", 1)[1]))
-    if fault == "crash":
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-# --------------------------------------------------------------------- evaluation process
-def _serve(fd: int) -> None:
-    """The evaluation process: load the context once, then evaluate candidates on request.
-
-    Protocol on the socket ``fd``: the parent sends the pickled :class:`TrialContext` (bytes),
-    the child answers ``("ready", None)`` or ``("error", message)``; then each request
-    ``(config, fault)`` is answered by ``("result", dict)``.
-    """
-    conn = Connection(fd)
-    parent = os.getppid()
-    # Ctrl-C reaches the whole process group; the worker decides what happens to us.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-    def watch_parent() -> None:  # the worker was killed: nobody wants our results
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        os._exit(0)
-
-    threading.Thread(target=watch_parent, name="watch-parent", daemon=True).start()
-    try:
-        ctx = pickle.loads(conn.recv_bytes())
-        _anchors(ctx)
-    except EOFError:
-        os._exit(0)
-    except Exception as e:
-        conn.send(("error", f"the evaluation process could not start: {type(e).__name__}: {e}"))
-        os._exit(1)
-    conn.send(("ready", None))
-    while True:
-        try:
-            config, fault = conn.recv()
-        except EOFError:
-            os._exit(0)
-        conn.send(("result", run_candidate(config, ctx, fault=fault)))
 
 
 def _exit_status(code: int | None) -> str:
@@ -264,7 +112,7 @@ class EvaluationProcess:
         )
         with child_end:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "search.worker", str(child_end.fileno())],
+                [sys.executable, "-m", "search.evaluation", str(child_end.fileno())],
                 pass_fds=(child_end.fileno(),),
                 env=env,
                 stdin=subprocess.DEVNULL,
@@ -385,8 +233,6 @@ def trainable(config: dict[str, Any], job: WorkerJob) -> None:
         EvaluationProcessDied: After reporting ``{"worker_error": ...}``, so that Ray Tune
             retries the trial and the driver knows why.
     """
-    from ray import tune
-
     try:
         result = evaluate_with_limit(config, job)
     except EvaluationProcessDied as e:
@@ -418,9 +264,3 @@ def _test_fault(number: Any, env: dict[str, str]) -> str | None:
         return fault
     mine.write_text("")
     return None
-
-
-if __name__ == "__main__":
-    from search.worker import _serve as serve  # run in the importable module, not __main__
-
-    serve(int(sys.argv[1]))

@@ -15,7 +15,7 @@ from evaluators import (
     linear_cka,
     minibatch_cka,
 )
-from evaluators.latency import _LiveBytes
+from evaluators.latency import LiveBytes
 from space import adapt_images
 from tests.conftest import make_tiny
 
@@ -193,7 +193,7 @@ def test_cka_memory_does_not_grow_with_images(tiny_anchor) -> None:
     peaks = []
     for n in (32, 128):
         loader = _loader(front, n=n, batch=16)
-        with _LiveBytes() as tracker:
+        with LiveBytes() as tracker:
             cka_matrix(front, back, loader, use_cache=False)
         peaks.append(tracker.peak)
     assert peaks[0] > 0

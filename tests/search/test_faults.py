@@ -292,7 +292,7 @@ def test_running_trials_without_a_driver_fail_only_when_old() -> None:
 
 
 def test_exports_are_published_whole_and_stale_staging_is_removed(tmp_path) -> None:
-    from search.finish import clean_staging, publish, staging_dir
+    from search.delivery import clean_staging, publish, staging_dir
 
     target = tmp_path / "exports"
     target.mkdir()

@@ -1,4 +1,4 @@
-"""After the trials: per-device selection, test accuracy, exports, report and summary.
+"""After the trials: re-measure each device's pick, write exports, the report and the summary.
 
 Exports are written only when a run finishes (an interrupted run writes none), into a
 staging folder that then replaces ``exports/`` as a whole: a run killed while exporting
@@ -15,52 +15,24 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
+from safetensors.torch import save_file
 
+from evaluators import evaluate_candidate
 from search.budgets import DeviceBudget, format_quantity, safe_filename
-from search.trials import budget_metrics, evaluated_trials
-from space import EXPORT_FORMAT, Candidate, anchor_record
+from search.onnx import write_onnx
+from search.plan import Plan
+from search.report import write_report
+from search.selection import select_per_device
+from search.storage import masked_url
+from search.trials import Attr, budget_metrics, candidate_of, evaluated_trials
+from space import EXPORT_FORMAT, anchor_record, file_sha256
 from space._io import atomic_path, atomic_write
-
-
-def select_per_device(
-    trials: Sequence[FrozenTrial], budgets: Sequence[DeviceBudget]
-) -> dict[str, FrozenTrial | None]:
-    """Per device: the highest-accuracy trial within all of its budgets.
-
-    Ties are broken by fewer MACs, then fewer parameters, so the pick is Pareto-optimal
-    (accuracy up, MACs down) among the trials that fit the device.
-    """
-    out: dict[str, FrozenTrial | None] = {}
-    for b in budgets:
-        fits = [
-            t
-            for t in trials
-            if t.user_attrs.get("val_acc") is not None and b.fits(budget_metrics(t.user_attrs))
-        ]
-        out[b.device] = (
-            max(
-                fits,
-                key=lambda t: (
-                    t.user_attrs["val_acc"],
-                    -t.user_attrs.get("macs", 0),
-                    -t.user_attrs.get("params", 0),
-                ),
-            )
-            if fits
-            else None
-        )
-    return out
-
-
-def candidate_of(trial: FrozenTrial) -> Candidate:
-    """The candidate a trial evaluated."""
-    return Candidate.from_dict(trial.user_attrs["config"])
 
 
 def write_export(
@@ -86,10 +58,6 @@ def write_export(
         n_evaluated: Evaluations in the study.
         final: Whether the study is complete (``"final"`` in the manifest).
     """
-    from safetensors.torch import save_file
-
-    from space import file_sha256
-
     export_dir.mkdir(parents=True, exist_ok=True)
     stem = safe_filename(device.device, taken)
     taken.add(stem.lower())
@@ -130,16 +98,16 @@ def write_export(
         },
         "metrics": {
             "validation": {
-                "top1": trial.user_attrs.get("val_acc"),
-                "top5": trial.user_attrs.get("val_top5"),
+                "top1": trial.user_attrs.get(Attr.VAL_ACC),
+                "top5": trial.user_attrs.get(Attr.VAL_TOP5),
             },
             "validation_remeasured": {"top1": result.val_acc, "top5": result.val_top5},
             "test": {"top1": result.test_acc, "top5": getattr(result, "test_top5", None)},
-            "macs": trial.user_attrs.get("macs"),
-            "params": trial.user_attrs.get("params"),
-            "latency_ms": trial.user_attrs.get("latency_ms"),
-            "memory_mb": trial.user_attrs.get("memory_mb"),
-            "cka": trial.user_attrs.get("cka"),
+            "macs": trial.user_attrs.get(Attr.MACS),
+            "params": trial.user_attrs.get(Attr.PARAMS),
+            "latency_ms": trial.user_attrs.get(Attr.LATENCY_MS),
+            "memory_mb": trial.user_attrs.get(Attr.MEMORY_MB),
+            "cka": trial.user_attrs.get(Attr.CKA),
         },
         "data": {
             "name": plan.data.name,
@@ -157,7 +125,7 @@ def write_export(
         },
         "study": {
             "name": plan.study.name,
-            "storage": _masked(plan.storage_url),
+            "storage": masked_url(plan.storage_url),
             "trial_number": trial.number,
             "objectives": list(plan.study.objectives),
             "evaluated_trials": n_evaluated,
@@ -175,12 +143,6 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
     return str(o)
-
-
-def _masked(url: str) -> str:
-    from search.run import masked_url
-
-    return masked_url(url)
 
 
 STAGING_PREFIX = ".exports-"
@@ -231,16 +193,16 @@ def trial_rows(study: optuna.Study, pareto: set[int]) -> list[dict[str, Any]]:
             {
                 "number": t.number,
                 "state": t.state.name,
-                "val_acc": a.get("val_acc"),
-                "macs": a.get("macs"),
-                "params": a.get("params"),
-                "latency_ms": a.get("latency_ms"),
-                "label": a.get("label", ""),
-                "kind": a.get("kind", "stitch"),
-                "feasible": a.get("feasible"),
+                "val_acc": a.get(Attr.VAL_ACC),
+                "macs": a.get(Attr.MACS),
+                "params": a.get(Attr.PARAMS),
+                "latency_ms": a.get(Attr.LATENCY_MS),
+                "label": a.get(Attr.LABEL, ""),
+                "kind": a.get(Attr.KIND, "stitch"),
+                "feasible": a.get(Attr.FEASIBLE),
                 "pareto": t.number in pareto,
-                "cka": a.get("cka"),
-                "reason": a.get("pruned_reason") or a.get("fail_reason"),
+                "cka": a.get(Attr.CKA),
+                "reason": a.get(Attr.PRUNED_REASON) or a.get(Attr.FAIL_REASON),
             }
         )
     return rows
@@ -254,9 +216,8 @@ def _table(rows: list[list[str]]) -> str:
 
 
 def finish(
-    plan,
+    plan: Plan,
     study: optuna.Study,
-    space,
     stats: Mapping[str, int],
     *,
     interrupted: bool,
@@ -268,7 +229,6 @@ def finish(
     Args:
         plan: The run's plan.
         study: The study.
-        space: The search space.
         stats: This run's counts (completed, failed, pruned, ...).
         interrupted: The run was interrupted: print the summary, write no exports.
         complete: The study holds the requested evaluations (exports are final).
@@ -277,8 +237,6 @@ def finish(
     Returns:
         The exit code: 0, or 130 when interrupted.
     """
-    from evaluators import evaluate_candidate
-
     trials = evaluated_trials(study)
     all_trials = study.get_trials(deepcopy=False)
     counts = {s.name: sum(1 for t in all_trials if t.state == s) for s in TrialState}
@@ -298,12 +256,12 @@ def finish(
     if interrupted:
         print(
             f"interrupted: no exports written; to resume, run the same command again: "
-            f"{getattr(plan, 'command', 'python -m search.run ...')}",
+            f"{plan.command}",
             file=out,
             flush=True,
         )
     chosen = select_per_device(trials, plan.budgets)
-    export_dir = staging_dir(plan.out, getattr(plan, "driver_id", "") or "driver")
+    export_dir = staging_dir(plan.out, plan.driver_id)
     final_dir = plan.out / "exports"
     if not interrupted:
         shutil.rmtree(export_dir, ignore_errors=True)
@@ -369,12 +327,12 @@ def finish(
             [
                 b.device,
                 str(t.number),
-                t.user_attrs.get("label", ""),
-                f"{t.user_attrs['val_acc']:.2f}%",
+                t.user_attrs.get(Attr.LABEL, ""),
+                f"{t.user_attrs[Attr.VAL_ACC]:.2f}%",
                 test,
-                format_quantity(t.user_attrs.get("macs", 0)),
-                format_quantity(t.user_attrs.get("params", 0)),
-                f"{t.user_attrs.get('latency_ms', float('nan')):.2f} ms",
+                format_quantity(t.user_attrs.get(Attr.MACS, 0)),
+                format_quantity(t.user_attrs.get(Attr.PARAMS, 0)),
+                f"{t.user_attrs.get(Attr.LATENCY_MS, float('nan')):.2f} ms",
                 ", ".join(f"{k} {v:+.0%}" for k, v in head.items()) or "no limits",
             ]
         )
@@ -390,8 +348,6 @@ def finish(
                 file=out,
             )
     if plan.report and not interrupted:
-        from search.report import write_report
-
         report = write_report(
             plan.out / "report.html",
             trial_rows(study, pareto),
@@ -403,8 +359,6 @@ def finish(
     for p in exports:
         print(f"export: {p}", file=out)
         if plan.onnx:
-            from search.export import write_onnx
-
             print(f"onnx: {write_onnx(p, p.with_suffix('.onnx'))}", file=out)
     print(f"dashboard: optuna-dashboard {plan.storage_url}", file=out)
     return 130 if interrupted else 0

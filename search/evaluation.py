@@ -1,0 +1,174 @@
+"""The evaluation process: a child of a Ray worker that evaluates candidates on request.
+
+It loads the study's anchors and data once (:class:`TrialContext`, pickled by the driver),
+then answers each request with :func:`run_candidate`'s metrics. Started by
+:class:`search.worker.EvaluationProcess` as ``python -m search.evaluation FD``; it is the only
+process of a worker that imports torch and the evaluators.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from evaluators import DataSplits, evaluate_candidate
+from search.trials import Attr
+from space import Anchor, Candidate, load_anchor
+
+
+@dataclass
+class TrialContext:
+    """Everything a worker needs besides the candidate (shipped once via the object store).
+
+    Attributes:
+        anchors: Anchor name -> keyword arguments for :func:`space.load_anchor`.
+        data: The data splits.
+        fit_steps: Stitch fine-tuning steps after least squares.
+        fit_lr: Fine-tuning learning rate.
+        latency_batch: Batch size of the extra latency measurement.
+        threads: Torch threads per trial (the trial's CPU share).
+        use_gpu: Evaluate on the GPU when the worker has one.
+    """
+
+    anchors: dict[str, dict[str, Any]]
+    data: DataSplits
+    fit_steps: int = 0
+    fit_lr: float = 1e-3
+    latency_batch: int = 1
+    threads: int = 1
+    use_gpu: bool = False
+    _cache_key: str = field(default="", repr=False)
+
+    def __post_init__(self) -> None:
+        self._cache_key = json.dumps(self.anchors, sort_keys=True, default=str)
+
+
+_ANCHORS: dict[str, dict[str, Anchor]] = {}
+
+
+def load_anchors(specs: dict[str, dict[str, Any]]) -> dict[str, Anchor]:
+    """Loads every anchor of a study (by name, with its load kwargs)."""
+    out = {}
+    for name, kwargs in specs.items():
+        out[name] = load_anchor(name, **kwargs)
+    return out
+
+
+def _anchors(ctx: TrialContext) -> dict[str, Anchor]:
+    """The study's anchors, loaded once per process."""
+    if ctx._cache_key not in _ANCHORS:
+        _ANCHORS.clear()
+        _ANCHORS[ctx._cache_key] = load_anchors(ctx.anchors)
+    return _ANCHORS[ctx._cache_key]
+
+
+def run_candidate(
+    config: dict[str, Any], ctx: TrialContext, *, fault: str | None = None
+) -> dict[str, Any]:
+    """Evaluates one candidate; never raises (errors are returned as ``{"error": ...}``).
+
+    Args:
+        config: The trial's configuration (``candidate`` JSON, ``cka``).
+        ctx: The run's context.
+        fault: Test-only fault to inject (``raise``, ``nan``, ``sleep:N``, ``crash``).
+    """
+    start = time.perf_counter()
+    try:
+        torch.set_num_threads(max(1, ctx.threads))
+        device = "cuda" if ctx.use_gpu and torch.cuda.is_available() else "cpu"
+        candidate = Candidate.from_json(config["candidate"])
+        _inject(fault)
+        result = evaluate_candidate(
+            candidate.config,
+            _anchors(ctx),
+            ctx.data,
+            fit_steps=ctx.fit_steps,
+            fit_lr=ctx.fit_lr,
+            cka=config.get("cka"),
+            latency_batch=ctx.latency_batch,
+            device=device,
+            threads=ctx.threads,
+        )
+        out = result.to_dict()
+        out = {
+            k: v for k, v in out.items() if not isinstance(v, dict | list) or k == "fit_residual"
+        }
+        if isinstance(out.get("fit_residual"), dict):
+            out["fit_residual"] = {k: float(v) for k, v in out["fit_residual"].items()}
+        if fault == "nan":
+            out[Attr.VAL_ACC] = math.nan
+    except Exception as e:  # a failed trial is recorded, the search goes on
+        tb = traceback.extract_tb(e.__traceback__)
+        where = f" at {Path(tb[-1].filename).name}:{tb[-1].lineno}" if tb else ""
+        out = {"error": f"{type(e).__name__}: {e}{where}"}
+    out[Attr.TRIAL_SECONDS] = round(time.perf_counter() - start, 3)
+    out[Attr.HOST] = socket.gethostname()
+    out[Attr.EVAL_PID] = os.getpid()
+    return out
+
+
+def _inject(fault: str | None) -> None:
+    if not fault or fault == "none":
+        return
+    if fault == "raise":
+        raise RuntimeError("injected test fault (STITCHSEARCH_TEST_FAULT=raise)")
+    if fault and fault.startswith("sleep:"):
+        time.sleep(float(fault.split(":", 1)[1]))
+    if fault == "crash":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def serve(fd: int) -> None:
+    """The evaluation process: load the context once, then evaluate candidates on request.
+
+    Protocol on the socket ``fd``: the parent sends the pickled :class:`TrialContext` (bytes),
+    the child answers ``("ready", None)`` or ``("error", message)``; then each request
+    ``(config, fault)`` is answered by ``("result", dict)``.
+    """
+    conn = Connection(fd)
+    parent = os.getppid()
+    # Ctrl-C reaches the whole process group; the worker decides what happens to us.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def watch_parent() -> None:  # the worker was killed: nobody wants our results
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=watch_parent, name="watch-parent", daemon=True).start()
+    try:
+        ctx = pickle.loads(conn.recv_bytes())
+        _anchors(ctx)
+    except EOFError:
+        os._exit(0)
+    except Exception as e:
+        conn.send(("error", f"the evaluation process could not start: {type(e).__name__}: {e}"))
+        os._exit(1)
+    conn.send(("ready", None))
+    while True:
+        try:
+            config, fault = conn.recv()
+        except EOFError:
+            os._exit(0)
+        conn.send(("result", run_candidate(config, ctx, fault=fault)))
+
+
+if __name__ == "__main__":
+    # Serve from the importable module, not __main__: the pickled context names it.
+    from search.evaluation import serve as _serve_importable
+
+    _serve_importable(int(sys.argv[1]))

@@ -1,0 +1,299 @@
+"""The run's plan: the command line and every input, validated into one frozen value.
+
+:func:`prepare` reads the flags, the budget table, the study YAML, the anchors and the data
+and returns a :class:`Plan`, or raises :class:`space.InputError` (one line naming the file or
+field, exit 2) before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import re
+import shlex
+import socket
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from evaluators import DataSplits, fashion_mnist_splits, imagefolder_splits, synthetic_splits
+from search.budgets import DeviceBudget, load_budget_table, safe_filename
+from search.storage import storage_url
+from search.study import Study, load_study
+from space import Anchor, InputError, load_anchor
+
+STUDIES_DIR = Path(__file__).resolve().parents[1] / "studies"
+DEFAULT_STUDY = STUDIES_DIR / "default.yaml"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports an error as one line and exits 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface."""
+    p = _Parser(
+        prog="python -m search.run",
+        description="Search stitched networks for a table of target devices.",
+        epilog="Example: python -m search.run --budget-table devices.csv",
+    )
+    p.add_argument(
+        "--budget-table",
+        required=True,
+        metavar="CSV",
+        help="devices and budgets: a CSV with a 'device' column and any of max_macs, "
+        "max_params (K/M/G suffixes allowed), max_latency_ms, max_memory_mb",
+    )
+    p.add_argument(
+        "--study",
+        default=str(DEFAULT_STUDY),
+        metavar="YAML",
+        help="study definition (default: studies/default.yaml: the shipped zoo on Fashion-MNIST)",
+    )
+    p.add_argument(
+        "--storage",
+        default=None,
+        metavar="URL",
+        help="Optuna RDB storage URL, e.g. postgresql+psycopg://user@127.0.0.1:5432/db "
+        "(default: sqlite under --out)",
+    )
+    p.add_argument(
+        "--trials",
+        type=_positive_int("--trials"),
+        default=None,
+        help="total candidates to evaluate in the study, resumed runs included "
+        "(default: the study's)",
+    )
+    p.add_argument(
+        "--workers",
+        type=_positive_int("--workers"),
+        default=None,
+        help="concurrent Ray trials (default: the study's)",
+    )
+    p.add_argument(
+        "--out", default=None, metavar="DIR", help="output folder (default: runs/<study name>)"
+    )
+    p.add_argument("--seed", type=int, default=None, help="sampler seed (default: the study's)")
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="ADDR",
+        help="join an existing Ray cluster ('auto' or host:port) instead of starting one",
+    )
+    p.add_argument("--onnx", action="store_true", help="also write ONNX for every exported device")
+    p.add_argument(
+        "--no-report", action="store_true", help="skip the HTML report (faster in tests)"
+    )
+    return p
+
+
+def _positive_int(flag: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{flag} must be a whole number, got {text!r}"
+            ) from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{flag} must be >= 1, got {value}")
+        return value
+
+    return parse
+
+
+@dataclass(frozen=True, eq=False)
+class Plan:
+    """Everything a run needs, validated before anything is written.
+
+    Attributes:
+        study: The study definition (``--trials`` applied).
+        study_path: The study YAML.
+        budgets: The devices and their budgets.
+        budget_path: The budget CSV.
+        anchors: The loaded anchors by name.
+        anchor_kwargs: ``load_anchor`` keyword arguments by anchor name (workers rebuild the
+            anchors from them).
+        data: The data splits (calibration sized for CKA and fitting).
+        out: The output folder.
+        storage_url: The Optuna RDB storage URL.
+        trials: Evaluations the study should hold.
+        workers: Concurrent Ray trials.
+        seed: The sampler seed.
+        ray_address: An existing Ray cluster to join, or None for a local one.
+        onnx: Also write ONNX for every export.
+        report: Write the HTML report.
+        driver_id: This run's id (written into its trials and heartbeat).
+        command: The command line, for "run it again" hints.
+    """
+
+    study: Study
+    study_path: Path
+    budgets: tuple[DeviceBudget, ...]
+    budget_path: Path
+    anchors: Mapping[str, Anchor]
+    anchor_kwargs: Mapping[str, dict[str, Any]]
+    data: DataSplits
+    out: Path
+    storage_url: str
+    trials: int
+    workers: int
+    seed: int
+    ray_address: str | None
+    onnx: bool
+    report: bool
+    driver_id: str
+    command: str
+
+    def trial_data(self) -> DataSplits:
+        """The data splits trials use: calibration cut to the fitting size, no train split."""
+        return dataclasses.replace(
+            self.data,
+            calibration=self.data.calibration.subset(self.study.data.calibration),
+            train=None,
+        )
+
+
+def prepare(args: argparse.Namespace, argv: Sequence[str] = ()) -> Plan:
+    """Validates all inputs and loads anchors and data; writes nothing.
+
+    Args:
+        args: The parsed command line.
+        argv: The raw arguments (for the resume hint).
+
+    Raises:
+        InputError: A one-line message naming the file or field (exit 2).
+    """
+    budget_path = Path(args.budget_table)
+    budgets = load_budget_table(budget_path)
+    study_path = Path(args.study)
+    study = load_study(study_path)
+    if args.trials is not None:
+        study = study.model_copy(update={"trials": args.trials})
+    out = Path(args.out) if args.out else Path("runs") / safe_filename(study.name)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out: {str(out)!r} exists and is not a folder; pick another path")
+    url = storage_url(args.storage, out)
+    anchors, anchor_kwargs = _load_anchors(study, study_path)
+    data = _load_data(study, study_path, anchors)
+    return Plan(
+        study=study,
+        study_path=study_path,
+        budgets=tuple(budgets),
+        budget_path=budget_path,
+        anchors=anchors,
+        anchor_kwargs=anchor_kwargs,
+        data=data,
+        out=out,
+        storage_url=url,
+        trials=study.trials,
+        workers=args.workers or study.workers,
+        seed=study.seed if args.seed is None else args.seed,
+        ray_address=_ray_address(args.ray_address),
+        onnx=args.onnx,
+        report=not args.no_report,
+        driver_id=uuid.uuid4().hex,
+        command="python -m search.run " + shlex.join(argv),
+    )
+
+
+_RAY_ADDRESS = re.compile(r"^(auto|(ray://)?(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):\d{1,5})$")
+
+
+def _ray_address(raw: str | None) -> str | None:
+    """Validates ``--ray-address`` (``auto``, ``HOST:PORT`` or ``ray://HOST:PORT``)."""
+    if raw is None:
+        return None
+    address = raw.strip()
+    if not _RAY_ADDRESS.match(address):
+        raise InputError(
+            f"--ray-address: {raw!r} is not a Ray cluster address; use auto, HOST:PORT (as "
+            "printed by `ray start --head`) or ray://HOST:PORT"
+        )
+    if address != "auto":
+        # ray.init waits minutes for a cluster that is not there; ask the port first.
+        host, _, port = address.removeprefix("ray://").rpartition(":")
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
+        except OSError as e:
+            raise InputError(
+                f"--ray-address: no Ray cluster answers at {address!r} "
+                f"({e.strerror or type(e).__name__}); start one with `ray start --head "
+                "--port=PORT` or check the address"
+            ) from None
+    return address
+
+
+def _load_anchors(
+    study: Study, study_path: Path
+) -> tuple[dict[str, Anchor], dict[str, dict[str, Any]]]:
+    anchors: dict[str, Anchor] = {}
+    kwargs: dict[str, dict[str, Any]] = {}
+    for i, spec in enumerate(study.anchors):
+        kw = spec.load_kwargs(study_path.parent)
+        try:
+            anchors[spec.name] = load_anchor(spec.name, **kw)
+        except InputError as e:
+            raise InputError(f"{study_path}: field 'anchors[{i}]' ({spec.name}): {e}") from None
+        kwargs[spec.name] = kw
+    return anchors, kwargs
+
+
+def _load_data(study: Study, study_path: Path, anchors: Mapping[str, Anchor]) -> DataSplits:
+    d = study.data
+    sizes = {anchor.input_size for anchor in anchors.values()}
+    input_size = next(iter(anchors.values())).input_size
+    cal = max(d.calibration, study.cka.images)
+    root = d.root
+    if root is not None and not Path(root).expanduser().is_absolute():
+        root = str(study_path.parent / root)
+    try:
+        if d.dataset == "fashion-mnist":
+            data = fashion_mnist_splits(
+                root,
+                calibration=cal,
+                validation=d.validation,
+                test=d.test,
+                batch_size=d.batch_size,
+                input_size=input_size,
+            )
+        elif d.dataset == "synthetic":
+            n_cls = next(iter(anchors.values())).num_classes
+            data = synthetic_splits(
+                num_classes=n_cls,
+                input_size=input_size,
+                calibration=cal,
+                validation=d.validation,
+                test=d.test or d.validation,
+                batch_size=d.batch_size,
+            )
+        else:
+            if root is None:
+                raise InputError(f"{study_path}: field 'data.root': required for imagefolder")
+            data = imagefolder_splits(
+                root,
+                next(iter(anchors.values())),
+                calibration=cal,
+                validation=d.validation,
+                test=d.test,
+                batch_size=d.batch_size,
+            )
+    except InputError:
+        raise
+    except ValueError as e:
+        raise InputError(f"{study_path}: field 'data': {e}") from None
+    for name, anchor in anchors.items():
+        if anchor.num_classes != data.num_classes:
+            raise InputError(
+                f"{study_path}: anchor {name!r} has {anchor.num_classes} classes but the "
+                f"{data.name} data has {data.num_classes}; pass num_classes in timm_kwargs"
+            )
+    if len(sizes) > 1:
+        logging.getLogger(__name__).info("anchors take different input sizes: %s", sizes)
+    return data
