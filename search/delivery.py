@@ -23,7 +23,6 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 from safetensors.torch import save_file
 
-from evaluators import evaluate_candidate
 from search.budgets import DeviceBudget, format_quantity, safe_filename
 from search.onnx import write_onnx
 from search.plan import Plan
@@ -261,6 +260,7 @@ def finish(
             flush=True,
         )
     chosen = select_per_device(trials, plan.budgets)
+    context = plan.trial_context(threads=os.cpu_count() or 1)
     export_dir = staging_dir(plan.out, plan.driver_id)
     final_dir = plan.out / "exports"
     if not interrupted:
@@ -299,15 +299,8 @@ def finish(
         test = ""
         if not interrupted:
             if t.number not in results:
-                results[t.number] = evaluate_candidate(
-                    candidate_of(t).config,
-                    plan.anchors,
-                    plan.trial_data(),
-                    fit_steps=plan.study.fit.steps,
-                    fit_lr=plan.study.fit.lr,
-                    measure_latency=False,
-                    test=True,
-                    threads=os.cpu_count() or 1,
+                results[t.number] = context.evaluate(
+                    candidate_of(t), plan.anchors, test=True, measure_latency=False
                 )
             res = results[t.number]
             test = f"{res.test_acc:.2f}%"

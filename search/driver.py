@@ -26,7 +26,6 @@ from ray import tune
 from evaluators import cka_matrix
 from search.candidates import PruningRule, SearchSpace
 from search.console import Progress, SignalGuard
-from search.evaluation import TrialContext
 from search.liveness import fail_stale_trials
 from search.plan import Plan
 from search.searcher import RetryCounter, StitchSearcher
@@ -170,15 +169,7 @@ def _search_round(
     state.started_ray = start_ray(plan, cpus) or state.started_ray
     if plan.ray_address:
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)) // plan.workers)
-    ctx = TrialContext(
-        anchors=plan.anchor_kwargs,
-        data=plan.trial_data(),
-        fit_steps=plan.study.fit.steps,
-        fit_lr=plan.study.fit.lr,
-        latency_batch=plan.study.latency_batch,
-        threads=cpus,
-        use_gpu=use_gpu,
-    )
+    ctx = plan.trial_context(threads=cpus, use_gpu=use_gpu)
     job = WorkerJob.build(ctx, plan.study.trial_timeout_s)
     searcher = StitchSearcher(
         study,

@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -25,7 +26,7 @@ from typing import Any
 
 import torch
 
-from evaluators import DataSplits, evaluate_candidate
+from evaluators import CandidateResult, DataSplits, evaluate_candidate
 from search.trials import Attr
 from space import Anchor, Candidate, load_anchor
 
@@ -55,6 +56,31 @@ class TrialContext:
 
     def __post_init__(self) -> None:
         self._cache_key = json.dumps(self.anchors, sort_keys=True, default=str)
+
+    def evaluate(
+        self,
+        candidate: Candidate,
+        anchors: Mapping[str, Anchor],
+        *,
+        cka: float | None = None,
+        device: str = "cpu",
+        test: bool = False,
+        measure_latency: bool = True,
+    ) -> CandidateResult:
+        """Evaluates ``candidate`` with this context's data and fitting settings."""
+        return evaluate_candidate(
+            candidate.config,
+            anchors,
+            self.data,
+            fit_steps=self.fit_steps,
+            fit_lr=self.fit_lr,
+            cka=cka,
+            latency_batch=self.latency_batch,
+            measure_latency=measure_latency,
+            test=test,
+            device=device,
+            threads=self.threads,
+        )
 
 
 _ANCHORS: dict[str, dict[str, Anchor]] = {}
@@ -92,17 +118,7 @@ def run_candidate(
         device = "cuda" if ctx.use_gpu and torch.cuda.is_available() else "cpu"
         candidate = Candidate.from_json(config["candidate"])
         _inject(fault)
-        result = evaluate_candidate(
-            candidate.config,
-            _anchors(ctx),
-            ctx.data,
-            fit_steps=ctx.fit_steps,
-            fit_lr=ctx.fit_lr,
-            cka=config.get("cka"),
-            latency_batch=ctx.latency_batch,
-            device=device,
-            threads=ctx.threads,
-        )
+        result = ctx.evaluate(candidate, _anchors(ctx), cka=config.get("cka"), device=device)
         out = result.to_dict()
         out = {
             k: v for k, v in out.items() if not isinstance(v, dict | list) or k == "fit_residual"

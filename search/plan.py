@@ -21,6 +21,7 @@ from typing import Any
 
 from evaluators import DataSplits, fashion_mnist_splits, imagefolder_splits, synthetic_splits
 from search.budgets import DeviceBudget, load_budget_table, safe_filename
+from search.evaluation import TrialContext
 from search.storage import storage_url
 from search.study import Study, load_study
 from space import Anchor, InputError, load_anchor
@@ -150,6 +151,22 @@ class Plan:
     report: bool
     driver_id: str
     command: str
+
+    def trial_context(self, *, threads: int, use_gpu: bool = False) -> TrialContext:
+        """What every evaluation of this run shares: data, fitting and latency settings.
+
+        The one place the study's evaluation settings are unpacked; the workers and the
+        re-measurement of each device's pick both evaluate through it.
+        """
+        return TrialContext(
+            anchors=dict(self.anchor_kwargs),
+            data=self.trial_data(),
+            fit_steps=self.study.fit.steps,
+            fit_lr=self.study.fit.lr,
+            latency_batch=self.study.latency_batch,
+            threads=threads,
+            use_gpu=use_gpu,
+        )
 
     def trial_data(self) -> DataSplits:
         """The data splits trials use: calibration cut to the fitting size, no train split."""
