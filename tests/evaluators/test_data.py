@@ -1,18 +1,25 @@
 from __future__ import annotations
 
+import dataclasses
+import pickle
+
 import pytest
 import torch
 
-import evaluators.data as data_mod
+import evaluators.data.fashion_mnist as data_mod
 from evaluators import (
     ArrayLoader,
+    DataError,
+    DataRecipe,
     DatasetLoader,
+    RecipeError,
     fashion_mnist_splits,
     find_fashion_mnist,
     imagefolder_splits,
+    make_splits,
     synthetic_splits,
 )
-from space import load_anchor
+from space import InputError, load_anchor
 
 needs_fmnist = pytest.mark.skipif(
     not data_mod._has_fmnist(data_mod.FMNIST_DEBIAN_DIR),
@@ -176,3 +183,159 @@ def test_imagefolder_splits_pickle_for_ray(tmp_path) -> None:
     x0, _ = next(iter(data.calibration))
     x1, _ = next(iter(copy.calibration))
     assert torch.equal(x0, x1) and copy.identity == data.identity
+
+
+# ---------------------------------------------------------------------- DataRecipe
+def test_recipe_json_round_trip() -> None:
+    import json
+
+    recipe = DataRecipe(
+        "imagefolder",
+        root="/data/pets",
+        calibration=8,
+        validation=4,
+        test=None,
+        batch_size=2,
+        seed=3,
+        input_size=[3, 32, 32],
+        num_classes=37,
+    )
+    assert recipe.input_size == (3, 32, 32)
+    doc = json.loads(json.dumps(recipe.to_dict()))
+    assert doc["input_size"] == [3, 32, 32] and doc["test"] is None
+    assert DataRecipe.from_dict(doc) == recipe
+    assert DataRecipe.from_dict({"dataset": "synthetic"}) == DataRecipe("synthetic")
+
+
+@pytest.mark.parametrize(
+    ("doc", "field", "word"),
+    [
+        ({"dataset": "cifar"}, "dataset", "'cifar'"),
+        ({}, "dataset", "missing"),
+        ({"dataset": "synthetic", "colour": 1}, "colour", "unknown"),
+        ({"dataset": "synthetic", "validation": 0}, "validation", "0"),
+        ({"dataset": "synthetic", "batch_size": True}, "batch_size", "True"),
+        ({"dataset": "synthetic", "test": "all"}, "test", "'all'"),
+        ({"dataset": "synthetic", "seed": 1.5}, "seed", "1.5"),
+        ({"dataset": "synthetic", "input_size": [3, 32]}, "input_size", "[C, H, W]"),
+        ({"dataset": "imagefolder", "root": ""}, "root", "''"),
+        ({"dataset": "fashion-mnist", "num_classes": 5}, "num_classes", "10 classes"),
+    ],
+)
+def test_recipe_rejects_bad_fields(doc, field, word) -> None:
+    with pytest.raises(RecipeError) as err:
+        DataRecipe.from_dict(doc)
+    assert err.value.field == field and word in str(err.value)
+    assert f"field {field!r}" in str(err.value)
+    assert isinstance(err.value, InputError)
+    again = pickle.loads(pickle.dumps(err.value))  # errors cross Ray as pickles
+    assert str(again) == str(err.value) and again.field == field
+
+
+def test_recipe_from_a_non_mapping() -> None:
+    with pytest.raises(DataError, match="must be a mapping, got list"):
+        DataRecipe.from_dict([1])
+
+
+def test_user_data_errors_are_input_errors(tmp_path) -> None:
+    with pytest.raises(InputError, match="does not hold the four IDX files"):
+        find_fashion_mnist(tmp_path)
+    with pytest.raises(InputError, match="ImageFolder root .* does not exist"):
+        imagefolder_splits(tmp_path / "nope", {"input_size": (3, 8, 8)})
+
+
+def test_make_splits_synthetic() -> None:
+    recipe = DataRecipe(
+        "synthetic", calibration=8, validation=12, input_size=(1, 16, 16), num_classes=3
+    )
+    data = make_splits(recipe)
+    same = synthetic_splits(
+        num_classes=3, input_size=(1, 16, 16), calibration=8, validation=12, test=12
+    )
+    assert data.identity == same.identity and data.recipe == same.recipe
+    assert torch.equal(data.test.images, same.test.images)
+    # The recorded recipe is complete: test = validation for synthetic data, the default batch.
+    assert data.recipe == DataRecipe(
+        "synthetic",
+        calibration=8,
+        validation=12,
+        test=12,
+        batch_size=64,
+        seed=0,
+        input_size=(1, 16, 16),
+        num_classes=3,
+    )
+    again = make_splits(DataRecipe.from_dict(data.recipe.to_dict()))
+    assert again.identity == data.identity
+    assert torch.equal(again.validation.images, data.validation.images)
+    assert (
+        make_splits(DataRecipe("synthetic", seed=1)).identity
+        != make_splits(DataRecipe("synthetic")).identity
+    )
+
+
+@needs_fmnist
+def test_make_splits_fashion_mnist(tmp_path, monkeypatch) -> None:
+    recipe = DataRecipe(
+        "fashion-mnist", calibration=16, validation=24, test=32, batch_size=8, seed=2
+    )
+    data = make_splits(recipe)
+    same = fashion_mnist_splits(calibration=16, validation=24, test=32, batch_size=8, seed=2)
+    assert data.identity == same.identity and data.num_classes == 10
+    assert torch.equal(data.validation.images, same.validation.images)
+    assert data.recipe == DataRecipe(
+        "fashion-mnist",
+        calibration=16,
+        validation=24,
+        test=32,
+        batch_size=8,
+        seed=2,
+        input_size=(1, 28, 28),
+        num_classes=10,
+    )
+    # A relative root is recorded absolute, so the recipe works from any directory.
+    monkeypatch.chdir(data_mod.FMNIST_DEBIAN_DIR.parent)
+    rel = make_splits(DataRecipe("fashion-mnist", root="fashion-mnist", validation=8, test=8))
+    assert rel.recipe.root == str(data_mod.FMNIST_DEBIAN_DIR)
+    assert rel.recipe.calibration == 512 and rel.recipe.test == 8
+    monkeypatch.chdir(tmp_path)
+    assert make_splits(rel.recipe).identity == rel.identity
+    with pytest.raises(DataError, match=r"validation size must be an integer in 1\.\.10000"):
+        make_splits(DataRecipe("fashion-mnist", validation=20_000))
+    with pytest.raises(DataError, match="does not hold the four IDX files"):
+        make_splits(DataRecipe("fashion-mnist", root=str(tmp_path)))
+
+
+def test_make_splits_imagefolder(tmp_path) -> None:
+    _tree(tmp_path)
+    anchor = _anchor(3)
+    recipe = DataRecipe("imagefolder", root=str(tmp_path), calibration=6, validation=5, seed=1)
+    data = make_splits(recipe, anchor=anchor)
+    same = imagefolder_splits(tmp_path, anchor, calibration=6, validation=5, seed=1)
+    assert data.identity == same.identity and data.validation.indices == same.validation.indices
+    assert data.recipe == DataRecipe(
+        "imagefolder",
+        root=str(tmp_path),
+        calibration=6,
+        validation=5,
+        test=9,
+        batch_size=64,
+        seed=1,
+        input_size=(3, 32, 32),
+        num_classes=3,
+    )
+    assert make_splits(data.recipe, anchor=anchor).identity == data.identity
+    # Bare data configs give no anchor to rebuild the transform with: no recipe.
+    cfg = {"input_size": (3, 16, 16), "mean": (0.5,) * 3, "std": (0.5,) * 3}
+    assert imagefolder_splits(tmp_path, cfg, calibration=4, validation=4).recipe is None
+    with pytest.raises(DataError, match="needs a root directory"):
+        make_splits(DataRecipe("imagefolder"), anchor=anchor)
+    with pytest.raises(ValueError, match="needs the anchor"):
+        make_splits(recipe)
+    small = DataRecipe("imagefolder", root=str(tmp_path), input_size=(3, 64, 64))
+    with pytest.raises(DataError, match=r"made at input size \(3, 64, 64\) but anchor"):
+        make_splits(small, anchor=anchor)
+    with pytest.raises(DataError, match="has 3 classes but the anchors' heads have"):
+        make_splits(DataRecipe("imagefolder", root=str(tmp_path)), anchor=_anchor(5))
+    with pytest.raises(DataError, match="num_classes: 4"):
+        make_splits(dataclasses.replace(data.recipe, num_classes=4), anchor=anchor)

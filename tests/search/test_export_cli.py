@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,8 +14,10 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from search.export import DEFAULT_OPSET, ONNX_ATOL, check_export, export_onnx, main, write_onnx
+from search.check import check_export
+from search.export import main
 from search.finish import EXPORT_FORMAT as WRITTEN_FORMAT
+from search.onnx import DEFAULT_OPSET, ONNX_ATOL, export_onnx, write_onnx
 from space import EXPORT_FORMAT, ExportError, build_stitched, load_export
 from tests.space.test_export import _add, build_exports, copy_export, edit, make_export
 
@@ -162,6 +165,12 @@ def test_check_reports_a_blown_budget(exports, tmp_path, capsys) -> None:
     assert "latency_ms (recorded): 1.5 exceeds the budget 1" in captured.err
 
 
+def _legacy_imagefolder(doc: dict) -> None:
+    """An ImageFolder export written before ``data.recipe``: the check needs ``--data``."""
+    doc["data"]["name"] = "imagefolder:pets"
+    doc["data"].pop("recipe", None)
+
+
 def _one_line_exit_2(args: list[str], capsys, *words: str) -> str:
     assert main(args) == 2
     captured = capsys.readouterr()
@@ -181,10 +190,7 @@ def test_check_bad_input_exits_2(exports, tmp_path, capsys) -> None:
     _one_line_exit_2(["--check", str(p)], capsys, "field 'metrics.macs'", "'many'")
     p = edit(copy_export(exports["cnn_vit"][0], tmp_path / "b"), _add(["budget"], "max_gpus", 1))
     _one_line_exit_2(["--check", str(p)], capsys, "field 'budget.max_gpus'")
-    p = edit(
-        copy_export(exports["cnn_vit"][0], tmp_path / "c"),
-        _add(["data"], "name", "imagefolder:pets"),
-    )
+    p = edit(copy_export(exports["cnn_vit"][0], tmp_path / "c"), _legacy_imagefolder)
     _one_line_exit_2(["--check", str(p)], capsys, "field 'data.name'", "--data")
     _one_line_exit_2([str(p)], capsys, "--onnx", "--check")
 
@@ -230,3 +236,118 @@ def test_check_on_fashion_mnist_with_a_zoo_anchor(tmp_path, capsys) -> None:
     assert main(["--check", str(path)]) == 0
     out = capsys.readouterr().out
     assert f"{result.test_acc:.4f}" in out and result.test_acc > 50  # a trained anchor
+
+
+# ---------------------------------------------------------------------- data.recipe
+def _with_recipe(path: Path, data, dest: Path) -> Path:
+    """A copy of an export whose manifest carries ``data.recipe`` (as the search writes it)."""
+    return edit(copy_export(path, dest), _add(["data"], "recipe", data.recipe.to_dict()))
+
+
+def _without_recipe(path: Path, dest: Path) -> Path:
+    """A copy of an export as written before ``data.recipe`` existed."""
+    return edit(copy_export(path, dest), lambda d: d["data"].pop("recipe", None))
+
+
+def _no_legacy(monkeypatch) -> None:
+    import search.check
+
+    def fail(*_a, **_k):
+        raise AssertionError("a manifest with data.recipe must not need the legacy path")
+
+    monkeypatch.setattr(search.check, "_legacy_recipe", fail)
+
+
+@pytest.mark.parametrize("key", ["cnn_vit", "cnn_cnn"])
+def test_check_rebuilds_the_data_from_the_recipe(exports, tmp_path, key, capsys, monkeypatch):
+    path, result, data = exports[key]
+    p = _with_recipe(path, data, tmp_path)
+    assert json.loads(p.read_text())["data"]["recipe"]["dataset"] == "synthetic"
+    _no_legacy(monkeypatch)
+    res = check_export(p)
+    assert res.ok, res.problems
+    assert {r.metric: r for r in res.rows}["test top-1 (%)"].measured == result.test_acc
+    assert main(["--check", str(p)]) == 0
+    assert "OK" in capsys.readouterr().out
+
+
+def test_check_of_an_old_export_uses_the_legacy_recipe(exports, tmp_path, monkeypatch) -> None:
+    import search.check
+
+    path, result, _ = exports["vit_cnn"]
+    p = _without_recipe(path, tmp_path)
+    calls = []
+    legacy = search.check._legacy_recipe
+
+    def spy(*a, **k):
+        calls.append(a)
+        return legacy(*a, **k)
+
+    monkeypatch.setattr(search.check, "_legacy_recipe", spy)
+    res = check_export(p)
+    assert res.ok and len(calls) == 1
+    assert {r.metric: r for r in res.rows}["test top-1 (%)"].measured == result.test_acc
+
+
+def test_check_bad_recipe_exits_2(exports, tmp_path, capsys) -> None:
+    path, _, data = exports["cnn_vit"]
+    recipe = data.recipe.to_dict()
+    p = edit(copy_export(path, tmp_path / "a"), _add(["data"], "recipe", {**recipe, "seed": 5}))
+    _one_line_exit_2(["--check", str(p)], capsys, "field 'data.identity'", "--data")
+    p = edit(
+        copy_export(path, tmp_path / "b"), _add(["data"], "recipe", {**recipe, "batch_size": 0})
+    )
+    _one_line_exit_2(["--check", str(p)], capsys, "field 'data.recipe.batch_size'", "0")
+    p = edit(copy_export(path, tmp_path / "c"), _add(["data"], "recipe", {**recipe, "x": 1}))
+    _one_line_exit_2(["--check", str(p)], capsys, "field 'data.recipe.x'", "unknown")
+    p = edit(copy_export(path, tmp_path / "d"), _add(["data"], "recipe", [1]))
+    _one_line_exit_2(["--check", str(p)], capsys, "field 'data.recipe'", "mapping")
+    fm = {**recipe, "dataset": "fashion-mnist", "num_classes": 10}
+    p = edit(copy_export(path, tmp_path / "e"), _add(["data"], "recipe", fm))
+    _one_line_exit_2(["--check", str(p)], capsys, "field 'data.recipe.dataset'", "'synthetic'")
+
+
+# ---------------------------------------------------------------------- ImageFolder
+def _tree(root: Path, classes: int = 10, train: int = 3, val: int = 2) -> None:
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", train), ("val", val)):
+        for c in range(classes):
+            d = root / split / f"class{c}"
+            d.mkdir(parents=True)
+            for i in range(n):
+                arr = (torch.rand(32, 32, 3, generator=g) * 255).to(torch.uint8)
+                Image.fromarray(arr.numpy()).save(d / f"{i}.png")
+
+
+def test_check_of_an_imagefolder_export_with_and_without_recipe(tmp_path, capsys) -> None:
+    from evaluators import DataRecipe, make_splits
+    from space import Candidate
+    from tests.space.test_export import _checkpointed
+
+    tree = tmp_path / "pets"
+    _tree(tree)
+    anchor, kw = _checkpointed("resnet", tmp_path, "safetensors")
+    data = make_splits(
+        DataRecipe("imagefolder", root=str(tree), calibration=4, validation=6, batch_size=8),
+        anchor=anchor,
+    )
+    assert data.recipe.root == os.path.abspath(tree) and data.recipe.test == 20
+    path, result = make_export(
+        tmp_path, "if", Candidate(anchor.name, anchor.name), {anchor.name: (anchor, kw)}, data
+    )
+    # New manifests: the recorded root is enough.
+    p = _with_recipe(path, data, tmp_path / "new")
+    assert main(["--check", str(p)]) == 0
+    assert f"{result.test_acc:.4f}" in capsys.readouterr().out
+    # Old manifests: the root comes from --data, as before.
+    p = _without_recipe(path, tmp_path / "old")
+    _one_line_exit_2(["--check", str(p)], capsys, "field 'data.name'", "--data")
+    assert main(["--check", str(p), "--data", str(tree)]) == 0
+    capsys.readouterr()
+    # --data overrides the recorded root.
+    p = _with_recipe(path, data, tmp_path / "moved")
+    _one_line_exit_2(
+        ["--check", str(p), "--data", str(tmp_path / "gone")], capsys, "gone", "does not exist"
+    )

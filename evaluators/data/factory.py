@@ -1,0 +1,68 @@
+"""The one dataset factory: :func:`make_splits` builds the splits a :class:`DataRecipe` says."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from evaluators.data.fashion_mnist import fashion_mnist_splits
+from evaluators.data.imagefolder import imagefolder_splits
+from evaluators.data.recipe import DataError, DataRecipe
+from evaluators.data.synthetic import synthetic_splits
+
+if TYPE_CHECKING:
+    from evaluators.data.loaders import DataSplits
+    from space import Anchor
+
+
+def _given(recipe: DataRecipe, *names: str) -> dict[str, Any]:
+    """The recipe fields among ``names`` that are set (None leaves the builder's default)."""
+    return {n: getattr(recipe, n) for n in names if getattr(recipe, n) is not None}
+
+
+def make_splits(recipe: DataRecipe, anchor: Anchor | None = None) -> DataSplits:
+    """Builds the calibration, validation and test splits a recipe describes.
+
+    Args:
+        recipe: The dataset, its location and the split sizes.
+        anchor: The anchor whose timm evaluation transform and head ImageFolder data go
+            through (required for ``imagefolder``; not used otherwise).
+
+    Returns:
+        The splits; ``splits.recipe`` is ``recipe`` with every size filled in and an absolute
+        ``root``, so ``make_splits(splits.recipe, anchor)`` rebuilds the same data.
+
+    Raises:
+        DataError: The data cannot be found or read, the sizes do not fit it, its class count
+            differs from the anchor's head, or ``input_size`` is not the anchor's.
+        ValueError: ``imagefolder`` without an anchor.
+    """
+    if recipe.dataset == "fashion-mnist":
+        sizes = _given(recipe, "calibration", "validation", "test", "batch_size", "input_size")
+        return fashion_mnist_splits(recipe.root, seed=recipe.seed, **sizes)
+    if recipe.dataset == "synthetic":
+        kw = _given(recipe, "num_classes", "input_size", "calibration", "validation")
+        kw |= _given(recipe, "batch_size")
+        test = recipe.test if recipe.test is not None else recipe.validation
+        if test is not None:
+            kw["test"] = test
+        return synthetic_splits(seed=recipe.seed, **kw)
+    if recipe.root is None:
+        raise DataError(
+            "ImageFolder data needs a root directory; set the recipe's root to the folder "
+            "holding train/ and val/"
+        )
+    if anchor is None:
+        raise ValueError("make_splits needs the anchor whose transform ImageFolder data uses")
+    if recipe.input_size is not None and tuple(anchor.input_size) != recipe.input_size:
+        raise DataError(
+            f"ImageFolder data {recipe.root!r} was made at input size {recipe.input_size} but "
+            f"anchor {anchor.name!r} takes {tuple(anchor.input_size)}; rebuild it with the "
+            "anchor it was made for"
+        )
+    return imagefolder_splits(
+        recipe.root,
+        anchor,
+        seed=recipe.seed,
+        num_classes=recipe.num_classes,
+        **_given(recipe, "calibration", "validation", "test", "batch_size"),
+    )
