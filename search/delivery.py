@@ -116,6 +116,7 @@ def write_export(
             "input_size": list(plan.data.input_size),
             "calibration_images": plan.data.calibration.num_images,
             "batch_size": plan.study.data.batch_size,
+            "recipe": plan.data.recipe.to_dict(),
         },
         "fit": {
             "calibration_images": plan.data.calibration.num_images,

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from evaluators import DataSplits, fashion_mnist_splits, imagefolder_splits, synthetic_splits
+from evaluators import DataRecipe, DataSplits, make_splits
 from search.budgets import DeviceBudget, load_budget_table, safe_filename
 from search.evaluation import TrialContext
 from search.storage import storage_url
@@ -265,45 +265,25 @@ def _load_anchors(
 def _load_data(study: Study, study_path: Path, anchors: Mapping[str, Anchor]) -> DataSplits:
     d = study.data
     sizes = {anchor.input_size for anchor in anchors.values()}
-    input_size = next(iter(anchors.values())).input_size
-    cal = max(d.calibration, study.cka.images)
+    first = next(iter(anchors.values()))
     root = d.root
     if root is not None and not Path(root).expanduser().is_absolute():
         root = str(study_path.parent / root)
+    if d.dataset == "imagefolder" and root is None:
+        raise InputError(f"{study_path}: field 'data.root': required for imagefolder")
     try:
-        if d.dataset == "fashion-mnist":
-            data = fashion_mnist_splits(
-                root,
-                calibration=cal,
-                validation=d.validation,
-                test=d.test,
-                batch_size=d.batch_size,
-                input_size=input_size,
-            )
-        elif d.dataset == "synthetic":
-            n_cls = next(iter(anchors.values())).num_classes
-            data = synthetic_splits(
-                num_classes=n_cls,
-                input_size=input_size,
-                calibration=cal,
-                validation=d.validation,
-                test=d.test or d.validation,
-                batch_size=d.batch_size,
-            )
-        else:
-            if root is None:
-                raise InputError(f"{study_path}: field 'data.root': required for imagefolder")
-            data = imagefolder_splits(
-                root,
-                next(iter(anchors.values())),
-                calibration=cal,
-                validation=d.validation,
-                test=d.test,
-                batch_size=d.batch_size,
-            )
-    except InputError:
-        raise
-    except ValueError as e:
+        recipe = DataRecipe(
+            d.dataset,
+            root=root,
+            calibration=max(d.calibration, study.cka.images),
+            validation=d.validation,
+            test=d.test,
+            batch_size=d.batch_size,
+            input_size=first.input_size,
+            num_classes=first.num_classes if d.dataset == "synthetic" else None,
+        )
+        data = make_splits(recipe, anchor=first)
+    except InputError as e:
         raise InputError(f"{study_path}: field 'data': {e}") from None
     for name, anchor in anchors.items():
         if anchor.num_classes != data.num_classes:

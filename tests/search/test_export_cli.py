@@ -13,10 +13,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from search.finish import EXPORT_FORMAT as WRITTEN_FORMAT
 
 from search.check import check_export
 from search.export import main
-from search.finish import EXPORT_FORMAT as WRITTEN_FORMAT
 from search.onnx import DEFAULT_OPSET, ONNX_ATOL, export_onnx, write_onnx
 from space import EXPORT_FORMAT, ExportError, build_stitched, load_export
 from tests.space.test_export import _add, build_exports, copy_export, edit, make_export
