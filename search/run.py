@@ -405,9 +405,9 @@ def _setup_study(
     Returns:
         How many PRUNED trials were newly recorded.
     """
+    from search.candidates import PruningRule
     from search.liveness import driver_status, heartbeats
-    from search.searcher import record_pruned_trials
-    from search.space import PruningRule
+    from search.pruning import record_pruned_trials
 
     storage = study._storage
     if not created:
@@ -683,6 +683,7 @@ def run_search(
     matrices,
     *,
     state: RunState,
+    sampler,
     guard: SignalGuard | None = None,
     log=print,
 ) -> RunState:
@@ -702,7 +703,9 @@ def run_search(
     progress.seed(evaluated_trials(study))
     try:
         while True:
-            searcher = _search_round(plan, study, space, matrices, progress, guard, state, log)
+            searcher = _search_round(
+                plan, study, space, matrices, sampler, progress, guard, state, log
+            )
             evaluated, others = _wait_for_other_drivers(plan, study, log)
             if evaluated >= plan.trials or searcher.exhausted():
                 state.complete = True
@@ -718,13 +721,15 @@ def run_search(
     return state
 
 
-def _search_round(plan: Plan, study, space, matrices, progress, guard, state: RunState, log):
+def _search_round(
+    plan: Plan, study, space, matrices, sampler, progress, guard, state: RunState, log
+):
     """One Ray Tune run: trials until this driver has nothing left to start."""
     import ray
     from ray import tune
 
-    from search.searcher import RetryCounter, StitchSearcher
-    from search.space import PruningRule
+    from search.candidates import PruningRule
+    from search.searcher import RetryCounter, SearcherSettings, StitchSearcher
     from search.worker import TrialContext, WorkerJob, trainable
 
     cpus = max(1, (os.cpu_count() or 1) // plan.workers)
@@ -743,25 +748,30 @@ def _search_round(plan: Plan, study, space, matrices, progress, guard, state: Ru
         use_gpu=use_gpu,
     )
     job = WorkerJob.build(ctx, plan.study.trial_timeout_s)
-    searcher = StitchSearcher(
-        study,
-        space,
+    settings = SearcherSettings(
         objectives=plan.study.objectives,
         budgets=plan.budgets,
-        cka=matrices,
         rule=PruningRule(plan.study.cka.threshold, plan.study.cka.top_k),
         total=plan.trials,
         driver_id=plan.driver_id,
         seed=plan.seed,
-        on_event=progress,
         max_retries=plan.study.max_retries,
+    )
+    searcher = StitchSearcher(
+        study,
+        space,
+        settings,
+        sampler=sampler,
+        cka=matrices,
+        on_event=progress,
         guard=guard.critical if guard is not None else None,
     )
-    if searcher._pruned and not plan.logged_pruning:
+    pruned = searcher.ledger.pruned
+    if pruned and not plan.logged_pruning:
         plan.logged_pruning = True
-        progress.pruned += len(searcher._pruned)  # the bar counts CKA-pruned points too
+        progress.pruned += len(pruned)  # the bar counts CKA-pruned points too
         log(
-            f"CKA rule prunes {len(searcher._pruned)} of {len(space) - len(space.anchors())} "
+            f"CKA rule prunes {len(pruned)} of {len(space) - len(space.anchors())} "
             "stitch points (recorded as PRUNED trials)"
         )
     state.searchers.append(searcher)
@@ -853,9 +863,10 @@ def _one_line(text: str) -> str:
 
 def execute(plan: Plan) -> int:
     """Runs a validated plan: study, CKA, Ray trials, selection, exports and report."""
+    from search.candidates import SearchSpace
     from search.finish import clean_staging, finish
     from search.liveness import Heartbeat, fail_stale_trials, live_drivers
-    from search.space import SearchSpace
+    from search.sampler import make_sampler
     from search.trials import evaluated_trials
 
     def log(*a, **k):
@@ -880,7 +891,7 @@ def execute(plan: Plan) -> int:
                 )
                 state.pruned_recorded = newly
                 others = live_drivers(study) - {plan.driver_id}
-                study.sampler = _make_sampler(
+                sampler = make_sampler(
                     plan.study.sampler, _driver_seed(plan, others), len(plan.study.objectives)
                 )
                 if others and plan.storage_url.startswith("sqlite"):
@@ -900,7 +911,16 @@ def execute(plan: Plan) -> int:
                     f"storage {masked_url(plan.storage_url)}"
                 )
                 try:
-                    run_search(plan, study, space, matrices, state=state, guard=guard, log=log)
+                    run_search(
+                        plan,
+                        study,
+                        space,
+                        matrices,
+                        state=state,
+                        sampler=sampler,
+                        guard=guard,
+                        log=log,
+                    )
                 except KeyboardInterrupt as e:
                     interrupted = str(e) or "SIGINT"
                 finally:
