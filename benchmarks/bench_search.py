@@ -17,8 +17,8 @@ the largest budget are exactly a run with budget ``B``.
 Variants (``--samplers``; a suffix ``@none`` runs without CKA pruning, ``@t0.5``, ``@k3`` or
 ``@t0.5k3`` with that threshold and/or top-k rule instead of the study's):
 
-- ``default``: the study's ``sampler`` as ``search.run._make_sampler`` builds it;
-- ``tpe``, ``nsga2``, ``random``: ``search.run._make_sampler`` with that name;
+- ``default``: the study's ``sampler`` as ``search.sampler.make_sampler`` builds it;
+- ``tpe``, ``nsga2``, ``random``: ``search.sampler.make_sampler`` with that name;
 - ``tpe-independent``: TPE without ``multivariate`` (10 startup trials);
 - ``tpe-startupN``: multivariate TPE with ``N`` startup trials;
 - ``nsga2-popN``: NSGA-II with population ``N``;
@@ -105,16 +105,16 @@ def _distance(space, params: dict[str, Any], c) -> float:
     return 10.0 * other + cuts
 
 
-def make_sampler(name: str, seed: int, study_sampler: str, n_objectives: int):
+def variant_sampler(name: str, seed: int, study_sampler: str, n_objectives: int):
     """The Optuna sampler of a variant name (``None`` for ``uniform``)."""
     import optuna
 
-    from search.run import _make_sampler
+    from search.sampler import make_sampler
 
     if name == "default":
         name = study_sampler
     if name in ("tpe", "nsga2", "random"):
-        return _make_sampler(name, seed, n_objectives)
+        return make_sampler(name, seed, n_objectives)
     if name == "tpe-independent":
         return optuna.samplers.TPESampler(seed=seed, n_startup_trials=10)
     if name.startswith("tpe-startup"):
@@ -160,9 +160,9 @@ def replay(job: dict[str, Any]) -> dict[str, Any]:
     """One search run against the ground truth; returns the evaluation order."""
     import optuna
 
+    from search.candidates import PruningRule
     from search.liveness import Heartbeat
-    from search.searcher import StitchSearcher
-    from search.space import PruningRule
+    from search.searcher import SearcherSettings, StitchSearcher
     from space import Candidate
 
     gt: GroundTruth = _STATE["gt"]
@@ -181,27 +181,23 @@ def replay(job: dict[str, Any]) -> dict[str, Any]:
         order = [c.key for c in space.anchors() + stitches][:total]
         return {**job, "order": order, "seconds": time.perf_counter() - t0, "fallbacks": 0}
     base, _, mod = job["sampler"].partition("+")
-    sampler = make_sampler(base, seed, job["study_sampler"], 2)
+    sampler = variant_sampler(base, seed, job["study_sampler"], 2)
     study = optuna.create_study(
-        storage=optuna.storages.InMemoryStorage(),
-        directions=["maximize", "minimize"],
-        sampler=sampler,
+        storage=optuna.storages.InMemoryStorage(), directions=["maximize", "minimize"]
     )
     for c in space.anchors():
         study.enqueue_trial(space.encode(c), user_attrs={"seeded": "anchor"})
-    searcher = StitchSearcher(
-        study,
-        space,
+    settings = SearcherSettings(
         objectives=["accuracy", "macs"],
         budgets=_STATE["budgets"],
-        cka=gt.cka,
         rule=rule,
         total=total,
         driver_id="replay",
         seed=seed,
     )
+    searcher = StitchSearcher(study, space, settings, sampler=sampler, cka=gt.cka)
     if mod == "nearest":
-        study.sampler = nearest_fallback(study.sampler, searcher._unexplored, seed)
+        study.sampler = nearest_fallback(study.sampler, searcher.ledger.unexplored, seed)
     elif mod:
         raise SystemExit(f"error: unknown sampler modifier {mod!r} in {job['sampler']!r}")
     searcher.record_pruned()

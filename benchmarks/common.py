@@ -130,15 +130,15 @@ def load_plan(study: Path | str = DEFAULT_STUDY, budget_table: Path | str = DEFA
 
 
 def study_space(plan) -> Any:
-    """The plan's :class:`search.space.SearchSpace`."""
-    from search.space import SearchSpace
+    """The plan's :class:`search.candidates.SearchSpace`."""
+    from search.candidates import SearchSpace
 
     return SearchSpace({n: a.num_blocks for n, a in plan.anchors.items()})
 
 
 def study_rule(plan) -> Any:
-    """The plan's CKA :class:`search.space.PruningRule`."""
-    from search.space import PruningRule
+    """The plan's CKA :class:`search.candidates.PruningRule`."""
+    from search.candidates import PruningRule
 
     return PruningRule(plan.study.cka.threshold, plan.study.cka.top_k)
 
@@ -218,7 +218,7 @@ class GroundTruth:
             )
         raw = json.loads(path.read_text())
         meta = raw["meta"]
-        from search.space import SearchSpace
+        from search.candidates import SearchSpace
 
         space = SearchSpace(meta["depths"])
         records = {}
@@ -244,8 +244,8 @@ class GroundTruth:
 
     @property
     def space(self):
-        """The :class:`search.space.SearchSpace`."""
-        from search.space import SearchSpace
+        """The :class:`search.candidates.SearchSpace`."""
+        from search.candidates import SearchSpace
 
         return SearchSpace(self.depths)
 

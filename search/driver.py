@@ -28,7 +28,7 @@ from search.candidates import PruningRule, SearchSpace
 from search.console import Progress, SignalGuard
 from search.liveness import fail_stale_trials
 from search.plan import Plan
-from search.searcher import RetryCounter, StitchSearcher
+from search.searcher import RetryCounter, SearcherSettings, StitchSearcher
 from search.trials import Attr, evaluated_trials
 from search.worker import WorkerJob, trainable
 
@@ -120,6 +120,7 @@ def run_search(
     matrices: CkaMatrices,
     *,
     state: RunState,
+    sampler: optuna.samplers.BaseSampler,
     guard: SignalGuard | None = None,
     log: Callable[..., Any] = print,
 ) -> RunState:
@@ -127,6 +128,8 @@ def run_search(
 
     Other drivers may work on the same study: when this driver has nothing left to start, it
     waits for their running trials, and starts another round if some of them failed.
+    ``sampler`` (from :func:`search.sampler.make_sampler`) is shared by every round, so its
+    state carries over.
     """
     done = len(evaluated_trials(study))
     if done >= plan.trials:
@@ -137,7 +140,9 @@ def run_search(
     progress.seed(evaluated_trials(study))
     try:
         while True:
-            searcher = _search_round(plan, study, space, matrices, progress, guard, state, log)
+            searcher = _search_round(
+                plan, study, space, matrices, sampler, progress, guard, state, log
+            )
             evaluated, others = _wait_for_other_drivers(plan, study, log)
             if evaluated >= plan.trials or searcher.exhausted():
                 state.complete = True
@@ -158,6 +163,7 @@ def _search_round(
     study: optuna.Study,
     space: SearchSpace,
     matrices: CkaMatrices,
+    sampler: optuna.samplers.BaseSampler,
     progress: Progress,
     guard: SignalGuard | None,
     state: RunState,
@@ -171,25 +177,30 @@ def _search_round(
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)) // plan.workers)
     ctx = plan.trial_context(threads=cpus, use_gpu=use_gpu)
     job = WorkerJob.build(ctx, plan.study.trial_timeout_s)
-    searcher = StitchSearcher(
-        study,
-        space,
+    settings = SearcherSettings(
         objectives=plan.study.objectives,
         budgets=plan.budgets,
-        cka=matrices,
         rule=PruningRule(plan.study.cka.threshold, plan.study.cka.top_k),
         total=plan.trials,
         driver_id=plan.driver_id,
         seed=plan.seed,
-        on_event=progress,
         max_retries=plan.study.max_retries,
+    )
+    searcher = StitchSearcher(
+        study,
+        space,
+        settings,
+        sampler=sampler,
+        cka=matrices,
+        on_event=progress,
         guard=guard.critical if guard is not None else None,
     )
-    if searcher._pruned and not state.logged_pruning:
+    pruned = searcher.ledger.pruned
+    if pruned and not state.logged_pruning:
         state.logged_pruning = True
-        progress.pruned += len(searcher._pruned)  # the bar counts CKA-pruned points too
+        progress.pruned += len(pruned)  # the bar counts CKA-pruned points too
         log(
-            f"CKA rule prunes {len(searcher._pruned)} of {len(space) - len(space.anchors())} "
+            f"CKA rule prunes {len(pruned)} of {len(space) - len(space.anchors())} "
             "stitch points (recorded as PRUNED trials)"
         )
     state.searchers.append(searcher)

@@ -79,7 +79,7 @@ def execute(plan: Plan) -> int:
                 )
                 state.pruned_recorded = newly
                 others = live_drivers(study) - {plan.driver_id}
-                study.sampler = make_sampler(
+                sampler = make_sampler(
                     plan.study.sampler, driver_seed(plan, others), len(plan.study.objectives)
                 )
                 if others and plan.storage_url.startswith("sqlite"):
@@ -99,7 +99,16 @@ def execute(plan: Plan) -> int:
                     f"storage {storage.masked_url(plan.storage_url)}"
                 )
                 try:
-                    run_search(plan, study, space, matrices, state=state, guard=guard, log=log)
+                    run_search(
+                        plan,
+                        study,
+                        space,
+                        matrices,
+                        state=state,
+                        sampler=sampler,
+                        guard=guard,
+                        log=log,
+                    )
                 except KeyboardInterrupt as e:
                     interrupted = str(e) or "SIGINT"
                 finally:

@@ -1,4 +1,4 @@
-"""A sampler wrapper that proposes only candidates worth evaluating.
+"""The study's sampler: one that models the objectives, filtered to worthwhile candidates.
 
 Several parameter vectors decode to one configuration, and CKA prunes part of the space. A
 plain sampler would keep proposing explored or pruned configurations (multi-objective TPE
@@ -18,6 +18,12 @@ The wrapped sampler learns only from the trials ``learn_from`` admits (by defaul
 
 Without them the sampler models where good *stitch points* lie (measured in BENCHMARKS.md,
 section 2). The trials are read once per proposal, not once per draw.
+
+**One place sets the study's sampler**: :func:`install_sampler`, which the searcher calls
+when it is built. The driver builds the sampler that models the objectives once
+(:func:`make_sampler`, from the study's ``sampler`` setting) and hands that same object to
+the searcher of every round, so that its state carries over; the search assigns
+``study.sampler`` nowhere else.
 """
 
 from __future__ import annotations
@@ -31,17 +37,41 @@ from optuna.distributions import BaseDistribution
 from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial, TrialState
 
-from search.space import SearchSpace
+from search.candidates import SearchSpace
+from search.trials import Attr, is_repeat
 from space import Candidate
+
+#: The samplers a study may name (``sampler`` in the study YAML).
+SAMPLERS = ("tpe", "nsga2", "random")
+
+
+def make_sampler(name: str, seed: int, n_objectives: int) -> BaseSampler:
+    """The sampler that models the objectives, as a study's ``sampler`` setting names it.
+
+    Args:
+        name: ``tpe`` (multivariate TPE, 10 startup trials), ``nsga2`` (population 16) or
+            ``random``.
+        seed: The sampler's seed.
+        n_objectives: How many objectives the study has (every sampler here handles several).
+
+    Raises:
+        ValueError: For another name.
+    """
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=16)
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=10, multivariate=True)
+    raise ValueError(f"unknown sampler {name!r}: use one of {', '.join(SAMPLERS)}")
 
 
 def stitch_trials(trial: FrozenTrial) -> bool:
     """Whether a trial teaches the sampler: a stitch point, not an anchor, repeat or pruned."""
-    attrs = trial.user_attrs
     return (
         trial.state != TrialState.PRUNED
-        and attrs.get("kind") != "anchor"
-        and "duplicate_of" not in attrs
+        and trial.user_attrs.get(Attr.KIND) != "anchor"
+        and not is_repeat(trial)
     )
 
 
@@ -176,3 +206,34 @@ class FilteredSampler(BaseSampler):
 
     def reseed_rng(self) -> None:
         self.inner.reseed_rng()
+
+
+def install_sampler(
+    study: optuna.Study,
+    inner: BaseSampler,
+    space: SearchSpace,
+    accept: Callable[[Candidate], bool],
+    fallback: Callable[[], Candidate | None],
+) -> FilteredSampler:
+    """Makes the study propose with ``inner``, filtered (the one place that sets it).
+
+    Args:
+        study: The study.
+        inner: The sampler that models the objectives (:func:`make_sampler`).
+        space: The search space.
+        accept: Whether a decoded candidate may be proposed.
+        fallback: A candidate to propose when ``inner`` keeps proposing rejected ones.
+
+    Returns:
+        The filtered sampler, now ``study.sampler``.
+
+    Raises:
+        TypeError: If ``inner`` is itself filtered (pass the sampler it wraps).
+    """
+    if isinstance(inner, FilteredSampler):
+        raise TypeError(
+            "install_sampler got a FilteredSampler as the inner sampler; pass the sampler "
+            "that models the objectives (e.g. make_sampler(...)), which it wraps"
+        )
+    study.sampler = FilteredSampler(inner, space, accept, fallback)
+    return study.sampler

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import optuna
+import pytest
 from optuna.trial import TrialState, create_trial
 
-from search.sampler import FilteredSampler, stitch_trials
-from search.space import SearchSpace
+from search.candidates import SearchSpace
+from search.sampler import FilteredSampler, install_sampler, make_sampler, stitch_trials
 
 DEPTHS = {"a": 3, "b": 4}
 
@@ -106,3 +107,31 @@ def test_tpe_without_anchors_stops_drawing_them() -> None:
     with_anchors = _tpe_anchor_draws(None)
     without = _tpe_anchor_draws(stitch_trials)
     assert with_anchors > 2 * without, (with_anchors, without)
+
+
+@pytest.mark.parametrize(
+    ("name", "cls"),
+    [
+        ("tpe", optuna.samplers.TPESampler),
+        ("nsga2", optuna.samplers.NSGAIISampler),
+        ("random", optuna.samplers.RandomSampler),
+    ],
+)
+def test_make_sampler_builds_the_named_sampler(name, cls) -> None:
+    assert type(make_sampler(name, 0, 2)) is cls
+
+
+def test_make_sampler_rejects_an_unknown_name() -> None:
+    with pytest.raises(ValueError, match=r"unknown sampler 'cmaes': use one of tpe, nsga2"):
+        make_sampler("cmaes", 0, 2)
+
+
+def test_install_sampler_wraps_the_inner_sampler_once() -> None:
+    space = SearchSpace(DEPTHS)
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    inner = optuna.samplers.RandomSampler(seed=0)
+    filtered = install_sampler(study, inner, space, lambda c: True, lambda: None)
+    assert study.sampler is filtered and filtered.inner is inner
+    with pytest.raises(TypeError, match="pass the sampler"):
+        install_sampler(study, filtered, space, lambda c: True, lambda: None)
+    assert study.sampler is filtered

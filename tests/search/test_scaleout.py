@@ -223,8 +223,8 @@ def test_interleaved_searchers_neither_overshoot_nor_repeat() -> None:
     from ray.tune.search import Searcher
 
     from search.budgets import DeviceBudget
-    from search.searcher import StitchSearcher
-    from search.space import PruningRule, SearchSpace
+    from search.candidates import PruningRule, SearchSpace
+    from search.searcher import SearcherSettings, StitchSearcher
 
     space = SearchSpace({"a": 3, "b": 4})
     study = optuna.create_study(
@@ -234,22 +234,20 @@ def test_interleaved_searchers_neither_overshoot_nor_repeat() -> None:
         study.enqueue_trial(space.encode(c))
     cka = {pair: np.full((4, 5) if pair[0] == "a" else (5, 4), 0.9) for pair in space.pairs()}
 
-    def searcher(driver: str) -> StitchSearcher:
+    def searcher(driver: str, total: int = 7) -> StitchSearcher:
         view = optuna.load_study(
             study_name=study.study_name,
             storage=study._storage,
             sampler=optuna.samplers.RandomSampler(seed=0),
         )
-        return StitchSearcher(
-            view,
-            space,
+        settings = SearcherSettings(
             objectives=["accuracy", "macs"],
             budgets=[DeviceBudget("any", max_macs=1e9)],
-            cka=cka,
             rule=PruningRule(),
-            total=7,
+            total=total,
             driver_id=driver,
         )
+        return StitchSearcher(view, space, settings, sampler=view.sampler, cka=cka)
 
     a, b = searcher("a"), searcher("b")
     live: list[tuple[StitchSearcher, str, dict]] = []
@@ -258,7 +256,7 @@ def test_interleaved_searchers_neither_overshoot_nor_repeat() -> None:
         for s in (a, b):
             if s in finished:
                 continue
-            trial_id = f"{s.driver_id}{step}"
+            trial_id = f"{s.settings.driver_id}{step}"
             cfg = s.suggest(trial_id)
             if cfg == Searcher.FINISHED:
                 finished.add(s)
@@ -281,8 +279,7 @@ def test_interleaved_searchers_neither_overshoot_nor_repeat() -> None:
     # The race the storage order settles: B asked for the configuration A is evaluating
     # (or for one slot too many) before it could see A's trial.
     c = space.decode(done[-1].params)
-    a2, b2 = searcher("a2"), searcher("b2")
-    a2.total = b2.total = 9
+    a2, b2 = searcher("a2", total=9), searcher("b2", total=9)
     first = a2.suggest("x")  # A: dispatched, the 8th of 9
     assert isinstance(first, dict)
     first_key = json.loads(first["candidate"])
@@ -292,10 +289,10 @@ def test_interleaved_searchers_neither_overshoot_nor_repeat() -> None:
     def clash(s: StitchSearcher, cand) -> tuple[str, int | None]:
         s.study.enqueue_trial(space.encode(cand))
         trial = s.study.ask(space.distributions())
-        s._annotate(trial, cand)
-        verdict = s._claim(trial, cand)
+        s.recorder.annotate(trial, cand)
+        verdict = s.claims.decide(trial, cand)
         if verdict[0] != "ok":  # as suggest() does: recorded, not dispatched
-            s._prune(trial, verdict[0])
+            s.recorder.prune(trial, verdict[0])
         return verdict
 
     assert clash(b2, running) == ("running", None)

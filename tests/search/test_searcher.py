@@ -12,9 +12,9 @@ from optuna.trial import TrialState
 from ray.tune.search import Searcher
 
 from search.budgets import DeviceBudget
+from search.candidates import PruningRule, SearchSpace
 from search.liveness import HEARTBEAT_KEY, fail_stale_trials
-from search.searcher import StitchSearcher
-from search.space import PruningRule, SearchSpace
+from search.searcher import SearcherSettings, StitchSearcher
 from search.trials import evaluated_trials
 
 DEPTHS = {"a": 3, "b": 4}
@@ -56,17 +56,21 @@ def _fake_result(config):
 
 def _searcher(study, space, total, **kw):
     events = []
-    s = StitchSearcher(
-        study,
-        space,
+    settings = SearcherSettings(
         objectives=["accuracy", "macs"],
         budgets=[DeviceBudget("small", max_macs=1.5e6), DeviceBudget("mid", max_macs=2.25e6)],
-        cka=_matrices(space),
         rule=PruningRule(threshold=0.5),
         total=total,
         driver_id="d1",
-        on_event=lambda kind, t: events.append((kind, t.number)),
         **kw,
+    )
+    s = StitchSearcher(
+        study,
+        space,
+        settings,
+        sampler=study.sampler,
+        cka=_matrices(space),
+        on_event=lambda kind, t: events.append((kind, t.number)),
     )
     return s, events
 
@@ -174,3 +178,19 @@ def test_stale_running_trials_are_failed() -> None:
     assert study.trials[dead.number].state == TrialState.FAIL
     assert "stopped" in study.trials[dead.number].user_attrs["fail_reason"]
     assert study.trials[live.number].state == TrialState.RUNNING
+
+
+def test_each_round_wraps_the_same_inner_sampler() -> None:
+    space = SearchSpace(DEPTHS)
+    inner = optuna.samplers.RandomSampler(seed=0)
+    study = _study(space, inner)
+    first, _ = _searcher(study, space, total=4)
+    _run(first, 2)  # the anchors
+    settings = first.settings
+    second = StitchSearcher(study, space, settings, sampler=inner, cka=first.cka)
+    assert study.sampler.inner is inner and study.sampler.accept == second.ledger.accept
+    dispatched = _run(second, 2, start=2)
+    assert all(d["kind"] == "stitch" for d in dispatched)
+    assert second.suggest("t-last") == Searcher.FINISHED
+    with pytest.raises(TypeError, match="pass the sampler"):
+        StitchSearcher(study, space, settings, sampler=study.sampler, cka=first.cka)

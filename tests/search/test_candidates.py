@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from search.space import PruningRule, SearchSpace
+from search.candidates import PruningRule, SearchSpace
 from space import Candidate
 
 DEPTHS = {"a": 4, "b": 8, "c": 3}

@@ -1,4 +1,9 @@
-"""The search space: ordered anchor pairs, stitch points, and the anchors themselves.
+"""The search space: which candidates a study holds, and how Optuna parameters encode them.
+
+:class:`SearchSpace` enumerates the anchors and the stitch points of every ordered anchor
+pair and maps them to and from Optuna parameters; :class:`PruningRule` says which stitch
+points CKA prunes (:mod:`search.pruning` applies it to a study). The candidates themselves
+are :class:`space.Candidate` values.
 
 **Encoding.** Every candidate is four parameters, the same for every trial, so that
 multi-objective samplers (TPE, NSGA-II) model all of them instead of falling back to random
