@@ -18,13 +18,21 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from evaluators import (
+    DataError,
+    DataRecipe,
+    DataSplits,
+    RecipeError,
+    accuracy,
+    anchor_param_count,
+    count_macs,
+    make_splits,
+    stitched_param_counts,
+)
+from search.budgets import BUDGET_COLUMNS, DeviceBudget
 from space import ExportError, LoadedExport, check_fields, read_export
-
-if TYPE_CHECKING:
-    from evaluators import DataRecipe, DataSplits
-    from search.budgets import DeviceBudget
 
 _DATA_FIELDS = frozenset({"name", "identity", "validation_images", "test_images", "input_size"})
 # Optional data fields a newer writer may add: they make the check exact in more cases.
@@ -127,7 +135,6 @@ def _number(path: Path, value: Any, where: str) -> float | None:
 
 
 def _budget(path: Path, doc: Mapping[str, Any]) -> DeviceBudget:
-    from search.budgets import BUDGET_COLUMNS, DeviceBudget
 
     row = doc["budget"]
     check_fields(path, row, frozenset({"device", *BUDGET_COLUMNS}), "budget")
@@ -178,8 +185,6 @@ def _dataset_of(path: Path, name: Any) -> str:
 
 def _recorded_recipe(path: Path, data: Mapping[str, Any]) -> DataRecipe:
     """The manifest's ``data.recipe``, validated and consistent with ``data.name``."""
-    from evaluators import DataError, DataRecipe, RecipeError
-
     try:
         recipe = DataRecipe.from_dict(data["recipe"])
     except RecipeError as e:
@@ -207,8 +212,6 @@ def _legacy_recipe(path: Path, data: Mapping[str, Any]) -> tuple[DataRecipe, boo
         The recipe, and whether the rebuilt identity must equal the recorded one (only for
         synthetic data or when ``data.calibration_images`` was recorded).
     """
-    from evaluators import DataRecipe, RecipeError
-
     dataset = _dataset_of(path, data["name"])
     cal = data.get("calibration_images")
     if cal is not None:
@@ -264,8 +267,6 @@ def load_data(
         ExportError: The data section is invalid or cannot be reproduced.
         DataError: The data cannot be found or does not fit (from the loaders).
     """
-    from evaluators import make_splits
-
     path, doc = loaded.path, loaded.manifest
     data = doc["data"]
     check_fields(path, data, _DATA_FIELDS, "data", _DATA_OPTIONAL)
@@ -342,8 +343,6 @@ def check_export(
             gives non-finite logits.
         DataError: The data cannot be found or does not fit.
     """
-    from evaluators import accuracy, anchor_param_count, count_macs, stitched_param_counts
-
     loaded = export if isinstance(export, LoadedExport) else read_export(export)
     path, doc = loaded.path, loaded.manifest
     budget = _budget(path, doc)

@@ -6,15 +6,13 @@ import hashlib
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from evaluators.data.loaders import DatasetLoader, DataSplits
 from evaluators.data.recipe import DataError, DataRecipe
-
-if TYPE_CHECKING:
-    from space import Anchor
+from space import Anchor
 
 
 class _PILLoader:
@@ -57,8 +55,6 @@ def _data_config(
     source: Anchor | Sequence[Anchor] | Mapping[str, Any],
 ) -> tuple[dict[str, Any], list[Anchor]]:
     from timm.data import resolve_data_config
-
-    from space import Anchor
 
     if isinstance(source, Mapping):
         cfg = resolve_data_config(args=dict(source))

@@ -13,7 +13,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from search.finish import EXPORT_FORMAT as WRITTEN_FORMAT
+from search.delivery import EXPORT_FORMAT as WRITTEN_FORMAT
 
 from search.check import check_export
 from search.export import main

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from evaluators import CandidateResult, DataSplits, accuracy, evaluate_candidate, synthetic_splits
 from search.budgets import DeviceBudget
-from search.finish import write_export
+from search.delivery import write_export
 from space import (
     Anchor,
     Candidate,
