@@ -15,6 +15,7 @@ from space.export import (
     read_export,
     save_switchable,
 )
+from space.families import FamilyAdapter, family_names, register_family
 from space.stitched import StitchedNet, adapt_images, build_stitched
 from space.stitching import (
     ConvStitch,
@@ -33,6 +34,7 @@ __all__ = [
     "ConvStitch",
     "ConvToToken",
     "ExportError",
+    "FamilyAdapter",
     "FeatureInfo",
     "InputError",
     "LoadedExport",
@@ -46,11 +48,13 @@ __all__ = [
     "anchor_record",
     "build_stitched",
     "check_fields",
+    "family_names",
     "file_sha256",
     "load_anchor",
     "load_export",
     "load_switchable",
     "make_stitching_layer",
     "read_export",
+    "register_family",
     "save_switchable",
 ]

@@ -1,10 +1,10 @@
 """An export written before the space/ restructuring loads after it, with the same outputs.
 
 ``data/old_export`` was written once by ``search.finish.write_export`` with the code of
-commit cc5a969 (before ``space/export.py`` was split): a ``resnet10t[:2] -> vit_tiny[1:]``
-stitch of seeded random anchors (no checkpoints: the manifest records ``weights_sha256``),
-its fitted stitching layer, and the logits ``load_export`` returned then for a seeded input.
-Never regenerate it: its point is that it is old.
+commit cc5a969 (before the export module of ``space`` was split): a
+``resnet10t[:2] -> vit_tiny[1:]`` stitch of seeded random anchors (no checkpoints: the
+manifest records ``weights_sha256``), its fitted stitching layer, and the logits
+``load_export`` returned then for a seeded input. Never regenerate it: its point is that it is old.
 """
 
 from __future__ import annotations
