@@ -1,19 +1,18 @@
 """What a candidate is: anchors, stitch configurations, stitching layers, stitched networks."""
 
 from space.anchor import SUPPORTED_FAMILIES, Anchor, FeatureInfo, file_sha256, load_anchor
+from space.artifact import LoadedExport, load_export, read_export
 from space.config import Candidate, StitchConfig
 from space.errors import InputError
-from space.export import (
+from space.families import FamilyAdapter, family_names, register_family
+from space.manifest import (
     EXPORT_FORMAT,
+    AnchorRecord,
     ExportError,
-    LoadedExport,
-    SwitchableStitchedNet,
+    ExportManifest,
+    StitchRecord,
     anchor_record,
     check_fields,
-    load_export,
-    load_switchable,
-    read_export,
-    save_switchable,
 )
 from space.stitched import StitchedNet, adapt_images, build_stitched
 from space.stitching import (
@@ -24,19 +23,24 @@ from space.stitching import (
     TokenToConv,
     make_stitching_layer,
 )
+from space.switchable import SwitchableStitchedNet, load_switchable, save_switchable
 
 __all__ = [
     "EXPORT_FORMAT",
     "SUPPORTED_FAMILIES",
     "Anchor",
+    "AnchorRecord",
     "Candidate",
     "ConvStitch",
     "ConvToToken",
     "ExportError",
+    "ExportManifest",
+    "FamilyAdapter",
     "FeatureInfo",
     "InputError",
     "LoadedExport",
     "StitchConfig",
+    "StitchRecord",
     "StitchedNet",
     "StitchingLayer",
     "SwitchableStitchedNet",
@@ -46,11 +50,13 @@ __all__ = [
     "anchor_record",
     "build_stitched",
     "check_fields",
+    "family_names",
     "file_sha256",
     "load_anchor",
     "load_export",
     "load_switchable",
     "make_stitching_layer",
     "read_export",
+    "register_family",
     "save_switchable",
 ]

@@ -1,8 +1,9 @@
-"""Atomic file writes: a crash or an error never leaves a half-written file behind."""
+"""File helpers: atomic writes (a crash never leaves a half-written file) and SHA-256 digests."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
@@ -51,3 +52,12 @@ def atomic_write(path: str | Path, data: bytes | str, *, mode: int | None = None
         f.write(raw)
         f.flush()
         os.fsync(f.fileno())
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 hex digest of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

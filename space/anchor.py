@@ -12,20 +12,26 @@ from __future__ import annotations
 
 import hashlib
 import pickle
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import timm
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
 
-from space.errors import close_matches
+from space import zoo
+from space._io import file_sha256
+from space.errors import InputError, close_matches
+from space.families import family_names, family_of
 
 Layout = Literal["NCHW", "NLC"]
 
-SUPPORTED_FAMILIES = ("resnet", "vit", "convnext", "efficientnet", "mobilenetv3")
+#: The built-in families (see :mod:`space.families`; ``family_names()`` also lists families
+#: registered later).
+SUPPORTED_FAMILIES = family_names()
 
 
 @dataclass(frozen=True)
@@ -65,98 +71,6 @@ class FeatureInfo:
         return self.layout == "NLC"
 
 
-@dataclass(frozen=True)
-class _Family:
-    """How to split one timm model family."""
-
-    name: str
-    kind: Literal["cnn", "vit"]
-    stem: Callable[[nn.Module, torch.Tensor], torch.Tensor]
-    blocks: Callable[[nn.Module], list[nn.Module]]
-    head: Callable[[nn.Module, torch.Tensor], torch.Tensor]
-
-
-def _resnet_stem(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return m.maxpool(m.act1(m.bn1(m.conv1(x))))
-
-
-def _resnet_blocks(m: nn.Module) -> list[nn.Module]:
-    return [b for layer in (m.layer1, m.layer2, m.layer3, m.layer4) for b in layer]
-
-
-def _vit_stem(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    x = m.patch_embed(x)
-    x = m._pos_embed(x)
-    x = m.patch_drop(x)
-    return m.norm_pre(x)
-
-
-def _vit_head(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return m.forward_head(m.norm(x))
-
-
-class _StageEntry(nn.Module):
-    """A ConvNeXt stage's downsampling layer fused with the stage's first block."""
-
-    def __init__(self, downsample: nn.Module, block: nn.Module) -> None:
-        super().__init__()
-        self.downsample = downsample
-        self.block = block
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.block(self.downsample(x))
-
-
-def _convnext_blocks(m: nn.Module) -> list[nn.Module]:
-    units: list[nn.Module] = []
-    for stage in m.stages:
-        for i, block in enumerate(stage.blocks):
-            units.append(_StageEntry(stage.downsample, block) if i == 0 else block)
-    return units
-
-
-def _convnext_head(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return m.forward_head(m.norm_pre(x))
-
-
-def _effnet_stem(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return m.bn1(m.conv_stem(x))
-
-
-def _effnet_blocks(m: nn.Module) -> list[nn.Module]:
-    return [b for stage in m.blocks for b in stage]
-
-
-def _effnet_head(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return m.forward_head(m.bn2(m.conv_head(x)))
-
-
-def _mobilenetv3_head(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return m.forward_head(x)
-
-
-def _family_of(model: nn.Module) -> _Family | None:
-    from timm.models.convnext import ConvNeXt
-    from timm.models.efficientnet import EfficientNet
-    from timm.models.mobilenetv3 import MobileNetV3
-    from timm.models.resnet import ResNet
-    from timm.models.vision_transformer import VisionTransformer
-
-    if isinstance(model, ResNet):
-        return _Family(
-            "resnet", "cnn", _resnet_stem, _resnet_blocks, lambda m, x: m.forward_head(x)
-        )
-    if isinstance(model, VisionTransformer):
-        return _Family("vit", "vit", _vit_stem, lambda m: list(m.blocks), _vit_head)
-    if isinstance(model, ConvNeXt):
-        return _Family("convnext", "cnn", lambda m, x: m.stem(x), _convnext_blocks, _convnext_head)
-    if isinstance(model, EfficientNet):
-        return _Family("efficientnet", "cnn", _effnet_stem, _effnet_blocks, _effnet_head)
-    if isinstance(model, MobileNetV3):
-        return _Family("mobilenetv3", "cnn", _effnet_stem, _effnet_blocks, _mobilenetv3_head)
-    return None
-
-
 class Anchor:
     """A pre-trained timm model exposed as stem, stitchable blocks and head.
 
@@ -166,7 +80,8 @@ class Anchor:
     Attributes:
         name: The name the anchor was loaded by (a timm name or ``zoo:<name>``).
         model: The timm module.
-        family: One of :data:`SUPPORTED_FAMILIES`.
+        family: The family's name (one of :data:`SUPPORTED_FAMILIES`, or a family registered
+            with :func:`space.families.register_family`).
         kind: ``"cnn"`` or ``"vit"``.
         blocks: The stitchable blocks, in execution order.
         checkpoint: The local checkpoint file the weights came from, if any.
@@ -185,11 +100,11 @@ class Anchor:
         checkpoint_sha256: str | None = None,
         input_size: tuple[int, int, int] | None = None,
     ) -> None:
-        family = _family_of(model)
+        family = family_of(model)
         if family is None:
             raise ValueError(
                 f"model {name!r} ({type(model).__name__}) is not a supported family; "
-                f"supported: {', '.join(SUPPORTED_FAMILIES)}"
+                f"supported: {', '.join(family_names())}"
             )
         self.name = name
         self.model = model.eval()
@@ -374,9 +289,9 @@ class Anchor:
         if a.ndim == 4:
             return FeatureInfo("NCHW", a.shape[1], a.shape[2], a.shape[3])
         if a.ndim == 3:
-            prefix = int(getattr(self.model, "num_prefix_tokens", 0))
+            prefix = self._family.num_prefix_tokens(self.model)
             tokens = a.shape[1] - prefix
-            grid = getattr(getattr(self.model, "patch_embed", None), "grid_size", None)
+            grid = self._family.token_grid(self.model)
             if grid is None or grid[0] * grid[1] != tokens:
                 side = round(tokens**0.5)
                 if side * side != tokens:
@@ -389,15 +304,6 @@ class Anchor:
 
 
 # ---------------------------------------------------------------------- loading
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 hex digest of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 _WRAPPER_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model", "module")
 
 
@@ -413,19 +319,16 @@ def read_state_dict(path: str | Path, *, what: str = "checkpoint") -> dict[str, 
         what: How to call the file in error messages.
 
     Raises:
-        ValueError: The file is missing, unreadable, carries code, or holds no tensors.
+        InputError: The file is missing, unreadable, carries code, or holds no tensors.
     """
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"{what} {str(path)!r} does not exist; pass the path of a local file")
+        raise InputError(f"{what} {str(path)!r} does not exist; pass the path of a local file")
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         try:
             obj: Any = load_file(str(path), device="cpu")
         except (SafetensorError, OSError, ValueError) as e:
-            raise ValueError(
+            raise InputError(
                 f"{what} {str(path)!r} is not a readable safetensors file ({e}); is it truncated?"
             ) from None
     else:
@@ -433,13 +336,13 @@ def read_state_dict(path: str | Path, *, what: str = "checkpoint") -> dict[str, 
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(
+            raise InputError(
                 f"{what} {str(path)!r} was refused: it holds pickled objects other than "
                 f"tensors, and loading it could execute code ({first[:160]}); re-save it "
                 "as a plain state dict or .safetensors"
             ) from None
         except Exception as e:  # torch raises many types for bad files
-            raise ValueError(
+            raise InputError(
                 f"{what} {str(path)!r} could not be read ({type(e).__name__}: "
                 f"{str(e).splitlines()[0][:160] if str(e) else ''}); is it truncated or not a "
                 "PyTorch checkpoint?"
@@ -450,11 +353,11 @@ def read_state_dict(path: str | Path, *, what: str = "checkpoint") -> dict[str, 
             if wrapped:
                 obj = obj[wrapped[0]]
     if not isinstance(obj, dict) or not obj:
-        raise ValueError(f"{what} {str(path)!r} holds no state dict")
+        raise InputError(f"{what} {str(path)!r} holds no state dict")
     state: dict[str, torch.Tensor] = {}
     for key, value in obj.items():
         if not isinstance(value, torch.Tensor):
-            raise ValueError(
+            raise InputError(
                 f"{what} {str(path)!r}: entry {key!r} is a {type(value).__name__}, not a tensor"
             )
         state[key.removeprefix("module.")] = value
@@ -488,7 +391,7 @@ def _fit_state_dict(
         n = state.get(f"{head}.weight")
         if n is not None:
             hint = f"pass num_classes={n.shape[0]}"
-    raise ValueError(
+    raise InputError(
         f"checkpoint {str(path)!r} does not fit model {name!r}: {'; '.join(parts)}; {hint}"
     )
 
@@ -523,26 +426,59 @@ def load_anchor(
         The anchor, in eval mode.
 
     Raises:
-        ValueError: Unknown model name (close matches are suggested), unsupported family,
-            missing or unreadable checkpoint, or a checkpoint that does not fit.
+        InputError: Unknown model or zoo name (close matches are suggested), unsupported
+            family, bad timm kwargs, missing, unreadable or altered checkpoint, or a
+            checkpoint that does not fit.
     """
-    if name.startswith("zoo:"):
+    if name.startswith(zoo.PREFIX):
         if checkpoint is not None or pretrained or timm_kwargs or input_size is not None:
-            raise ValueError(
+            raise InputError(
                 f"zoo anchor {name!r} takes no checkpoint, pretrained or timm kwargs; its "
                 "weights ship with the package"
             )
-        from space.zoo import load_zoo_anchor
+        entry = zoo.resolve(name)
+        return _create(
+            entry.timm_name,
+            anchor_name=entry.name,
+            checkpoint=entry.checkpoint,
+            checkpoint_sha256=entry.sha256,
+            pretrained=False,
+            input_size=entry.input_size,
+            seed=0,
+            timm_kwargs=entry.timm_kwargs,
+        )
+    return _create(
+        name,
+        anchor_name=name,
+        checkpoint=checkpoint,
+        checkpoint_sha256=None,
+        pretrained=pretrained,
+        input_size=input_size,
+        seed=seed,
+        timm_kwargs=timm_kwargs,
+    )
 
-        return load_zoo_anchor(name.removeprefix("zoo:"))
+
+def _create(
+    name: str,
+    *,
+    anchor_name: str,
+    checkpoint: str | Path | None,
+    checkpoint_sha256: str | None,
+    pretrained: bool,
+    input_size: tuple[int, int, int] | None,
+    seed: int | None,
+    timm_kwargs: dict[str, Any],
+) -> Anchor:
+    """Builds timm model ``name`` and wraps it as the anchor ``anchor_name``."""
     base = name.split(".", 1)[0]
     if not timm.is_model(name) and not timm.is_model(base):
-        raise ValueError(
+        raise InputError(
             f"unknown model {name!r}: not in timm's registry"
             + close_matches(base, timm.list_models())
         )
     if checkpoint is not None and pretrained:
-        raise ValueError(f"model {name!r}: pass either checkpoint= or pretrained=True, not both")
+        raise InputError(f"model {name!r}: pass either checkpoint= or pretrained=True, not both")
     state = None
     if checkpoint is not None:
         state = read_state_dict(checkpoint)
@@ -552,28 +488,29 @@ def load_anchor(
                 torch.manual_seed(seed)
             model = timm.create_model(name, pretrained=pretrained, **timm_kwargs)
     except TypeError as e:
-        raise ValueError(f"model {name!r}: bad timm kwargs {sorted(timm_kwargs)} ({e})") from None
+        raise InputError(f"model {name!r}: bad timm kwargs {sorted(timm_kwargs)} ({e})") from None
     except (OSError, RuntimeError) as e:
         if pretrained:
-            raise ValueError(
+            raise InputError(
                 f"model {name!r}: timm could not fetch its pretrained weights ({e}); without "
                 "internet access pass checkpoint=PATH to a local file instead"
             ) from None
         raise
-    if _family_of(model) is None:
-        raise ValueError(
+    if family_of(model) is None:
+        raise InputError(
             f"model {name!r} ({type(model).__name__}) is not a supported family; supported: "
-            f"{', '.join(SUPPORTED_FAMILIES)}"
+            f"{', '.join(family_names())}"
         )
     if state is not None:
         _fit_state_dict(model, state, name, Path(checkpoint))
     for p in model.parameters():
         p.requires_grad_(False)
     return Anchor(
-        name,
+        anchor_name,
         model,
         checkpoint=checkpoint,
         pretrained=pretrained,
         timm_kwargs=timm_kwargs,
+        checkpoint_sha256=checkpoint_sha256,
         input_size=input_size,
     )

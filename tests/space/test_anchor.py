@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from space import load_anchor
+from space import InputError, load_anchor
 from tests.conftest import TINY, make_tiny
 
 
@@ -153,3 +153,21 @@ def test_bad_input_size(tiny_anchor) -> None:
     anchor = make_tiny("resnet")
     with pytest.raises(ValueError, match="input_size"):
         anchor.input_size = (3, 0, 32)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        ({"name": "resnet181"}, "unknown model"),
+        ({"name": "mixer_s16_224"}, "not a supported family"),
+        ({"name": "resnet10t", "bogus_kwarg": 1}, "bad timm kwargs"),
+        ({"name": "resnet10t", "checkpoint": "/nonexistent/x.pth"}, "does not exist"),
+        ({"name": "zoo:nope"}, "unknown zoo anchor"),
+        ({"name": "zoo:resnet-s", "seed": 1, "num_classes": 3}, "takes no checkpoint"),
+    ],
+)
+def test_user_input_errors_are_input_errors(kwargs, words) -> None:
+    # The CLIs catch only InputError: everything a user can get wrong must be one.
+    with pytest.raises(InputError, match=words) as info:
+        load_anchor(**kwargs)
+    assert "\n" not in str(info.value)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import space.zoo as zoo
-from space import file_sha256, load_anchor
+from space import InputError, file_sha256, load_anchor
 from space.zoo.__main__ import main as zoo_main
 
 
@@ -56,9 +56,9 @@ def test_manifest_macs_and_params_are_current() -> None:
 
 
 def test_unknown_zoo_name() -> None:
-    with pytest.raises(ValueError, match=r"unknown zoo anchor 'zoo:resnet-m'.*did you mean"):
+    with pytest.raises(InputError, match=r"unknown zoo anchor 'zoo:resnet-m'.*did you mean"):
         load_anchor("zoo:resnet-m")
-    with pytest.raises(ValueError, match="takes no checkpoint"):
+    with pytest.raises(InputError, match="takes no checkpoint"):
         load_anchor("zoo:resnet-s", num_classes=3)
 
 
@@ -70,8 +70,23 @@ def test_altered_weights_are_refused(tmp_path, monkeypatch) -> None:
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
     monkeypatch.setattr(zoo, "ZOO_DIR", copy)
-    with pytest.raises(ValueError, match=r"vit-s\.safetensors.*altered"):
-        zoo.load_zoo_anchor("vit-s")
+    with pytest.raises(InputError, match=r"vit-s\.safetensors.*altered.*tools\.train_zoo"):
+        zoo.resolve("zoo:vit-s")
+    with pytest.raises(InputError, match=r"vit-s\.safetensors.*altered"):
+        load_anchor("zoo:vit-s")
+
+
+def test_resolve_gives_the_manifest_entry_and_load_anchor_builds_it() -> None:
+    entry = zoo.resolve("zoo:resnet-s")
+    raw = zoo.manifest()["anchors"]["resnet-s"]
+    assert entry.name == "zoo:resnet-s" and entry.timm_name == raw["timm_name"]
+    assert entry.checkpoint == zoo.ZOO_DIR / raw["weights"] and entry.sha256 == raw["sha256"]
+    assert entry.input_size == (1, 28, 28)
+    assert entry.timm_kwargs["layers"] == (1, 1, 1, 1)  # JSON lists back as tuples
+    anchor = load_anchor("zoo:resnet-s")
+    assert anchor.checkpoint == entry.checkpoint and anchor.timm_kwargs == entry.timm_kwargs
+    with pytest.raises(InputError, match="unknown zoo anchor 'zoo:nope'"):
+        zoo.resolve("zoo:nope")
 
 
 def test_list_prints_a_table(capsys) -> None:
@@ -83,11 +98,24 @@ def test_list_prints_a_table(capsys) -> None:
         assert name in out
 
 
-def test_train_rejects_unknown_anchor(capsys) -> None:
-    with pytest.raises(SystemExit) as e:
-        zoo_main(["train", "--anchors", "resnet-xl"])
-    assert e.value.code == 2
-    assert "resnet-xl" in capsys.readouterr().err
+def test_train_points_to_the_new_command(capsys) -> None:
+    assert zoo_main(["train", "--anchors", "resnet-s"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "python -m tools.train_zoo" in err
+
+
+def test_the_zoo_does_not_import_anchors() -> None:
+    # space.anchor builds zoo anchors from zoo entries; the zoo must not import it back.
+    import ast
+
+    tree = ast.parse((zoo.ZOO_DIR / "__init__.py").read_text())
+    imported = {
+        n.module if isinstance(n, ast.ImportFrom) else a.name
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Import | ast.ImportFrom)
+        for a in n.names
+    }
+    assert not {m for m in imported if m and m.startswith("space.anchor")}
 
 
 @pytest.mark.slow

@@ -1,7 +1,17 @@
-"""Seeded training of the default zoo on Fashion-MNIST (``python -m space.zoo train``)."""
+"""``python -m tools.train_zoo``: seeded training of the default zoo on Fashion-MNIST.
+
+::
+
+    python -m tools.train_zoo [--anchors NAME ...] [--out DIR] [--data DIR] [--epochs N]
+
+trains the named zoo anchors (default: all, see :mod:`tools.zoo_recipes`) from scratch and
+(re)writes their ``.safetensors`` weights and ``manifest.json`` in ``--out`` (default: the
+package's zoo, ``space/zoo``). Bad input prints one line and exits 2.
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import platform
@@ -16,8 +26,11 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from space.anchor import file_sha256
-from space.zoo.recipes import RECIPE, SPECS, ZooSpec, spec_dict
+from evaluators.data import fashion_mnist_splits
+from evaluators.macs import count_macs, count_params
+from space import file_sha256
+from space.zoo import ZOO_DIR
+from tools.zoo_recipes import RECIPE, SPECS, ZooSpec, spec_dict
 
 
 def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -118,9 +131,6 @@ def run_training(
     log=print,
 ) -> dict:
     """Trains the named anchors and (re)writes their weights and the manifest in ``out_dir``."""
-    from evaluators.data import fashion_mnist_splits
-    from evaluators.macs import count_macs, count_params
-
     torch.set_num_threads(RECIPE["threads"])
     data = fashion_mnist_splits(
         data_root, validation=5000, calibration=512, batch_size=RECIPE["batch_size"]
@@ -152,3 +162,50 @@ def run_training(
         manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         log(f"  {name}: test {metrics['test_acc']:.2f}% in {metrics['train_seconds']:.0f}s")
     return manifest
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface (the flags of the former ``python -m space.zoo train``)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m tools.train_zoo",
+        description="Train zoo anchors from scratch (seeded) and write the manifest.",
+    )
+    parser.add_argument(
+        "--anchors",
+        nargs="+",
+        default=sorted(SPECS),
+        metavar="NAME",
+        help=f"which anchors (default: all of {', '.join(sorted(SPECS))})",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=ZOO_DIR,
+        help="output folder for weights and manifest.json (default: the package's zoo)",
+    )
+    parser.add_argument(
+        "--data", default=None, help="Fashion-MNIST directory (default: auto-detect)"
+    )
+    parser.add_argument("--epochs", type=int, default=None, help="override every anchor's epochs")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code (2: bad input)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    bad = [a for a in args.anchors if a not in SPECS]
+    if bad:
+        parser.exit(2, f"error: --anchors: unknown {bad}; choose from {sorted(SPECS)}\n")
+    if args.epochs is not None and args.epochs < 1:
+        parser.exit(2, f"error: --epochs must be >= 1, got {args.epochs}\n")
+    try:
+        run_training(args.anchors, args.out, data_root=args.data, epochs=args.epochs)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
