@@ -13,7 +13,6 @@ with :func:`evaluators.make_splits`. Exports written before that key existed are
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -34,21 +33,6 @@ from evaluators import (
 from search.budgets import BUDGET_COLUMNS, DeviceBudget
 from space import ExportError, LoadedExport, check_fields, read_export
 
-_DATA_FIELDS = frozenset({"name", "identity", "validation_images", "test_images", "input_size"})
-# Optional data fields a newer writer may add: they make the check exact in more cases.
-_DATA_OPTIONAL = frozenset({"calibration_images", "batch_size", "seed", "recipe"})
-_METRIC_FIELDS = frozenset(
-    {
-        "validation",
-        "validation_remeasured",
-        "test",
-        "macs",
-        "params",
-        "latency_ms",
-        "memory_mb",
-        "cka",
-    }
-)
 # evaluators.synthetic_splits' identity: classes, (C, H, W), calibration, validation, test, seed.
 _SYNTHETIC = re.compile(r"^synthetic-(\d+)-\((\d+), (\d+), (\d+)\)-(\d+)-(\d+)-(\d+)-(-?\d+)$")
 
@@ -126,14 +110,6 @@ class CheckResult:
         return "\n".join(line.rstrip() for line in out)
 
 
-def _number(path: Path, value: Any, where: str) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ExportError(path, f"must be a finite number or null, got {value!r}", field=where)
-    return value
-
-
 def _budget(path: Path, doc: Mapping[str, Any]) -> DeviceBudget:
 
     row = doc["budget"]
@@ -149,24 +125,6 @@ def _budget(path: Path, doc: Mapping[str, Any]) -> DeviceBudget:
             field="budget.device",
         )
     return budget
-
-
-def _metrics(path: Path, doc: Mapping[str, Any]) -> dict[str, Any]:
-    m = doc["metrics"]
-    check_fields(path, m, _METRIC_FIELDS, "metrics")
-    for split in ("validation", "validation_remeasured", "test"):
-        check_fields(path, m[split], frozenset({"top1", "top5"}), f"metrics.{split}")
-        for k in ("top1", "top5"):
-            _number(path, m[split][k], f"metrics.{split}.{k}")
-    for k in ("macs", "params", "latency_ms", "memory_mb", "cka"):
-        _number(path, m[k], f"metrics.{k}")
-    return m
-
-
-def _count(path: Path, value: Any, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ExportError(path, f"must be an integer >= 1, got {value!r}", field=where)
-    return value
 
 
 def _dataset_of(path: Path, name: Any) -> str:
@@ -213,9 +171,7 @@ def _legacy_recipe(path: Path, data: Mapping[str, Any]) -> tuple[DataRecipe, boo
         synthetic data or when ``data.calibration_images`` was recorded).
     """
     dataset = _dataset_of(path, data["name"])
-    cal = data.get("calibration_images")
-    if cal is not None:
-        cal = _count(path, cal, "data.calibration_images")
+    cal = data.get("calibration_images")  # validated by ExportManifest.check_data
     bs = data.get("batch_size") or 256
     try:
         if dataset == "synthetic":
@@ -267,15 +223,10 @@ def load_data(
         ExportError: The data section is invalid or cannot be reproduced.
         DataError: The data cannot be found or does not fit (from the loaders).
     """
-    path, doc = loaded.path, loaded.manifest
-    data = doc["data"]
-    check_fields(path, data, _DATA_FIELDS, "data", _DATA_OPTIONAL)
+    path = loaded.path
+    data = loaded.typed_manifest.check_data()
     name = data["name"]
-    n_val = _count(path, data["validation_images"], "data.validation_images")
-    n_test = _count(path, data["test_images"], "data.test_images")
-    size = data["input_size"]
-    if not (isinstance(size, list) and len(size) == 3 and all(isinstance(v, int) for v in size)):
-        raise ExportError(path, f"must be [C, H, W], got {size!r}", field="data.input_size")
+    n_val, n_test = data["validation_images"], data["test_images"]
     if "recipe" in data:
         recipe, exact_identity = _recorded_recipe(path, data), True
     else:
@@ -346,7 +297,7 @@ def check_export(
     loaded = export if isinstance(export, LoadedExport) else read_export(export)
     path, doc = loaded.path, loaded.manifest
     budget = _budget(path, doc)
-    m = _metrics(path, doc)
+    m = loaded.typed_manifest.check_metrics()
     splits = load_data(loaded, data_dir, batch_size=batch_size)
     model, size = loaded.model, loaded.input_size
     try:

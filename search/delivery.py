@@ -9,8 +9,6 @@ candidate).
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 import shutil
 import sys
@@ -30,7 +28,7 @@ from search.report import write_report
 from search.selection import select_per_device
 from search.storage import masked_url
 from search.trials import Attr, budget_metrics, candidate_of, evaluated_trials
-from space import EXPORT_FORMAT, anchor_record, file_sha256
+from space import EXPORT_FORMAT, AnchorRecord, ExportManifest, StitchRecord
 from space._io import atomic_path, atomic_write
 
 
@@ -73,42 +71,30 @@ def write_export(
                 str(tmp),
                 metadata={"format": EXPORT_FORMAT, "layer": type(result.net.stitch).__name__},
             )
-    anchors = [anchor_record(plan.anchors[c.front], "front")]
+    anchors = [AnchorRecord.of(plan.anchors[c.front], "front")]
     if not c.is_anchor:
-        anchors.append(anchor_record(plan.anchors[c.back], "back"))
+        anchors.append(AnchorRecord.of(plan.anchors[c.back], "back"))
     metrics = budget_metrics(trial.user_attrs)
-    doc = {
-        "format": EXPORT_FORMAT,
-        "final": bool(final),
-        "device": device.device,
-        "budget": device.to_dict(),
-        "headroom": device.headroom(metrics),
-        "candidate": c.to_dict(),
-        "label": c.label,
-        "anchors": anchors,
-        "stitch": None
-        if weights is None
-        else {
-            "layer": type(result.net.stitch).__name__,
-            "weights": weights.name,
-            "sha256": file_sha256(weights),
-            "src": dataclasses.asdict(result.net.stitch.src),
-            "dst": dataclasses.asdict(result.net.stitch.dst),
-        },
-        "metrics": {
-            "validation": {
-                "top1": trial.user_attrs.get(Attr.VAL_ACC),
-                "top5": trial.user_attrs.get(Attr.VAL_TOP5),
-            },
+    attrs = trial.user_attrs
+    manifest = ExportManifest(
+        device=device.device,
+        final=bool(final),
+        budget=device.to_dict(),
+        headroom=device.headroom(metrics),
+        candidate=c,
+        anchors=tuple(anchors),
+        stitch=None if weights is None else StitchRecord.of(result.net.stitch, weights),
+        metrics={
+            "validation": {"top1": attrs.get(Attr.VAL_ACC), "top5": attrs.get(Attr.VAL_TOP5)},
             "validation_remeasured": {"top1": result.val_acc, "top5": result.val_top5},
             "test": {"top1": result.test_acc, "top5": getattr(result, "test_top5", None)},
-            "macs": trial.user_attrs.get(Attr.MACS),
-            "params": trial.user_attrs.get(Attr.PARAMS),
-            "latency_ms": trial.user_attrs.get(Attr.LATENCY_MS),
-            "memory_mb": trial.user_attrs.get(Attr.MEMORY_MB),
-            "cka": trial.user_attrs.get(Attr.CKA),
+            "macs": attrs.get(Attr.MACS),
+            "params": attrs.get(Attr.PARAMS),
+            "latency_ms": attrs.get(Attr.LATENCY_MS),
+            "memory_mb": attrs.get(Attr.MEMORY_MB),
+            "cka": attrs.get(Attr.CKA),
         },
-        "data": {
+        data={
             "name": plan.data.name,
             "identity": plan.data.identity,
             "validation_images": plan.data.validation.num_images,
@@ -118,31 +104,22 @@ def write_export(
             "batch_size": plan.study.data.batch_size,
             "recipe": plan.data.recipe.to_dict(),
         },
-        "fit": {
+        fit={
             "calibration_images": plan.data.calibration.num_images,
             "steps": plan.study.fit.steps,
             "lr": plan.study.fit.lr,
         },
-        "study": {
+        study={
             "name": plan.study.name,
             "storage": masked_url(plan.storage_url),
             "trial_number": trial.number,
             "objectives": list(plan.study.objectives),
             "evaluated_trials": n_evaluated,
         },
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
+    )
     path = export_dir / f"{stem}.json"
-    atomic_write(path, json.dumps(doc, indent=2, default=_json_default) + "\n")
+    atomic_write(path, manifest.to_json())
     return path
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, tuple):
-        return list(o)
-    if isinstance(o, Path):
-        return str(o)
-    return str(o)
 
 
 STAGING_PREFIX = ".exports-"

@@ -13,9 +13,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from search.delivery import EXPORT_FORMAT as WRITTEN_FORMAT
 
 from search.check import check_export
+from search.delivery import EXPORT_FORMAT as WRITTEN_FORMAT
 from search.export import main
 from search.onnx import DEFAULT_OPSET, ONNX_ATOL, export_onnx, write_onnx
 from space import EXPORT_FORMAT, ExportError, build_stitched, load_export
@@ -301,7 +301,7 @@ def test_check_bad_recipe_exits_2(exports, tmp_path, capsys) -> None:
     p = edit(copy_export(path, tmp_path / "c"), _add(["data"], "recipe", {**recipe, "x": 1}))
     _one_line_exit_2(["--check", str(p)], capsys, "field 'data.recipe.x'", "unknown")
     p = edit(copy_export(path, tmp_path / "d"), _add(["data"], "recipe", [1]))
-    _one_line_exit_2(["--check", str(p)], capsys, "field 'data.recipe'", "mapping")
+    _one_line_exit_2(["--check", str(p)], capsys, "field 'data.recipe'", "must be a JSON object")
     fm = {**recipe, "dataset": "fashion-mnist", "num_classes": 10}
     p = edit(copy_export(path, tmp_path / "e"), _add(["data"], "recipe", fm))
     _one_line_exit_2(["--check", str(p)], capsys, "field 'data.recipe.dataset'", "'synthetic'")

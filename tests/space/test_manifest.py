@@ -90,9 +90,12 @@ def test_bare_anchor_records_and_zoo_records() -> None:
 def test_data_recipe_is_optional_and_opaque(exports, tmp_path) -> None:
     assert "recipe" in DATA_OPTIONAL
     path = exports["cnn_vit"][0]
-    assert ExportManifest.read(path).recipe is None
+    written = ExportManifest.read(path).recipe  # the search records its data recipe
+    assert written is not None and written["dataset"] == "synthetic"
+    p = edit(copy_export(path, tmp_path), lambda d: d["data"].pop("recipe"))
+    assert ExportManifest.read(p).recipe is None and load_export(p) is not None
     recipe = {"factory": "synthetic", "args": {"seed": 0, "classes": [1, 2]}}
-    p = edit(copy_export(path, tmp_path), lambda d: d["data"].update(recipe=recipe))
+    edit(p, lambda d: d["data"].update(recipe=recipe))
     m = ExportManifest.read(p)
     assert m.recipe == recipe and m.check_data()["recipe"] == recipe
     assert load_export(p) is not None
