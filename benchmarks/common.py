@@ -39,7 +39,8 @@ from typing import Any
 
 import numpy as np
 
-from space._io import atomic_write
+from search.trials import Attr, evaluated_trials
+from space.files import atomic_write
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -646,20 +647,16 @@ def search_run(
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     name = optuna.get_all_study_names(storage)[0]
     st = optuna.load_study(study_name=name, storage=storage)
-    evaluated = [
-        t
-        for t in st.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if "duplicate_of" not in t.user_attrs
-    ]
+    evaluated = evaluated_trials(st)
     rows = []
     for t in evaluated:
         rows.append(
             {
                 "number": t.number,
-                "key": t.user_attrs.get("key"),
-                "trial_seconds": t.user_attrs.get("trial_seconds"),
-                "fit_seconds": t.user_attrs.get("fit_seconds"),
-                "eval_seconds": t.user_attrs.get("eval_seconds"),
+                "key": t.user_attrs.get(Attr.KEY),
+                "trial_seconds": t.user_attrs.get(Attr.TRIAL_SECONDS),
+                "fit_seconds": t.user_attrs.get(Attr.FIT_SECONDS),
+                "eval_seconds": t.user_attrs.get(Attr.EVAL_SECONDS),
                 "duration": t.duration.total_seconds() if t.duration else None,
                 "start": t.datetime_start.timestamp(),
                 "complete": t.datetime_complete.timestamp(),

@@ -24,6 +24,12 @@ from evaluators.data import (
     make_splits,
     synthetic_splits,
 )
+from evaluators.finetune import (
+    FinetuneResult,
+    FinetuneSettings,
+    finetune_stitch_layer,
+    train_subset,
+)
 from evaluators.fit import (
     Accuracy,
     AccuracyReport,
@@ -54,6 +60,8 @@ __all__ = [
     "DataRecipe",
     "DataSplits",
     "DatasetLoader",
+    "FinetuneResult",
+    "FinetuneSettings",
     "FitResult",
     "LatencyResult",
     "MemoryResult",
@@ -71,6 +79,7 @@ __all__ = [
     "evaluate_candidate",
     "fashion_mnist_splits",
     "find_fashion_mnist",
+    "finetune_stitch_layer",
     "fit_stitch",
     "imagefolder_splits",
     "linear_cka",
@@ -83,5 +92,6 @@ __all__ = [
     "stitched_param_counts",
     "stitched_parameters",
     "synthetic_splits",
+    "train_subset",
     "used_parameters",
 ]

@@ -25,6 +25,7 @@ from torch import nn
 
 from evaluators.cka import anchor_identity
 from evaluators.data import DataSplits
+from evaluators.finetune import FinetuneSettings, finetune_stitch_layer
 from evaluators.fit import accuracy, fit_stitch
 from evaluators.latency import measure_latency, measure_memory
 from evaluators.macs import (
@@ -64,8 +65,10 @@ class CandidateResult:
         activation_mb: The peak activation part of ``memory_mb``.
         cka: CKA at the stitch point (front cut ``k`` vs back cut ``j``), when given.
         fit_residual: Least-squares relative residual per linear part of the stitch.
-        fit_steps: Fine-tuning steps of the stitching layer.
-        fit_seconds: Time of least squares and fine-tuning.
+        fit_steps: Fine-tuning steps of the stitching layer on calibration images.
+        fit_seconds: Time of least squares and fine-tuning on calibration images.
+        finetune: Rung 1, stitch-only fine-tuning on training images: the settings and
+            :class:`evaluators.FinetuneResult` (``{"settings": ..., **result}``), or None.
         eval_seconds: Time of everything else (accuracy, MACs, params, latency, memory).
         val_images: Validation images evaluated.
         device: Where the candidate ran.
@@ -98,6 +101,7 @@ class CandidateResult:
     val_images: int
     device: str
     threads: int
+    finetune: dict[str, Any] | None = None
     net: nn.Module | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -185,6 +189,8 @@ def evaluate_candidate(
     device: str | torch.device = "cpu",
     threads: int | None = None,
     latency_seconds: float = 1.0,
+    finetune: FinetuneSettings | None = None,
+    teacher: nn.Module | None = None,
 ) -> CandidateResult:
     """Builds, fits and measures one candidate.
 
@@ -205,6 +211,9 @@ def evaluate_candidate(
         threads: ``torch.set_num_threads`` for the evaluation (the caller's CPU share);
             restored afterwards.
         latency_seconds: Time cap of each latency measurement.
+        finetune: Rung 1: after least squares, fine-tune the stitching layer alone on
+            ``data.train`` with these settings (stitches only; ignored for an anchor).
+        teacher: The model to distil from when ``finetune.distill > 0``.
 
     Returns:
         The result; ``result.net`` holds the fitted network.
@@ -242,6 +251,14 @@ def evaluate_candidate(
         net = build_stitched(front, back, candidate)
         fit = fit_stitch(net, data.calibration, steps=fit_steps, lr=fit_lr, device=dev)
         fit_seconds = time.perf_counter() - t0
+        tuned = None
+        if finetune is not None:
+            if data.train is None:
+                raise ValueError(
+                    f"fine-tuning needs training images, but the {data.name!r} splits have none"
+                )
+            result = finetune_stitch_layer(net, data.train, finetune, teacher=teacher, device=dev)
+            tuned = {"settings": finetune.to_dict(), **result.to_dict()}
         t1 = time.perf_counter()
         val = accuracy(net, data.validation, device=dev, input_size=net.input_size)
         tst = accuracy(net, data.test, device=dev, input_size=net.input_size) if test else None
@@ -278,6 +295,7 @@ def evaluate_candidate(
             val_images=val.num_images,
             device=str(dev),
             threads=n_threads,
+            finetune=tuned,
             net=net,
         )
 

@@ -26,7 +26,13 @@ class Progress:
     """A live progress line: trials done of total, best so far per objective, time left."""
 
     def __init__(
-        self, total: int, done: int, objectives: list[str], stream: IO[str] | None = None
+        self,
+        total: int,
+        done: int,
+        objectives: list[str],
+        stream: IO[str] | None = None,
+        *,
+        desc: str = "trials",
     ) -> None:
         stream = sys.stderr if stream is None else stream
         self.objectives = objectives
@@ -34,7 +40,7 @@ class Progress:
         self.bar = tqdm(
             total=total,
             initial=min(done, total),
-            desc="trials",
+            desc=desc,
             unit="trial",
             file=stream,
             dynamic_ncols=True,

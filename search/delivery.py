@@ -24,12 +24,13 @@ from safetensors.torch import save_file
 from search.budgets import DeviceBudget, format_quantity, safe_filename
 from search.onnx import write_onnx
 from search.plan import Plan
+from search.promotion import best_rung, rung1_trials, teacher_of
 from search.report import write_report
 from search.selection import select_per_device
 from search.storage import masked_url
-from search.trials import Attr, budget_metrics, candidate_of, evaluated_trials
+from search.trials import Attr, budget_metrics, candidate_of, evaluated_trials, rung_of
 from space import EXPORT_FORMAT, AnchorRecord, ExportManifest, StitchRecord
-from space._io import atomic_path, atomic_write
+from space.files import atomic_path, atomic_write
 
 
 def write_export(
@@ -104,15 +105,11 @@ def write_export(
             "batch_size": plan.study.data.batch_size,
             "recipe": plan.data.recipe.to_dict(),
         },
-        fit={
-            "calibration_images": plan.data.calibration.num_images,
-            "steps": plan.study.fit.steps,
-            "lr": plan.study.fit.lr,
-        },
+        fit=_fit_record(plan, trial),
         study={
             "name": plan.study.name,
             "storage": masked_url(plan.storage_url),
-            "trial_number": trial.number,
+            "trial_number": attrs.get(Attr.RUNG0_TRIAL, trial.number),
             "objectives": list(plan.study.objectives),
             "evaluated_trials": n_evaluated,
         },
@@ -120,6 +117,28 @@ def write_export(
     path = export_dir / f"{stem}.json"
     atomic_write(path, manifest.to_json())
     return path
+
+
+def _fit_record(plan: Plan, trial: FrozenTrial) -> dict[str, Any]:
+    """How the exported stitching layer was fitted: least squares, then rung 1 if reached."""
+    record: dict[str, Any] = {
+        "calibration_images": plan.data.calibration.num_images,
+        "steps": plan.study.fit.steps,
+        "lr": plan.study.fit.lr,
+        "rung": rung_of(trial),
+    }
+    if rung_of(trial):
+        attrs = trial.user_attrs
+        record["finetune"] = {
+            **attrs.get(Attr.FINETUNE, {}),
+            "train_images": train.num_images if (train := plan.trial_data().train) else None,
+            "rung1_trial": trial.number,
+            "rung0_val_acc": attrs.get(Attr.RUNG0_VAL_ACC),
+            "loss_first": attrs.get(Attr.LOSS_FIRST),
+            "loss_last": attrs.get(Attr.LOSS_LAST),
+            "seconds": attrs.get(Attr.FINETUNE_SECONDS),
+        }
+    return record
 
 
 STAGING_PREFIX = ".exports-"
@@ -161,23 +180,40 @@ def publish(staging: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def trial_rows(study: optuna.Study, pareto: set[int]) -> list[dict[str, Any]]:
-    """Trials as plain rows for the report."""
+def _row_id(trial: FrozenTrial) -> str:
+    """A trial's id in the report: ``#12`` at rung 0, ``#12 fine-tuned`` for its rung-1 trial."""
+    if rung_of(trial):
+        return f"#{trial.user_attrs.get(Attr.RUNG0_TRIAL)} fine-tuned"
+    return f"#{trial.number}"
+
+
+def trial_rows(
+    study: optuna.Study, pareto: set[int], rung1: optuna.Study | None = None
+) -> list[dict[str, Any]]:
+    """Trials of both rungs as plain rows for the report.
+
+    A rung-1 row carries ``rung`` 1, the rung-0 trial it fine-tuned (``rung0``) and that
+    trial's least-squares accuracy (``rung0_val_acc``).
+    """
     rows = []
-    for t in study.get_trials(deepcopy=False):
+    finetuned = rung1.get_trials(deepcopy=False) if rung1 is not None else []
+    for t in [*study.get_trials(deepcopy=False), *finetuned]:
         a = t.user_attrs
         rows.append(
             {
-                "number": t.number,
+                "id": _row_id(t),
+                "number": a.get(Attr.RUNG0_TRIAL, t.number),
+                "rung": rung_of(t),
                 "state": t.state.name,
                 "val_acc": a.get(Attr.VAL_ACC),
+                "rung0_val_acc": a.get(Attr.RUNG0_VAL_ACC),
                 "macs": a.get(Attr.MACS),
                 "params": a.get(Attr.PARAMS),
                 "latency_ms": a.get(Attr.LATENCY_MS),
                 "label": a.get(Attr.LABEL, ""),
                 "kind": a.get(Attr.KIND, "stitch"),
                 "feasible": a.get(Attr.FEASIBLE),
-                "pareto": t.number in pareto,
+                "pareto": not rung_of(t) and t.number in pareto,
                 "cka": a.get(Attr.CKA),
                 "reason": a.get(Attr.PRUNED_REASON) or a.get(Attr.FAIL_REASON),
             }
@@ -199,9 +235,13 @@ def finish(
     *,
     interrupted: bool,
     complete: bool = True,
+    rung1: optuna.Study | None = None,
     log: Callable = print,
 ) -> int:
     """Selects per device, measures test accuracy, writes exports, report and summary.
+
+    Every candidate counts at the highest rung it reached: a stitch fine-tuned at rung 1 is
+    chosen, re-measured and exported as fine-tuned.
 
     Args:
         plan: The run's plan.
@@ -209,12 +249,15 @@ def finish(
         stats: This run's counts (completed, failed, pruned, ...).
         interrupted: The run was interrupted: print the summary, write no exports.
         complete: The study holds the requested evaluations (exports are final).
+        rung1: The rung-1 (fine-tuning) study, when the study has one.
         log: Prints a progress line.
 
     Returns:
         The exit code: 0, or 130 when interrupted.
     """
     trials = evaluated_trials(study)
+    finetuned = rung1_trials(rung1) if rung1 is not None else []
+    candidates = best_rung(trials, finetuned)
     all_trials = study.get_trials(deepcopy=False)
     counts = {s.name: sum(1 for t in all_trials if t.state == s) for s in TrialState}
     pareto = {t.number for t in study.best_trials} if trials else set()
@@ -226,7 +269,12 @@ def finish(
         f"{stats.get('failed', 0)} failed"
         + (f", {stats['interrupted']} stopped in flight" if stats.get("interrupted") else "")
         + f"; all trials: {counts['COMPLETE']} complete, "
-        f"{counts['PRUNED']} pruned, {counts['FAIL']} failed, {counts['RUNNING']} running",
+        f"{counts['PRUNED']} pruned, {counts['FAIL']} failed, {counts['RUNNING']} running"
+        + (
+            f"; rung 1: {len(finetuned)} fine-tuned ({stats.get('finetuned', 0)} this run)"
+            if rung1 is not None
+            else ""
+        ),
         file=out,
         flush=True,
     )
@@ -237,8 +285,12 @@ def finish(
             file=out,
             flush=True,
         )
-    chosen = select_per_device(trials, plan.budgets)
-    context = plan.trial_context(threads=os.cpu_count() or 1)
+    chosen = select_per_device(candidates, plan.budgets)
+    # The workers' thread count: fine-tuning then reproduces the trial's weights exactly.
+    threads = max(1, (os.cpu_count() or 1) // plan.workers)
+    context = plan.trial_context(
+        threads=threads, rung=1 if rung1 is not None else 0, teacher=teacher_of(plan, study)
+    )
     export_dir = staging_dir(plan.out, plan.driver_id)
     final_dir = plan.out / "exports"
     if not interrupted:
@@ -248,6 +300,7 @@ def finish(
         [
             "device",
             "trial",
+            "rung",
             "configuration",
             "val acc",
             "test acc",
@@ -269,18 +322,19 @@ def finish(
         t = chosen[b.device]
         if t is None:
             rows.append(
-                [b.device, "-", "nothing fits this device's budget", "", "", "", "", "", ""]
+                [b.device, "-", "", "nothing fits this device's budget", "", "", "", "", "", ""]
             )
             continue
         metrics = budget_metrics(t.user_attrs)
         head = b.headroom(metrics)
         test = ""
         if not interrupted:
-            if t.number not in results:
-                results[t.number] = context.evaluate(
-                    candidate_of(t), plan.anchors, test=True, measure_latency=False
+            rung = rung_of(t)
+            if (rung, t.number) not in results:
+                results[rung, t.number] = context.evaluate(
+                    candidate_of(t), plan.anchors, test=True, measure_latency=False, rung=rung
                 )
-            res = results[t.number]
+            res = results[rung, t.number]
             test = f"{res.test_acc:.2f}%"
             exports.append(
                 write_export(
@@ -297,7 +351,8 @@ def finish(
         rows.append(
             [
                 b.device,
-                str(t.number),
+                str(t.user_attrs.get(Attr.RUNG0_TRIAL, t.number)),
+                "fine-tuned" if rung_of(t) else "least sq.",
                 t.user_attrs.get(Attr.LABEL, ""),
                 f"{t.user_attrs[Attr.VAL_ACC]:.2f}%",
                 test,
@@ -321,10 +376,10 @@ def finish(
     if plan.report and not interrupted:
         report = write_report(
             plan.out / "report.html",
-            trial_rows(study, pareto),
+            trial_rows(study, pareto, rung1),
             plan.budgets,
             study_name=plan.study.name,
-            chosen={d: (t.number if t is not None else None) for d, t in chosen.items()},
+            chosen={d: _row_id(t) if t is not None else None for d, t in chosen.items()},
         )
         print(f"report: {report}", file=out)
     for p in exports:
@@ -332,4 +387,6 @@ def finish(
         if plan.onnx:
             print(f"onnx: {write_onnx(p, p.with_suffix('.onnx'))}", file=out)
     print(f"dashboard: optuna-dashboard {plan.storage_url}", file=out)
+    if rung1 is not None:
+        print(f"  (rung 1, fine-tuned: study {rung1.study_name!r} in the same storage)", file=out)
     return 130 if interrupted else 0

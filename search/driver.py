@@ -28,6 +28,7 @@ from search.candidates import PruningRule, SearchSpace
 from search.console import Progress, SignalGuard
 from search.liveness import fail_stale_trials
 from search.plan import Plan
+from search.promotion import Rung1Searcher, promotion_order, rung1_trials, teacher_of
 from search.searcher import RetryCounter, SearcherSettings, StitchSearcher
 from search.trials import Attr, evaluated_trials
 from search.worker import WorkerJob, trainable
@@ -48,6 +49,9 @@ class RunState:
         pruned_recorded: CKA-pruned points this driver recorded while setting up the study.
         started_ray: This run started the local Ray cluster (and stops it at the end).
         logged_pruning: The CKA rule's effect was reported already.
+        rung1_searchers: The rung-1 searcher of this run (fine-tuning), if rung 1 ran.
+        rung1_promoted: Stitches the promotion rule selected (before the budget).
+        rung1_complete: Rung 1 fine-tuned everything promoted within its budget.
     """
 
     searchers: list[StitchSearcher] = dataclasses.field(default_factory=list)
@@ -56,6 +60,9 @@ class RunState:
     pruned_recorded: int = 0
     started_ray: bool = False
     logged_pruning: bool = False
+    rung1_searchers: list[Rung1Searcher] = dataclasses.field(default_factory=list)
+    rung1_promoted: int = 0
+    rung1_complete: bool = False
 
     def stats(self) -> dict[str, int]:
         """Counts over all rounds."""
@@ -63,6 +70,8 @@ class RunState:
         out = {k: sum(getattr(s, k) for s in self.searchers) for k in keys}
         out["pruned"] += self.pruned_recorded
         out["interrupted"] = len(self.interrupted_trials)
+        out["finetuned"] = sum(s.completed for s in self.rung1_searchers)
+        out["finetune_failed"] = sum(s.failed for s in self.rung1_searchers)
         return out
 
 
@@ -170,13 +179,10 @@ def _search_round(
     log: Callable[..., Any],
 ) -> StitchSearcher:
     """One Ray Tune run: trials until this driver has nothing left to start."""
-    cpus = max(1, (os.cpu_count() or 1) // plan.workers)
-    use_gpu = torch.cuda.is_available()
-    state.started_ray = start_ray(plan, cpus) or state.started_ray
-    if plan.ray_address:
-        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)) // plan.workers)
-    ctx = plan.trial_context(threads=cpus, use_gpu=use_gpu)
-    job = WorkerJob.build(ctx, plan.study.trial_timeout_s)
+    cpus, use_gpu = _worker_share(plan, state)
+    job = WorkerJob.build(
+        plan.trial_context(threads=cpus, use_gpu=use_gpu), plan.study.trial_timeout_s
+    )
     settings = SearcherSettings(
         objectives=plan.study.objectives,
         budgets=plan.budgets,
@@ -204,7 +210,31 @@ def _search_round(
             "stitch points (recorded as PRUNED trials)"
         )
     state.searchers.append(searcher)
+    _tune(plan, searcher, job, cpus, use_gpu, name="ray")
+    return searcher
+
+
+def _worker_share(plan: Plan, state: RunState) -> tuple[int, bool]:
+    """Starts or joins Ray; returns each trial's CPU threads and whether it gets a GPU."""
+    cpus = max(1, (os.cpu_count() or 1) // plan.workers)
+    state.started_ray = start_ray(plan, cpus) or state.started_ray
+    if plan.ray_address:
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)) // plan.workers)
+    return cpus, torch.cuda.is_available()
+
+
+def _tune(
+    plan: Plan,
+    searcher: StitchSearcher | Rung1Searcher,
+    job: WorkerJob,
+    cpus: int,
+    use_gpu: bool,
+    *,
+    name: str,
+) -> None:
+    """One Ray Tune run of ``searcher``'s trials, each pinned to its CPU (or GPU) share."""
     resources = {"cpu": cpus, "gpu": 1.0 / plan.workers if use_gpu else 0}
+    callbacks = [RetryCounter(searcher)] if isinstance(searcher, StitchSearcher) else []
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(trainable, job=job), resources),
         tune_config=tune.TuneConfig(
@@ -214,18 +244,90 @@ def _search_round(
             reuse_actors=True,
         ),
         run_config=tune.RunConfig(
-            name=f"ray-{time.strftime('%Y%m%d-%H%M%S')}-{plan.driver_id[:8]}",
+            name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{plan.driver_id[:8]}",
             storage_path=str((plan.out / "ray").resolve()),
             verbose=0,
             failure_config=tune.FailureConfig(max_failures=plan.study.max_retries),
-            callbacks=[RetryCounter(searcher)],
+            callbacks=callbacks,
             log_to_file=True,
         ),
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tuner.fit()
-    return searcher
+
+
+def run_rung1(
+    plan: Plan,
+    study: optuna.Study,
+    rung1: optuna.Study,
+    space: SearchSpace,
+    *,
+    state: RunState,
+    guard: SignalGuard | None = None,
+    log: Callable[..., Any] = print,
+) -> RunState:
+    """Rung 1: fine-tunes the promoted rung-0 stitches, within the rung-1 budget.
+
+    Candidates fine-tuned before (by this or an earlier run) are not redone, so a rerun after
+    a crash finishes what is missing.
+    """
+    ft = plan.study.finetune
+    done = {t.user_attrs.get(Attr.KEY) for t in rung1_trials(rung1)}
+    order = promotion_order(
+        evaluated_trials(study),
+        plan.budgets,
+        per_device=ft.promote.per_device,
+        front=study.best_trials if ft.promote.front else (),
+    )
+    todo = [t for t in order if t.user_attrs[Attr.KEY] not in done]
+    room = max(0, ft.max_trials - len(done))
+    state.rung1_promoted = len(order)
+    if not todo or not room:
+        if not todo:
+            log(f"rung 1: {len(done)} stitch(es) fine-tuned; every promoted stitch is done")
+        else:
+            log(f"rung 1: {len(done)} fine-tuned; its budget ({ft.max_trials} trials) is spent")
+        state.rung1_complete = True
+        return state
+    todo = todo[:room]
+    log(
+        f"rung 1: fine-tuning {len(todo)} promoted stitch(es) ({len(done)} done before; "
+        f"budget {ft.max_trials} trials"
+        + (f", {ft.max_seconds:g} s" if ft.max_seconds else "")
+        + f"; {ft.steps} steps of {ft.batch_size} training images each)"
+    )
+    cpus, use_gpu = _worker_share(plan, state)
+    context = plan.trial_context(
+        threads=cpus, use_gpu=use_gpu, rung=1, teacher=teacher_of(plan, study)
+    )
+    job = WorkerJob.build(context, plan.study.trial_timeout_s)
+    progress = Progress(
+        len(done) + len(todo), len(done), list(plan.study.objectives), desc="fine-tune"
+    )
+    progress.seed(rung1_trials(rung1))
+    deadline = time.monotonic() + ft.max_seconds if ft.max_seconds else None
+    searcher = Rung1Searcher(
+        rung1,
+        space,
+        todo,
+        budgets=plan.budgets,
+        objectives=plan.study.objectives,
+        driver_id=plan.driver_id,
+        max_trials=ft.max_trials,
+        deadline=deadline,
+        on_event=progress,
+        guard=guard.critical if guard is not None else None,
+    )
+    state.rung1_searchers.append(searcher)
+    try:
+        _tune(plan, searcher, job, cpus, use_gpu, name="ray-rung1")
+    finally:
+        progress.close()
+    if searcher.out_of_time:
+        log(f"rung 1: stopped promoting after {ft.max_seconds:g} s (finetune.max_seconds)")
+    state.rung1_complete = not searcher.queue or searcher.out_of_time
+    return state
 
 
 def _wait_for_other_drivers(

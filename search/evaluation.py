@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from evaluators import CandidateResult, DataSplits, evaluate_candidate
-from search.trials import Attr
+from evaluators import CandidateResult, DataSplits, FinetuneSettings, evaluate_candidate
+from search.trials import Attr, finetune_attrs
 from space import Anchor, Candidate, load_anchor
 
 
@@ -43,6 +43,9 @@ class TrialContext:
         latency_batch: Batch size of the extra latency measurement.
         threads: Torch threads per trial (the trial's CPU share).
         use_gpu: Evaluate on the GPU when the worker has one.
+        finetune: Rung 1's stitch-only fine-tuning settings (``data.train`` holds its
+            training images), or None when the study has no rung 1.
+        teacher: The anchor distilled from at rung 1 (``finetune.distill > 0``).
     """
 
     anchors: dict[str, dict[str, Any]]
@@ -52,6 +55,8 @@ class TrialContext:
     latency_batch: int = 1
     threads: int = 1
     use_gpu: bool = False
+    finetune: FinetuneSettings | None = None
+    teacher: str | None = None
     _cache_key: str = field(default="", repr=False)
 
     def __post_init__(self) -> None:
@@ -66,8 +71,19 @@ class TrialContext:
         device: str = "cpu",
         test: bool = False,
         measure_latency: bool = True,
+        rung: int = 0,
     ) -> CandidateResult:
-        """Evaluates ``candidate`` with this context's data and fitting settings."""
+        """Evaluates ``candidate`` with this context's data and fitting settings.
+
+        Rung 0 fits the stitching layer by least squares; rung 1 then fine-tunes it on the
+        training images (``result.finetune``). Anchors are the same at every rung.
+        """
+        tune = self.finetune if rung >= 1 and not candidate.is_anchor else None
+        if rung >= 1 and self.finetune is None:
+            raise ValueError("rung 1 needs the study's finetune settings")
+        teacher = None
+        if tune is not None and tune.distill > 0 and self.teacher is not None:
+            teacher = anchors[self.teacher].model
         return evaluate_candidate(
             candidate.config,
             anchors,
@@ -80,6 +96,8 @@ class TrialContext:
             test=test,
             device=device,
             threads=self.threads,
+            finetune=tune,
+            teacher=teacher,
         )
 
 
@@ -118,11 +136,20 @@ def run_candidate(
         device = "cuda" if ctx.use_gpu and torch.cuda.is_available() else "cpu"
         candidate = Candidate.from_json(config["candidate"])
         _inject(fault)
-        result = ctx.evaluate(candidate, _anchors(ctx), cka=config.get("cka"), device=device)
+        rung = int(config.get("rung", 0))
+        result = ctx.evaluate(
+            candidate,
+            _anchors(ctx),
+            cka=config.get("cka"),
+            device=device,
+            rung=rung,
+            measure_latency=rung == 0,  # rung 1 keeps rung 0's costs (same architecture)
+        )
         out = result.to_dict()
         out = {
             k: v for k, v in out.items() if not isinstance(v, dict | list) or k == "fit_residual"
         }
+        out.update(finetune_attrs(result.finetune))
         if isinstance(out.get("fit_residual"), dict):
             out["fit_residual"] = {k: float(v) for k, v in out["fit_residual"].items()}
         if fault == "nan":

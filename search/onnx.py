@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from space import EXPORT_FORMAT, LoadedExport, read_export
-from space._io import atomic_path
+from space.files import atomic_path
 
 #: ONNX opset written by default: 17 has LayerNormalization as one op (ViTs, ConvNeXt) and
 #: is read by onnxruntime >= 1.13, TensorRT >= 8.6 and OpenVINO >= 2022.3.

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from evaluators import DataRecipe, DataSplits, make_splits
+from evaluators import DataRecipe, DataSplits, FinetuneSettings, make_splits
 from search.budgets import DeviceBudget, load_budget_table, safe_filename
 from search.evaluation import TrialContext
 from search.storage import storage_url
@@ -152,28 +152,68 @@ class Plan:
     driver_id: str
     command: str
 
-    def trial_context(self, *, threads: int, use_gpu: bool = False) -> TrialContext:
+    def trial_context(
+        self,
+        *,
+        threads: int,
+        use_gpu: bool = False,
+        rung: int = 0,
+        teacher: str | None = None,
+    ) -> TrialContext:
         """What every evaluation of this run shares: data, fitting and latency settings.
 
         The one place the study's evaluation settings are unpacked; the workers and the
         re-measurement of each device's pick both evaluate through it.
+
+        Args:
+            threads: Torch threads per evaluation.
+            use_gpu: Evaluate on the GPU when there is one.
+            rung: The highest rung evaluated with it; rung 1 ships the training images.
+            teacher: The anchor rung 1 distils from (when ``finetune.distill > 0``).
         """
+        ft = self.study.finetune
         return TrialContext(
             anchors=dict(self.anchor_kwargs),
-            data=self.trial_data(),
+            data=self.trial_data(train=rung >= 1),
             fit_steps=self.study.fit.steps,
             fit_lr=self.study.fit.lr,
             latency_batch=self.study.latency_batch,
             threads=threads,
             use_gpu=use_gpu,
+            finetune=self.finetune_settings() if ft.enabled and rung >= 1 else None,
+            teacher=teacher,
         )
 
-    def trial_data(self) -> DataSplits:
-        """The data splits trials use: calibration cut to the fitting size, no train split."""
+    def finetune_settings(self) -> FinetuneSettings:
+        """Rung 1's fine-tuning settings, from the study's ``finetune`` section."""
+        ft = self.study.finetune
+        return FinetuneSettings(
+            steps=ft.steps,
+            batch_size=ft.batch_size,
+            lr=ft.lr,
+            weight_decay=ft.weight_decay,
+            schedule=ft.schedule,
+            warmup=ft.warmup,
+            distill=ft.distill,
+            temperature=ft.temperature,
+            seed=ft.seed,
+        )
+
+    def trial_data(self, *, train: bool = True) -> DataSplits:
+        """The data splits trials use.
+
+        Calibration is cut to the fitting size. The training split (its first
+        ``finetune.train_images`` images) is kept when the study fine-tunes and ``train``
+        (rung 1), else dropped: the splits are shipped to every worker.
+        """
+        ft = self.study.finetune
+        split = self.data.train if train and ft.enabled else None
+        if split is not None and split.num_images > ft.train_images:
+            split = split.subset(ft.train_images)
         return dataclasses.replace(
             self.data,
             calibration=self.data.calibration.subset(self.study.data.calibration),
-            train=None,
+            train=split,
         )
 
 

@@ -20,7 +20,14 @@ from optuna.trial import TrialState
 from search import optuna_access
 from search.budgets import DeviceBudget, constraint_value, fitting_devices
 from search.pruning import CkaMatrices, cka_at
-from search.trials import OBJECTIVES, RESULT_ATTRS, Attr, annotation, budget_metrics
+from search.trials import (
+    OBJECTIVES,
+    RESULT_ATTRS,
+    Attr,
+    annotation,
+    budget_metrics,
+    unflatten,
+)
 from space import Candidate
 
 #: The name of the budget constraint (``trial.constraints``).
@@ -122,6 +129,7 @@ class Recorder:
         Returns:
             False when another driver finished the trial first (took this driver for dead).
         """
+        result = unflatten(result)
 
         def write() -> None:
             for k, v in result.items():

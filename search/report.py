@@ -1,7 +1,11 @@
 """A self-contained HTML report of a study: accuracy against MACs, budgets and per-device picks.
 
 The page embeds plotly.js, so it opens offline. Every user-given string (device names,
-configuration labels, reasons) is HTML-escaped.
+configuration labels, reasons) is HTML-escaped. Both rungs are drawn: least-squares trials
+by status, fine-tuned (rung-1) trials as diamonds with an arrow from their rung-0 point.
+
+(Over 500 lines: it is one page whose figure and tables share the row format and the
+escaping helpers; splitting it would scatter one format over several modules.)
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import Any
 import plotly.graph_objects as go
 
 from search.budgets import DeviceBudget, format_quantity
-from space._io import atomic_write
+from space.files import atomic_write
 
 #: Marker style per plotted status: (legend name, colour, symbol).
 _STATUS_STYLE: dict[str, tuple[str, str, str]] = {
@@ -125,9 +129,94 @@ def _status(trial: Mapping[str, Any]) -> str | None:
     return None
 
 
+_PLOTTED = ("feasible", "infeasible", "unchecked")
+_RUNG1_COLOUR = "#b8860b"
+
+
+def row_id(row: Mapping[str, Any] | int | str) -> str:
+    """A row's id: its ``id``, else ``#<number>`` (a trial number stands for itself)."""
+    if isinstance(row, Mapping):
+        return str(row.get("id") or f"#{row.get('number')}")
+    return row if isinstance(row, str) else f"#{row}"
+
+
+def best_rung_front(trials: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The Pareto front (accuracy up, MACs down) of the candidates at their highest rung.
+
+    Fine-tuned rows replace their rung-0 rows; rows that fit no device are left out.
+    """
+    tuned = {t["number"]: t for t in trials if t.get("rung") and _status(t) in _PLOTTED}
+    best = [
+        tuned.get(t["number"], t)
+        for t in trials
+        if not t.get("rung") and _status(t) in ("feasible", "unchecked")
+    ]
+    best = [t for t in best if _status(t) in ("feasible", "unchecked")]
+    front = []
+    for t in sorted(best, key=lambda t: (float(t["macs"]), -float(t["val_acc"]))):
+        if not front or float(t["val_acc"]) > float(front[-1]["val_acc"]):
+            front.append(t)
+    return front
+
+
+def _add_rung1(
+    fig: go.Figure, finetuned: Sequence[Mapping[str, Any]], front: Sequence[Mapping[str, Any]]
+) -> None:
+    """Fine-tuned points, an arrow from each one's least-squares point, and their front."""
+    fig.add_trace(
+        go.Scatter(
+            x=[float(t["macs"]) for t in finetuned],
+            y=[float(t["val_acc"]) for t in finetuned],
+            mode="markers",
+            name=f"fine-tuned, rung 1 ({len(finetuned)})",
+            marker={
+                "color": _RUNG1_COLOUR,
+                "symbol": "diamond",
+                "size": 10,
+                "line": {"color": "black", "width": 1},
+            },
+            hovertext=[_hover(t) for t in finetuned],
+            hoverinfo="text",
+        )
+    )
+    for t in finetuned:
+        before = _number(t.get("rung0_val_acc"))
+        if before is None:
+            continue
+        x = math.log10(float(t["macs"]))  # annotations on a log axis take log10 positions
+        fig.add_annotation(
+            x=x,
+            y=float(t["val_acc"]),
+            ax=x,
+            ay=before,
+            xref="x",
+            yref="y",
+            axref="x",
+            ayref="y",
+            showarrow=True,
+            arrowhead=2,
+            arrowsize=1,
+            arrowwidth=1,
+            arrowcolor=_RUNG1_COLOUR,
+            opacity=0.7,
+            text="",
+        )
+    if front:
+        fig.add_trace(
+            go.Scatter(
+                x=[float(t["macs"]) for t in front],
+                y=[float(t["val_acc"]) for t in front],
+                mode="lines",
+                line={"shape": "hv", "color": _RUNG1_COLOUR, "width": 2, "dash": "dash"},
+                name=f"Pareto front after fine-tuning ({len(front)})",
+                hoverinfo="skip",
+            )
+        )
+
+
 def _hover(trial: Mapping[str, Any]) -> str:
     lines = [
-        f"<b>#{_plot_text(trial.get('number'))}</b> {_plot_text(trial.get('label', ''))}",
+        f"<b>{_plot_text(row_id(trial))}</b> {_plot_text(trial.get('label', ''))}",
         f"state: {_plot_text(trial.get('state', '?'))} ({_plot_text(trial.get('kind', '?'))})",
         f"val acc: {_fmt_acc(trial.get('val_acc'))}",
         f"MACs: {_fmt_count(trial.get('macs'))}",
@@ -139,6 +228,8 @@ def _hover(trial: Mapping[str, Any]) -> str:
         lines.append(f"fits a device: {'yes' if trial.get('feasible') else 'no'}")
     if trial.get("pareto"):
         lines.append("on the Pareto front")
+    if trial.get("rung"):
+        lines.append(f"fine-tuned (rung 1); least squares: {_fmt_acc(trial.get('rung0_val_acc'))}")
     if trial.get("reason"):
         lines.append(f"reason: {_plot_text(trial['reason'])}")
     return "<br>".join(lines)
@@ -170,8 +261,10 @@ def _figure(
     def y_of(trial: Mapping[str, Any]) -> float:
         return strip if _status(trial) == "pruned" else float(trial["val_acc"])
 
+    rung0 = [t for t in trials if not t.get("rung")]
+    finetuned = [t for t in trials if t.get("rung") and _status(t) in _PLOTTED]
     for status, (name, colour, symbol) in _STATUS_STYLE.items():
-        group = [t for t in trials if _status(t) == status]
+        group = [t for t in rung0 if _status(t) == status]
         if not group:
             continue
         fig.add_trace(
@@ -186,7 +279,10 @@ def _figure(
             )
         )
 
-    anchors = [t for t in trials if t.get("kind") == "anchor" and _status(t) is not None]
+    if finetuned:
+        _add_rung1(fig, finetuned, best_rung_front(trials))
+
+    anchors = [t for t in rung0 if t.get("kind") == "anchor" and _status(t) is not None]
     if anchors:
         fig.add_trace(
             go.Scatter(
@@ -210,12 +306,12 @@ def _figure(
         )
 
     front = sorted(
-        (t for t in trials if t.get("pareto") and _status(t) in ("feasible", "unchecked")),
+        (t for t in rung0 if t.get("pareto") and _status(t) in ("feasible", "unchecked")),
         key=lambda t: float(t["macs"]),
     )
     if not front:  # Pareto flags may be set on trials that fit no device.
         front = sorted(
-            (t for t in trials if t.get("pareto") and _status(t) == "infeasible"),
+            (t for t in rung0 if t.get("pareto") and _status(t) == "infeasible"),
             key=lambda t: float(t["macs"]),
         )
     if front:
@@ -225,7 +321,9 @@ def _figure(
                 y=[float(t["val_acc"]) for t in front],
                 mode="lines",
                 line={"shape": "hv", "color": "#1f77b4", "width": 2},
-                name=f"Pareto front ({len(front)})",
+                name=f"Pareto front ({len(front)})"
+                if not finetuned
+                else f"Pareto front, least squares ({len(front)})",
                 hoverinfo="skip",
             )
         )
@@ -252,14 +350,14 @@ def _figure(
                 )
             )
         number = chosen.get(budget.device)
-        pick = by_number.get(number) if number is not None else None
+        pick = by_number.get(row_id(number)) if number is not None else None
         if pick is not None and _status(pick) is not None:
             fig.add_trace(
                 go.Scatter(
                     x=[float(pick["macs"])],
                     y=[y_of(pick)],
                     mode="markers+text",
-                    text=[f"{name} → #{pick.get('number')}"],
+                    text=[f"{name} → {_plot_text(row_id(pick))}"],
                     textposition="bottom right" if i % 2 else "top left",
                     textfont={"color": colour, "size": 11},
                     marker={
@@ -268,7 +366,7 @@ def _figure(
                         "color": colour,
                         "line": {"color": "white", "width": 1},
                     },
-                    name=f"{name}: chosen #{pick.get('number')}",
+                    name=f"{name}: chosen {_plot_text(row_id(pick))}",
                     legendgroup=group,
                     hovertext=f"chosen for {name}<br>{_hover(pick)}",
                     hoverinfo="text",
@@ -336,8 +434,8 @@ def _table(header: Sequence[str], rows: Sequence[str]) -> str:
 
 def _chosen_table(
     budgets: Sequence[DeviceBudget],
-    chosen: Mapping[str, int | None],
-    by_number: Mapping[int, Mapping[str, Any]],
+    chosen: Mapping[str, int | str | None],
+    by_number: Mapping[str, Mapping[str, Any]],
 ) -> str:
     devices: list[tuple[str, DeviceBudget | None]] = [(b.device, b) for b in budgets]
     known = {b.device for b in budgets}
@@ -345,22 +443,24 @@ def _chosen_table(
     rows = []
     for device, budget in devices:
         number = chosen.get(device)
-        trial = by_number.get(number) if number is not None else None
+        trial = by_number.get(row_id(number)) if number is not None else None
         budget_cell = _cell(_esc(_budget_text(budget)) if budget else "—")
         if number is None:
             config = '<td class="none" colspan="5">nothing fits this device</td>'
             rows.append(f"<tr><td>{_esc(device)}</td><td>—</td>{config}{budget_cell}</tr>")
             continue
         if trial is None:
-            config = f'<td class="none" colspan="5">trial #{_esc(number)} is not in this study</td>'
+            missing = f"trial {_esc(row_id(number))} is not in this study"
+            config = f'<td class="none" colspan="5">{missing}</td>'
             rows.append(
-                f"<tr><td>{_esc(device)}</td><td>#{_esc(number)}</td>{config}{budget_cell}</tr>"
+                f"<tr><td>{_esc(device)}</td><td>{_esc(row_id(number))}</td>"
+                f"{config}{budget_cell}</tr>"
             )
             continue
         rows.append(
             "<tr>"
             f"<td>{_esc(device)}</td>"
-            f'<td class="num">#{_esc(number)}</td>'
+            f'<td class="num">{_esc(row_id(number))}</td>'
             f"<td><code>{_esc(trial.get('label', ''))}</code></td>"
             + _cell(_fmt_acc(trial.get("val_acc")), num=True)
             + _cell(_fmt_count(trial.get("macs")), num=True)
@@ -380,7 +480,7 @@ def _unplotted_table(trials: Sequence[Mapping[str, Any]]) -> str:
             continue
         rows.append(
             "<tr>"
-            f'<td class="num">#{_esc(t.get("number"))}</td>'
+            f'<td class="num">{_esc(row_id(t))}</td>'
             f"<td>{_esc(t.get('state', '?'))}</td>"
             f"<td><code>{_esc(t.get('label', ''))}</code></td>"
             + _cell(_fmt_count(t.get("macs")), num=True)
@@ -398,9 +498,9 @@ def _page(
     study_name: str,
     trials: Sequence[Mapping[str, Any]],
     budgets: Sequence[DeviceBudget],
-    chosen: Mapping[str, int | None],
+    chosen: Mapping[str, int | str | None],
 ) -> str:
-    by_number = {t["number"]: t for t in trials if t.get("number") is not None}
+    by_number = {row_id(t): t for t in trials if t.get("number") is not None}
     fig = _figure(trials, budgets, chosen, by_number)
     plot = fig.to_html(
         full_html=False,
@@ -445,7 +545,7 @@ def write_report(
     budgets: Sequence[DeviceBudget],
     *,
     study_name: str,
-    chosen: Mapping[str, int | None],
+    chosen: Mapping[str, int | str | None],
     title: str | None = None,
 ) -> Path:
     """Writes a self-contained HTML report of a study.
@@ -461,9 +561,13 @@ def write_report(
         trials: One mapping per trial with ``number``, ``state``, ``val_acc``, ``macs``,
             ``params``, ``latency_ms``, ``label``, ``kind`` (``"anchor"`` or ``"stitch"``),
             ``feasible``, ``pareto``, ``cka`` and ``reason``; missing keys count as None.
+            Rows of rung 1 (fine-tuned) also carry ``rung`` (1), ``id`` and
+            ``rung0_val_acc``; they are drawn as their own markers with an arrow from the
+            least-squares point, and with the front after fine-tuning.
         budgets: The devices.
         study_name: The Optuna study's name.
-        chosen: Device name -> chosen trial number, or None when nothing fits.
+        chosen: Device name -> chosen row (its ``id``, or a trial number), or None when
+            nothing fits.
         title: The page title; defaults to one naming the study.
 
     Returns:

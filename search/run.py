@@ -8,7 +8,9 @@ The top-level sequence; each stage lives in its own module:
 2. :mod:`search.storage`: open (or resume) the Optuna study in RDB storage (SQLite under
    ``--out`` by default), enqueue the anchors, record the CKA-pruned points.
 3. :mod:`search.driver`: compute the CKA matrices, then evaluate candidates on Ray Tune
-   workers (:mod:`search.searcher`, :mod:`search.worker`) until the study holds its total;
+   workers (:mod:`search.searcher`, :mod:`search.worker`) until the study holds its total
+   (rung 0, least squares); then fine-tune the promoted stitches (rung 1,
+   :mod:`search.promotion`) in a second study, ``<name>:finetuned``;
    :mod:`search.console` shows progress and turns Ctrl-C into a clean stop;
    :mod:`search.liveness` keeps this driver's heartbeat and fails dead drivers' trials.
 4. :mod:`search.delivery`: pick per device (:mod:`search.selection`), re-measure, write
@@ -17,7 +19,10 @@ The top-level sequence; each stage lives in its own module:
 
 from __future__ import annotations
 
+import contextlib
 import sys
+
+import optuna
 
 from search import storage
 from search.candidates import PruningRule, SearchSpace
@@ -27,11 +32,13 @@ from search.driver import (
     RunState,
     cka_matrices,
     driver_seed,
+    run_rung1,
     run_search,
     shutdown_ray,
 )
 from search.liveness import Heartbeat, fail_stale_trials, live_drivers
 from search.plan import Plan, build_parser, prepare
+from search.promotion import rung1_study_name
 from search.sampler import make_sampler
 from search.trials import evaluated_trials
 from space import InputError
@@ -47,6 +54,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {one_line(str(e))}", file=sys.stderr)
         return 2
     return execute(plan)
+
+
+def _heartbeat(study: optuna.Study | None, driver_id: str) -> contextlib.AbstractContextManager:
+    """This driver's heartbeat in ``study`` (nothing when there is no such study)."""
+    return contextlib.nullcontext() if study is None else Heartbeat(study, driver_id)
 
 
 def _exit_code(signal_name: str) -> int:
@@ -73,7 +85,12 @@ def execute(plan: Plan) -> int:
             except InputError as e:
                 print(f"error: {one_line(str(e))}", file=sys.stderr)
                 return 2
-            with Heartbeat(study, plan.driver_id):
+            rung1 = None
+            if plan.study.finetune.enabled:
+                rung1, _ = storage.open_study(
+                    rdb, plan.study, plan.driver_id, name=rung1_study_name(plan.study.name)
+                )
+            with Heartbeat(study, plan.driver_id), _heartbeat(rung1, plan.driver_id):
                 newly = storage.setup_study(
                     study, space, matrices, rule, created=created, log=log, critical=guard.critical
                 )
@@ -89,6 +106,8 @@ def execute(plan: Plan) -> int:
                     )
                 clean_staging(plan.out, live=others)
                 stale = fail_stale_trials(study)
+                if rung1 is not None:
+                    stale += fail_stale_trials(rung1)
                 if stale:
                     log(f"failed {len(stale)} trial(s) left RUNNING by a stopped driver: {stale}")
                 log(
@@ -109,15 +128,20 @@ def execute(plan: Plan) -> int:
                         guard=guard,
                         log=log,
                     )
+                    if rung1 is not None:
+                        run_rung1(plan, study, rung1, space, state=state, guard=guard, log=log)
                 except KeyboardInterrupt as e:
                     interrupted = str(e) or "SIGINT"
                 finally:
                     with guard.ignored():
                         shutdown_ray(plan, state)
                         if interrupted:
-                            state.interrupted_trials = storage.fail_own_trials(
-                                study, plan.driver_id, interrupted
-                            )
+                            state.interrupted_trials = [
+                                n
+                                for s in (study, rung1)
+                                if s is not None
+                                for n in storage.fail_own_trials(s, plan.driver_id, interrupted)
+                            ]
         except KeyboardInterrupt as e:  # before the search started
             interrupted = str(e) or "SIGINT"
             with guard.ignored():
@@ -127,10 +151,13 @@ def execute(plan: Plan) -> int:
         stats = state.stats()
         if interrupted:
             with guard.ignored():
-                finish(plan, study, stats, interrupted=True, complete=False, log=log)
+                finish(plan, study, stats, interrupted=True, complete=False, rung1=rung1, log=log)
             return _exit_code(interrupted)
         try:
-            return finish(plan, study, stats, interrupted=False, complete=state.complete, log=log)
+            complete = state.complete and (rung1 is None or state.rung1_complete)
+            return finish(
+                plan, study, stats, interrupted=False, complete=complete, rung1=rung1, log=log
+            )
         except KeyboardInterrupt as e:
             log(
                 f"interrupted ({e or 'SIGINT'}) while exporting: no exports were published; "

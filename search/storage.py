@@ -99,7 +99,11 @@ def make_storage(url: str) -> optuna.storages.RDBStorage:
 
 
 def open_study(
-    storage: optuna.storages.BaseStorage, definition: Study, driver_id: str
+    storage: optuna.storages.BaseStorage,
+    definition: Study,
+    driver_id: str,
+    *,
+    name: str | None = None,
 ) -> tuple[optuna.Study, bool]:
     """Loads the study, or creates it; returns ``(study, created)``.
 
@@ -107,20 +111,23 @@ def open_study(
         storage: The storage.
         definition: The study definition (name, objectives).
         driver_id: Recorded as the creator when this driver creates the study.
+        name: The study's name in the storage (default: the definition's); the rung-1
+            study is ``search.promotion.rung1_study_name(definition.name)``.
 
     Raises:
         InputError: The stored study has other objectives.
     """
     objectives = list(definition.objectives)
+    name = definition.name if name is None else name
     try:
-        study = optuna.load_study(study_name=definition.name, storage=storage)
+        study = optuna.load_study(study_name=name, storage=storage)
     except KeyError:
         try:
             study = optuna.create_study(
-                study_name=definition.name, storage=storage, directions=definition.directions
+                study_name=name, storage=storage, directions=definition.directions
             )
         except optuna.exceptions.DuplicatedStudyError:  # another driver created it just now
-            return open_study(storage, definition, driver_id)
+            return open_study(storage, definition, driver_id, name=name)
         study.set_user_attr(StudyAttr.CREATOR, driver_id)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -133,7 +140,7 @@ def open_study(
     names = study.metric_names
     if existing != wanted or (names and list(names) != objectives):
         raise InputError(
-            f"study {definition.name!r} in the storage has objectives {names}, not "
+            f"study {name!r} in the storage has objectives {names}, not "
             f"{objectives}; use another study name or --out"
         )
     return study, False

@@ -117,6 +117,57 @@ class FitSpec(_Strict):
     lr: float = Field(default=1e-3, gt=0)
 
 
+class PromoteSpec(_Strict):
+    """Which rung-0 candidates are promoted to rung 1 (stitch-only fine-tuning).
+
+    Attributes:
+        per_device: The best feasible rung-0 stitches per device (by validation accuracy).
+        front: Also promote the stitches on the rung-0 Pareto front (accuracy vs MACs).
+    """
+
+    per_device: int = Field(default=3, ge=0)
+    front: bool = True
+
+
+class FinetuneSpec(_Strict):
+    """Rung 1: fine-tune the stitching layer alone on training images.
+
+    Attributes:
+        enabled: Run rung 1 after the rung-0 search.
+        train_images: Training images (disjoint from validation and test).
+        steps: Optimiser steps.
+        batch_size: Images per step.
+        lr: Peak learning rate (AdamW).
+        weight_decay: AdamW weight decay.
+        schedule: ``onecycle``, ``cosine`` or ``constant``.
+        warmup: Share of the steps spent warming up (``onecycle``).
+        distill: Weight of distillation from the teacher's logits (0: labels only).
+        teacher: The anchor distilled from (default: the rung-0 most accurate anchor).
+        temperature: Distillation temperature.
+        seed: Seed of the batch order.
+        promote: The promotion rule.
+        max_trials: Rung-1 evaluations the study holds at most (the rung-1 budget).
+        max_seconds: Stop promoting after this many seconds of rung 1 in one run (null:
+            no limit).
+    """
+
+    enabled: bool = False
+    train_images: int = Field(default=20000, ge=1)
+    steps: int = Field(default=156, ge=1)
+    batch_size: int = Field(default=128, ge=1)
+    lr: float = Field(default=1e-2, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
+    warmup: float = Field(default=0.3, gt=0, lt=1)
+    distill: float = Field(default=0.0, ge=0, le=1)
+    teacher: str | None = None
+    temperature: float = Field(default=2.0, gt=0)
+    seed: int = 0
+    promote: PromoteSpec = Field(default_factory=PromoteSpec)
+    max_trials: int = Field(default=16, ge=1)
+    max_seconds: float | None = Field(default=None, gt=0)
+
+
 class Study(_Strict):
     """A study definition.
 
@@ -133,7 +184,8 @@ class Study(_Strict):
         seed: Seed of the sampler.
         self_stitch: Also stitch an anchor to itself at different cuts.
         cka: The CKA pruning rule.
-        fit: Stitch fitting settings.
+        fit: Stitch fitting settings (rung 0).
+        finetune: Rung 1: stitch-only fine-tuning of promoted candidates.
         latency_batch: Batch size for the latency measurement (latency at batch 1 is
             always measured).
         trial_timeout_s: Seconds after which a trial is stopped and recorded as failed.
@@ -151,6 +203,7 @@ class Study(_Strict):
     self_stitch: bool = False
     cka: CkaSpec = Field(default_factory=CkaSpec)
     fit: FitSpec = Field(default_factory=FitSpec)
+    finetune: FinetuneSpec = Field(default_factory=FinetuneSpec)
     latency_batch: int = Field(default=1, ge=1)
     trial_timeout_s: float = Field(default=600.0, gt=0)
     max_retries: int = Field(default=1, ge=0)
@@ -185,6 +238,11 @@ class Study(_Strict):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"anchors are listed twice: {dup}")
+        teacher = self.finetune.teacher
+        if teacher is not None and teacher not in names:
+            raise ValueError(
+                f"finetune.teacher {teacher!r} is not one of the study's anchors {names}"
+            )
         return self
 
     @property

@@ -65,6 +65,24 @@ class Attr:
     TRIAL_SECONDS = "trial_seconds"
     HOST = "host"
     EVAL_PID = "eval_pid"
+    # The fidelity ladder (rung 0: least squares; rung 1: stitch-only fine-tuning).
+    #: The rung of a rung-1 trial (rung-0 trials carry none).
+    RUNG = "rung"
+    #: The rung-0 trial a rung-1 trial fine-tuned.
+    RUNG0_TRIAL = "rung0_trial"
+    #: That trial's (least-squares) validation accuracy.
+    RUNG0_VAL_ACC = "rung0_val_acc"
+    #: The fine-tuning settings (:class:`evaluators.FinetuneSettings` as a dict).
+    FINETUNE = "finetune"
+    FINETUNE_SECONDS = "finetune_seconds"
+    FINETUNE_STEPS = "finetune_steps"
+    #: Training images used (repeats counted).
+    TRAIN_IMAGES_SEEN = "train_images_seen"
+    LOSS_FIRST = "loss_first"
+    LOSS_LAST = "loss_last"
+    LOSS_MIN = "loss_min"
+    #: Mean training loss over ~20 equal runs of steps.
+    LOSS_CURVE = "loss_curve"
 
 
 #: What a worker reports that is stored on the trial (everything else is dropped).
@@ -85,8 +103,59 @@ RESULT_ATTRS = frozenset(
         Attr.TRIAL_SECONDS,
         Attr.HOST,
         Attr.EVAL_PID,
+        Attr.RUNG0_VAL_ACC,
+        Attr.FINETUNE,
+        Attr.FINETUNE_SECONDS,
+        Attr.FINETUNE_STEPS,
+        Attr.TRAIN_IMAGES_SEEN,
+        Attr.LOSS_FIRST,
+        Attr.LOSS_LAST,
+        Attr.LOSS_MIN,
+        Attr.LOSS_CURVE,
     }
 )
+
+
+def unflatten(result: Mapping[str, Any]) -> dict[str, Any]:
+    """A worker's result with the nested dicts Ray Tune flattened (``a/b`` keys) rebuilt.
+
+    Ray Tune reports ``{"fit_residual": {"linear": 0.1}}`` to searchers as
+    ``{"fit_residual/linear": 0.1}``; the stored attribute keeps the nested form.
+    """
+    out: dict[str, Any] = {}
+    for key, value in result.items():
+        head, sep, rest = key.partition("/")
+        if sep and head in RESULT_ATTRS:
+            node = out.setdefault(head, {})
+            *path, leaf = rest.split("/")
+            for part in path:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+        else:
+            out[key] = value
+    return out
+
+
+def rung_of(trial: FrozenTrial) -> int:
+    """The fidelity rung a trial's result comes from (0: least squares only)."""
+    return int(trial.user_attrs.get(Attr.RUNG, 0))
+
+
+def finetune_attrs(finetune: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A rung-1 evaluation's fine-tuning record as trial user attributes."""
+    if not finetune:
+        return {}
+    return {
+        Attr.FINETUNE: dict(finetune["settings"]),
+        Attr.FINETUNE_SECONDS: round(float(finetune["seconds"]), 3),
+        Attr.FINETUNE_STEPS: int(finetune["steps"]),
+        Attr.TRAIN_IMAGES_SEEN: int(finetune["images_seen"]),
+        Attr.LOSS_FIRST: float(finetune["loss_first"]),
+        Attr.LOSS_LAST: float(finetune["loss_last"]),
+        Attr.LOSS_MIN: float(finetune["loss_min"]),
+        Attr.LOSS_CURVE: [round(float(v), 5) for v in finetune["loss_curve"]],
+    }
+
 
 #: The metrics device budgets are checked against.
 BUDGET_METRICS = (Attr.MACS, Attr.PARAMS, Attr.LATENCY_MS, Attr.MEMORY_MB)

@@ -23,9 +23,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 from space import zoo
-from space._io import file_sha256
 from space.errors import InputError, close_matches
 from space.families import family_names, family_of
+from space.files import file_sha256
 
 Layout = Literal["NCHW", "NLC"]
 

@@ -34,9 +34,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from space._io import file_sha256
 from space.anchor import Anchor, load_anchor
 from space.config import StitchConfig
+from space.files import file_sha256
 from space.manifest import (
     AnchorRecord,
     ExportError,

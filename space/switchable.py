@@ -19,7 +19,6 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from space._io import atomic_path, atomic_write, file_sha256
 from space.anchor import Anchor
 from space.artifact import (
     anchor_from_record,
@@ -30,6 +29,7 @@ from space.artifact import (
 )
 from space.config import CANDIDATE_FIELDS, StitchConfig
 from space.errors import close_matches
+from space.files import atomic_path, atomic_write, file_sha256
 from space.manifest import (
     AnchorRecord,
     ExportError,

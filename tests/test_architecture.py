@@ -156,3 +156,15 @@ def test_benchmarks_use_public_names_only() -> None:
                     if a.name.startswith("_")
                 ]
     assert not bad, "; ".join(bad)
+
+
+def test_no_private_module_is_imported_from_another_package() -> None:
+    """``pkg._private`` modules serve their own package only."""
+    bad = [
+        f"{m}:{line} imports {t}"
+        for m, imports in GRAPH.items()
+        for t, line, _ in imports
+        if any(p.startswith("_") and not p.startswith("__") for p in t.split("."))
+        and t.split(".")[0] != m.split(".")[0]
+    ]
+    assert not bad, "; ".join(bad)

@@ -28,7 +28,7 @@ from torch import nn
 
 from evaluators.data import fashion_mnist_splits
 from evaluators.macs import count_macs, count_params
-from space import file_sha256
+from space import InputError, file_sha256
 from space.zoo import ZOO_DIR
 from tools.zoo_recipes import RECIPE, SPECS, ZooSpec, spec_dict
 
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"error: --epochs must be >= 1, got {args.epochs}\n")
     try:
         run_training(args.anchors, args.out, data_root=args.data, epochs=args.epochs)
-    except ValueError as e:
+    except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

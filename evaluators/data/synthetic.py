@@ -21,7 +21,8 @@ def synthetic_splits(
     """A small, learnable synthetic dataset for tests: class ``c`` brightens one region.
 
     Each class adds a bright square at its own position to Gaussian noise, so small
-    models separate the classes easily.
+    models separate the classes easily. ``train`` holds ``4 * calibration`` more images
+    (drawn after the others, so the other splits do not depend on it).
     """
     g = torch.Generator().manual_seed(seed)
     c, h, w = input_size
@@ -38,12 +39,14 @@ def synthetic_splits(
 
     sizes = (("cal", calibration), ("val", validation), ("test", test))
     parts = {name: make(n) for name, n in sizes}
+    parts["train"] = make(4 * calibration)
     kw = {"batch_size": batch_size}
     return DataSplits(
         name="synthetic",
         calibration=ArrayLoader(*parts["cal"], **kw),
         validation=ArrayLoader(*parts["val"], **kw),
         test=ArrayLoader(*parts["test"], **kw),
+        train=ArrayLoader(*parts["train"], **kw),
         num_classes=num_classes,
         input_size=tuple(input_size),
         identity=f"synthetic-{num_classes}-{input_size}-{calibration}-{validation}-{test}-{seed}",

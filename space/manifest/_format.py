@@ -17,7 +17,7 @@ from typing import Any
 from space.anchor import FeatureInfo
 from space.errors import InputError
 
-#: The manifest format (written by ``search.finish.write_export``, read here).
+#: The manifest format (written by ``search.delivery.write_export``, read here).
 EXPORT_FORMAT = "stitchsearch-export/1"
 
 #: Top-level manifest fields; all are required.

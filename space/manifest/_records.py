@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from space._io import file_sha256
 from space.anchor import FeatureInfo
+from space.files import file_sha256
 from space.manifest._format import (
     ANCHOR_FIELDS,
     ANCHOR_OPTIONAL,

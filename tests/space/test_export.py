@@ -1,4 +1,4 @@
-"""Loading exports: real exports written by ``search.finish.write_export`` from tiny anchors.
+"""Loading exports: real exports written by ``search.delivery.write_export`` from tiny anchors.
 
 :func:`build_exports` is shared with ``tests/search/test_export_cli.py``.
 """

@@ -6,7 +6,7 @@ import stat
 
 import pytest
 
-from space._io import atomic_path, atomic_write
+from space.files import atomic_path, atomic_write
 
 
 def test_atomic_write_creates_folders_and_replaces(tmp_path) -> None:
