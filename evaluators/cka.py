@@ -57,7 +57,7 @@ import numpy as np
 import torch
 
 from space import Anchor, FeatureInfo, adapt_images
-from space._io import atomic_path, atomic_write
+from space.files import atomic_path, atomic_write
 
 CKAMode = Literal["pooled", "flatten"]
 CKA_MODES: tuple[str, ...] = ("pooled", "flatten")
