@@ -30,10 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from evaluators.data import ArrayLoader, DatasetLoader
 from space import StitchedNet, adapt_images
 
 if TYPE_CHECKING:
-    from evaluators import ArrayLoader, DatasetLoader
     from space import Anchor
 
 #: Learning-rate schedules of :class:`FinetuneSettings`.
@@ -52,7 +52,14 @@ def _is_number(v: Any) -> bool:
 
 @dataclass(frozen=True)
 class FinetuneSettings:
-    """How to fine-tune a stitching layer (defaults chosen by ``benchmarks/bench_finetune.py``).
+    """How to fine-tune a stitching layer.
+
+    The defaults come from ``benchmarks/bench_finetune.py`` (six zoo stitches on
+    Fashion-MNIST, ``benchmarks/results/finetune.json``): 78 steps of 128 images at a peak
+    learning rate of 1e-2 raised validation accuracy over least squares by 18.4 points on
+    average, 92% of the best gain measured (19.9 points at 312 steps), in about 7 s on one
+    CPU thread; lower learning rates were worse at every step count, and distillation from
+    resnet-l changed accuracy by less than 0.3 points at 1.6-3.6 times the cost.
 
     Attributes:
         steps: Optimiser steps (``1..1_000_000``).
@@ -71,7 +78,7 @@ class FinetuneSettings:
         seed: Seed of the batch order (``>= 0``).
     """
 
-    steps: int = 156
+    steps: int = 78
     batch_size: int = 128
     lr: float = 1e-2
     weight_decay: float = 0.0
@@ -156,15 +163,9 @@ class FinetuneResult:
         return asdict(self)
 
 
-def _array_loader_class() -> type:
-    # Imported when called: evaluators/__init__ may import this module before its data
-    # module is loaded.
-    from evaluators import ArrayLoader
-
-    return ArrayLoader
-
-
-def train_subset(loader: ArrayLoader | DatasetLoader, n: int, seed: int = 0) -> Any:
+def train_subset(
+    loader: ArrayLoader | DatasetLoader, n: int, seed: int = 0
+) -> ArrayLoader | DatasetLoader:
     """The first ``n`` images of a seeded permutation of a loader's images, as a loader.
 
     Args:
@@ -186,9 +187,8 @@ def train_subset(loader: ArrayLoader | DatasetLoader, n: int, seed: int = 0) -> 
     if not _is_int(n) or not 1 <= n <= total:
         raise ValueError(f"train_subset: n must be an integer in 1..{total}, got {n!r}")
     idx = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n]
-    array_loader = _array_loader_class()
-    if isinstance(loader, array_loader):
-        return array_loader(
+    if isinstance(loader, ArrayLoader):
+        return ArrayLoader(
             loader.images[idx],
             loader.labels[idx],
             batch_size=loader.batch_size,
@@ -196,8 +196,6 @@ def train_subset(loader: ArrayLoader | DatasetLoader, n: int, seed: int = 0) -> 
             std=loader.std,
             input_size=loader.input_size,
         )
-    from evaluators import DatasetLoader
-
     if isinstance(loader, DatasetLoader):
         return DatasetLoader(
             loader.dataset,
@@ -211,9 +209,8 @@ def train_subset(loader: ArrayLoader | DatasetLoader, n: int, seed: int = 0) -> 
     )
 
 
-def _array_batches(loader: Any, batch_size: int, seed: int) -> Iterator[tuple[Any, Any]]:
+def _array_batches(loader: ArrayLoader, batch_size: int, seed: int) -> Iterator[tuple[Any, Any]]:
     """Seeded batches without replacement from an ArrayLoader's in-memory images."""
-    array_loader = _array_loader_class()
     g = torch.Generator().manual_seed(seed)
     n = loader.num_images
     while True:
@@ -222,7 +219,7 @@ def _array_batches(loader: Any, batch_size: int, seed: int) -> Iterator[tuple[An
         stop = max(n - batch_size + 1, 1)
         for start in range(0, stop, batch_size):
             sel = order[start : start + batch_size]
-            one = array_loader(
+            one = ArrayLoader(
                 loader.images[sel],
                 loader.labels[sel],
                 batch_size=len(sel),
@@ -258,7 +255,7 @@ def _rebatched(loader: Iterable[Any], batch_size: int) -> Iterator[tuple[Any, An
 
 
 def _batches(loader: Any, batch_size: int, seed: int) -> Iterator[tuple[Any, Any]]:
-    if isinstance(loader, _array_loader_class()):
+    if isinstance(loader, ArrayLoader):
         if loader.num_images == 0:
             raise ValueError("the fine-tuning loader holds no images")
         return _array_batches(loader, batch_size, seed)

@@ -153,7 +153,7 @@ class FinetuneSpec(_Strict):
 
     enabled: bool = False
     train_images: int = Field(default=20000, ge=1)
-    steps: int = Field(default=156, ge=1)
+    steps: int = Field(default=78, ge=1)
     batch_size: int = Field(default=128, ge=1)
     lr: float = Field(default=1e-2, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
