@@ -7,7 +7,8 @@ and Ray's ASHA needs one scalar, so the ladder is staged here:
 
 - :func:`promotion_order` ranks the rung-0 stitches: for every device, its best feasible
   stitches by rung-0 accuracy (round-robin over the devices, rank 1 of every device first),
-  then the stitches on the rung-0 Pareto front. Anchors are not promoted (nothing to train).
+  then the stitches on the rung-0 Pareto front, then the devices' further ranks. Anchors are
+  not promoted (nothing to train). The rung-1 budget cuts the list.
 - :class:`Rung1Searcher` feeds them, in that order, to Ray Tune workers as trials of a second
   Optuna study (``<study>:finetuned``) in the same storage, until the rung-1 budget (trials in
   that study, seconds in this run) is spent. Each rung-1 trial names its rung-0 trial; its
@@ -51,11 +52,16 @@ def promotion_order(
 ) -> list[FrozenTrial]:
     """The rung-0 stitches to fine-tune, most promising first.
 
+    First each device's ``per_device`` best feasible stitches by rung-0 accuracy, round-robin
+    over the devices (rank 1 of every device, then rank 2, ...); then the stitches on the
+    rung-0 Pareto front (by MACs); then every device's further stitches, round-robin, so that
+    a larger rung-1 budget keeps going down the devices' rankings.
+
     Args:
         trials: Evaluated rung-0 trials.
         budgets: The devices.
-        per_device: How many of each device's best feasible stitches.
-        front: Rung-0 Pareto-optimal trials (``study.best_trials``); their stitches follow.
+        per_device: Ranks per device before the front's stitches.
+        front: Rung-0 Pareto-optimal trials (``study.best_trials``).
 
     Returns:
         Distinct stitches (anchors excluded), in promotion order.
@@ -66,27 +72,23 @@ def promotion_order(
         if t.user_attrs.get(Attr.KIND) == "stitch" and t.user_attrs.get(Attr.VAL_ACC) is not None
     ]
     ranked = sorted(stitches, key=lambda t: (-t.user_attrs[Attr.VAL_ACC], t.number))
-    per = [
-        [t for t in ranked if b.fits(budget_metrics(t.user_attrs))][:per_device] for b in budgets
-    ]
-    order: list[FrozenTrial] = []
-    seen: set[str] = set()
+    per = [[t for t in ranked if b.fits(budget_metrics(t.user_attrs))] for b in budgets]
+    by_key = {t.user_attrs[Attr.KEY]: t for t in stitches}
+    order: dict[str, FrozenTrial] = {}
 
-    def add(t: FrozenTrial) -> None:
-        key = t.user_attrs[Attr.KEY]
-        if key not in seen:
-            seen.add(key)
-            order.append(t)
+    def rounds(ranks: range) -> None:
+        for rank in ranks:
+            for picks in per:
+                if rank < len(picks):
+                    order.setdefault(picks[rank].user_attrs[Attr.KEY], picks[rank])
 
-    for rank in range(per_device):
-        for picks in per:
-            if rank < len(picks):
-                add(picks[rank])
-    keys = {t.user_attrs.get(Attr.KEY) for t in stitches}
+    rounds(range(per_device))
     for t in sorted(front, key=lambda t: (t.user_attrs.get(Attr.MACS, 0), t.number)):
-        if t.user_attrs.get(Attr.KEY) in keys:
-            add(next(s for s in stitches if s.user_attrs[Attr.KEY] == t.user_attrs[Attr.KEY]))
-    return order
+        key = t.user_attrs.get(Attr.KEY)
+        if key in by_key:
+            order.setdefault(key, by_key[key])
+    rounds(range(per_device, max((len(p) for p in per), default=0)))
+    return list(order.values())
 
 
 def rung1_trials(study: optuna.Study) -> list[FrozenTrial]:

@@ -53,13 +53,16 @@ BUDGETS = [DeviceBudget("small", max_macs=5e6), DeviceBudget("big", max_macs=8e6
 
 def test_promotion_ranks_per_device_round_robin_then_the_front() -> None:
     trials = _trials()
+    # small fits 3, 2, 6 (by accuracy); big fits 4, 3, 2, 5, 6
     order = promotion_order(trials, BUDGETS, per_device=2)
-    # rank 1 of every device first, then rank 2; anchors never; no duplicates
-    assert [t.number for t in order] == [3, 4, 2]
+    # rank 1 of every device first, then rank 2, then the further ranks; anchors never;
+    # no duplicates
+    assert [t.number for t in order] == [3, 4, 2, 6, 5]
     front = [trials[0], trials[6], trials[4]]  # an anchor and two stitches
     order = promotion_order(trials, BUDGETS, per_device=1, front=front)
-    assert [t.number for t in order] == [3, 4, 6]
-    assert promotion_order(trials, BUDGETS, per_device=0) == []
+    assert [t.number for t in order] == [3, 4, 6, 2, 5]  # the front's stitch 6 before rank 2
+    assert [t.number for t in promotion_order(trials, BUDGETS, per_device=0)] == [3, 4, 2, 6, 5]
+    assert promotion_order(trials, [], per_device=2, front=front) == [trials[6], trials[4]]
 
 
 def test_best_rung_replaces_fine_tuned_candidates() -> None:
