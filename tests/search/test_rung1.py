@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import threading
+import urllib.request
 from pathlib import Path
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import optuna
 import pytest
@@ -127,3 +130,36 @@ def test_report_draws_both_rungs(tuned_run) -> None:
 
 def _key(candidate: dict) -> str:
     return Candidate.from_dict(candidate).key
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, *args):  # keep test output clean
+        pass
+
+
+def test_dashboard_shows_the_fine_tuned_study(tuned_run) -> None:
+    from optuna_dashboard import wsgi
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{(tuned_run['out'] / 'study.db').resolve()}")
+    server = make_server("127.0.0.1", 0, wsgi(storage), handler_class=_Quiet)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        base = f"http://127.0.0.1:{server.server_port}"
+        studies = json.loads(urllib.request.urlopen(f"{base}/api/studies", timeout=30).read())
+        names = {s["study_name"]: s["study_id"] for s in studies["study_summaries"]}
+        assert {"tuned", "tuned:finetuned"} <= names.keys()
+        detail = json.loads(
+            urllib.request.urlopen(
+                f"{base}/api/studies/{names['tuned:finetuned']}", timeout=30
+            ).read()
+        )
+        assert detail["objective_names"] == ["accuracy", "macs"]
+        tuned = _load(tuned_run["out"], "tuned:finetuned")
+        complete = [t for t in tuned.trials if t.state == TrialState.COMPLETE]
+        values = {t["number"]: t["values"] for t in detail["trials"] if t["state"] == "Complete"}
+        assert values == {t.number: t.values for t in complete}
+        assert {t["number"] for t in detail["best_trials"]} >= {t.number for t in tuned.best_trials}
+    finally:
+        server.shutdown()
+        server.server_close()
