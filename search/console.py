@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import signal
@@ -15,6 +16,13 @@ from tqdm import tqdm
 
 from search.budgets import format_quantity
 from search.trials import Attr
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad command line as one line and exits 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def one_line(text: str) -> str:

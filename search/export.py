@@ -25,6 +25,7 @@ import sys
 import warnings
 
 from search.check import check_export
+from search.console import OneLineParser
 from search.onnx import (
     DEFAULT_OPSET,
     ONNX_ATOL,
@@ -36,16 +37,9 @@ from search.onnx import (
 from space import ExportError, InputError, LoadedExport, read_export
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports an error as one line and exits 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
-    p = _Parser(
+    p = OneLineParser(
         prog="python -m search.export",
         description="Write an export as ONNX, or check it against its manifest and budget.",
         epilog="Examples: python -m search.export exports/edge.json --onnx edge.onnx; "

@@ -21,6 +21,7 @@ from typing import Any
 
 from evaluators import DataRecipe, DataSplits, FinetuneSettings, make_splits
 from search.budgets import DeviceBudget, load_budget_table, safe_filename
+from search.console import OneLineParser
 from search.evaluation import TrialContext
 from search.storage import storage_url
 from search.study import Study, load_study
@@ -30,16 +31,9 @@ STUDIES_DIR = Path(__file__).resolve().parents[1] / "studies"
 DEFAULT_STUDY = STUDIES_DIR / "default.yaml"
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports an error as one line and exits 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
-    p = _Parser(
+    p = OneLineParser(
         prog="python -m search.run",
         description="Search stitched networks for a table of target devices.",
         epilog="Example: python -m search.run --budget-table devices.csv",
