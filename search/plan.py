@@ -83,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--onnx", action="store_true", help="also write ONNX for every exported device")
     p.add_argument(
+        "--no-finetune",
+        action="store_true",
+        help="skip rung 1 (stitch-only fine-tuning) in this run; picks use least squares only",
+    )
+    p.add_argument(
         "--no-report", action="store_true", help="skip the HTML report (faster in tests)"
     )
     return p
@@ -227,6 +232,10 @@ def prepare(args: argparse.Namespace, argv: Sequence[str] = ()) -> Plan:
     study = load_study(study_path)
     if args.trials is not None:
         study = study.model_copy(update={"trials": args.trials})
+    if args.no_finetune:
+        study = study.model_copy(
+            update={"finetune": study.finetune.model_copy(update={"enabled": False})}
+        )
     out = Path(args.out) if args.out else Path("runs") / safe_filename(study.name)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out: {str(out)!r} exists and is not a folder; pick another path")
