@@ -41,10 +41,12 @@ class Progress:
         stream: IO[str] | None = None,
         *,
         desc: str = "trials",
+        show_pruned: bool = True,
     ) -> None:
         stream = sys.stderr if stream is None else stream
         self.objectives = objectives
         self.stream = stream
+        self.show_pruned = show_pruned
         self.bar = tqdm(
             total=total,
             initial=min(done, total),
@@ -79,7 +81,8 @@ class Progress:
                 parts.append(
                     f"acc {v:.2f}%" if name == "accuracy" else f"{name} {format_quantity(v)}"
                 )
-        parts.append(f"pruned {self.pruned}")  # CKA-pruned points and pruned repeats
+        if self.show_pruned:
+            parts.append(f"pruned {self.pruned}")  # CKA-pruned points and pruned repeats
         if self.failed:
             parts.append(f"failed {self.failed}")
         self.bar.set_postfix_str(", ".join(parts))

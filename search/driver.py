@@ -303,7 +303,11 @@ def run_rung1(
     )
     job = WorkerJob.build(context, plan.study.trial_timeout_s)
     progress = Progress(
-        len(done) + len(todo), len(done), list(plan.study.objectives), desc="fine-tune"
+        len(done) + len(todo),
+        len(done),
+        list(plan.study.objectives),
+        desc="fine-tune",
+        show_pruned=False,
     )
     progress.seed(rung1_trials(rung1))
     deadline = time.monotonic() + ft.max_seconds if ft.max_seconds else None
