@@ -58,6 +58,7 @@ SECTIONS: tuple[tuple[str, str], ...] = (
     ("trial_cost", "4. Trial cost"),
     ("scaling", "5. Worker scaling"),
     ("claims", "6. The papers' claims on the default zoo"),
+    ("rung1", "7. Rung 1: every stitch fine-tuned, and what promotion finds"),
 )
 
 

@@ -3,11 +3,14 @@
     python -m benchmarks.run_all                      # everything (ground truth resumed)
     python -m benchmarks.run_all --only search,claims
     python -m benchmarks.run_all --rebuild-ground-truth
+    python -m benchmarks.run_all --only rung1          # rung-1 table resumed, then analysed
 
 Each script runs in its own process (clean threads and memory) and is also runnable alone
 (``python -m benchmarks.bench_<name> --help``). The ground truth is cached in
 ``benchmarks/results/ground_truth.json``: only missing candidates are evaluated unless
 ``--rebuild-ground-truth`` is given (8 minutes on 2 cores for the default zoo, measured).
+The rung-1 table (every stitch fine-tuned) is cached in the same way in
+``benchmarks/results/rung1_ground_truth.json``; ``rung1`` finishes it before analysing.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ STEPS = (
     ("trial_cost", True, False),
     ("scaling", True, False),
     ("claims", True, True),
+    ("rung1", True, True),
 )
 
 
@@ -57,6 +61,8 @@ def commands(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
             cmd += ["--out", str(args.ground_truth)]
             if args.rebuild_ground_truth:
                 cmd.append("--rebuild")
+        if name == "rung1":
+            cmd.append("--build")  # only missing stitches are fine-tuned
         out.append((name, cmd))
     return out
 

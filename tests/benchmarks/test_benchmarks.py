@@ -18,6 +18,7 @@ from benchmarks import (
     bench_claims,
     bench_ground_truth,
     bench_pruning,
+    bench_rung1,
     bench_search,
     bench_trial_cost,
     run_all,
@@ -210,7 +211,15 @@ def test_run_all_builds_every_command() -> None:
         )
     )
     names = [n for n, _ in cmds]
-    assert names == ["ground_truth", "pruning", "search", "trial_cost", "scaling", "claims"]
+    assert names == [
+        "ground_truth",
+        "pruning",
+        "search",
+        "trial_cost",
+        "scaling",
+        "claims",
+        "rung1",
+    ]
     gt_cmd = dict(cmds)["ground_truth"]
     assert "--rebuild" in gt_cmd and "gt.json" in gt_cmd
     assert "--ground-truth" in dict(cmds)["search"]
@@ -230,3 +239,64 @@ def test_helpers(tmp_path) -> None:
     text = md.read_text()
     assert "second" in text and "first" not in text and text.count("BEGIN pruning") == 1
     assert "(not run yet)" in text  # the other sections are placeholders
+
+
+def test_rung1_table_and_promotion_replay(built) -> None:
+    tmp, gt_path, md = built
+    # The tiny study with a cheap rung 1 (same data and anchors as the rung-0 table).
+    study = tmp / "tiny_rung1.yaml"
+    study.write_text(
+        STUDY.read_text()
+        + "finetune:\n  enabled: true\n  train_images: 64\n  steps: 3\n  batch_size: 16\n"
+        + "  promote: {per_device: 2, front: true}\n  max_trials: 3\n"
+    )
+    table, out = tmp / "r1_gt.json", tmp / "rung1.json"
+    argv = ["--study", str(study), "--budget-table", str(DEVICES), "--ground-truth", str(gt_path)]
+    argv += ["--rung1", str(table), "--out", str(out), "--md", str(md), "--processes", "1"]
+    argv += ["--seeds", "2", "--replay-processes", "1"]
+    assert bench_rung1.main([*argv, "--build", "--limit", "3"]) == 0
+    assert len(json.loads(table.read_text())["entries"]) == 3 and not out.exists()
+    with pytest.raises(SystemExit, match="lacks 13 stitches"):
+        bench_rung1.main(argv)  # analyses need the whole table
+    assert bench_rung1.main([*argv, "--build"]) == 0
+    raw = json.loads(table.read_text())
+    stitches = N_CANDIDATES - 2
+    assert len(raw["entries"]) == stitches  # anchors are not fine-tuned
+    for rec in raw["entries"].values():
+        assert rec["key"].startswith("stitch|") and rec["steps"] == 3
+        assert rec["rung0_val_acc"] == GroundTruth.load(gt_path).records[rec["key"]]["val_acc"]
+        assert rec["loss_first"] > 0 and rec["seconds"] > 0
+    # Analyses alone read the cache and fine-tune nothing.
+    before = {k: v["seconds"] for k, v in raw["entries"].items()}
+    assert bench_rung1.main(argv) == 0
+    assert {k: v["seconds"] for k, v in json.loads(table.read_text())["entries"].items()} == before
+    res = json.loads(out.read_text())
+    for rung in ("0", "1"):
+        front = res["fronts"][rung]
+        acc = [r["val_acc"] for r in front["rows"]]
+        assert front["size"] >= 1 and pareto_mask(acc, [r["macs"] for r in front["rows"]]).all()
+        lo, hi = res["anchor_span"]
+        assert all(lo < r["macs"] < hi for r in front["rows"] if r["between"])
+    assert -1 <= res["correlation"]["spearman"] <= 1
+    seeds = res["replay"]["seeds"]
+    assert [s["seed"] for s in seeds] == [0, 1]
+    for s in seeds:
+        assert s["rung0_evaluations"] == 8  # the tiny study's trials
+        default = s["default"]["promoted"]
+        assert len(default) == len(set(default)) <= 3
+        assert all(k.startswith("stitch|") for k in default)
+        assert s["random"]["rung1_evaluations"] == s["oracle"]["rung1_evaluations"] == len(default)
+        assert s["none"]["rung1_evaluations"] == 0
+        for rule in ("default", "random", "oracle", "none"):
+            assert 0 < s[rule]["hv_fraction"] <= 1.5
+            assert s[rule]["front_found"] <= len(res["replay"]["truth"]["front"])
+    targets = res["targets"]
+    assert targets["device_met"] is None  # no jetson-nano in the tiny budget table
+    assert targets["between_met"] == (targets["between_on_front"] >= 4)
+    text = md.read_text()
+    assert "<!-- BEGIN rung1 -->" in text and "**The issue's targets**" in text
+    # A table measured with other fine-tuning settings is refused, not silently reused.
+    other = tmp / "tiny_rung1_other.yaml"
+    other.write_text(study.read_text().replace("steps: 3", "steps: 4"))
+    with pytest.raises(SystemExit, match="other fine-tuning settings"):
+        bench_rung1.main(["--study", str(other), *argv[2:]])
