@@ -19,7 +19,7 @@ import optuna
 from optuna.trial import TrialState
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, IntegrityError, ProgrammingError
 
 from search import optuna_access
 from search.candidates import PruningRule, SearchSpace
@@ -79,9 +79,20 @@ def masked_url(url: str) -> str:
 
 
 def make_storage(url: str) -> optuna.storages.RDBStorage:
-    """Opens the RDB storage (SQLite in WAL mode, with a generous lock timeout)."""
+    """Opens the RDB storage (SQLite in WAL mode, with a generous lock timeout).
+
+    Two drivers opening a new PostgreSQL database at the same moment both create Optuna's
+    schema, and one of them fails on a duplicate type or table; it tries again (the schema
+    then exists).
+    """
     if not url.startswith("sqlite"):
-        return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+        for attempt in range(3):
+            try:
+                return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+            except (IntegrityError, ProgrammingError):
+                if attempt == 2:
+                    raise
+                time.sleep(0.5 * (attempt + 1))
 
     storage = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
 
