@@ -256,6 +256,10 @@ def _parse_value(column: str, text: str, path: Path, line: int) -> float:
     return value
 
 
+#: The largest budget table read (a table holds one row per device).
+MAX_TABLE_BYTES = 1 << 20
+
+
 def _read_text(path: Path) -> str:
     """Reads the file as UTF-8 (a leading BOM is dropped)."""
     if not path.exists():
@@ -266,6 +270,17 @@ def _read_text(path: Path) -> str:
         )
     if path.is_dir():
         raise BudgetError("is a directory, not a CSV file", path, fix="pass the CSV file's path")
+    try:
+        size = path.stat().st_size
+    except OSError as err:
+        raise BudgetError(f"cannot read the file: {err.strerror}", path) from None
+    if size > MAX_TABLE_BYTES:
+        raise BudgetError(
+            f"the file is {size / 2**20:.1f} MiB; a budget table (one row per device) is at "
+            f"most {MAX_TABLE_BYTES // 2**20} MiB",
+            path,
+            fix="pass the budget CSV, not a data file",
+        )
     try:
         data = path.read_bytes()
     except OSError as err:

@@ -10,6 +10,7 @@ candidate).
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -27,7 +28,7 @@ from search.plan import Plan
 from search.promotion import best_rung, rung1_trials, teacher_of
 from search.report import write_report
 from search.selection import select_per_device
-from search.storage import masked_url
+from search.storage import PASSWORD_ENV, has_password, masked_url, url_without_password
 from search.trials import Attr, budget_metrics, candidate_of, evaluated_trials, rung_of
 from space import EXPORT_FORMAT, AnchorRecord, ExportManifest, StitchRecord
 from space.files import atomic_path, atomic_write
@@ -142,6 +143,16 @@ def _fit_record(plan: Plan, trial: FrozenTrial) -> dict[str, Any]:
 
 
 STAGING_PREFIX = ".exports-"
+
+
+def dashboard_command(url: str) -> str:
+    """The optuna-dashboard command for the storage, never with its password."""
+    if not has_password(url):
+        return f"optuna-dashboard {shlex.quote(url)}"
+    return (
+        f"optuna-dashboard {shlex.quote(url_without_password(url))}  "
+        f"# the password is not shown: set ${PASSWORD_ENV} to it first"
+    )
 
 
 def staging_dir(out: Path, driver_id: str) -> Path:
@@ -386,7 +397,7 @@ def finish(
         print(f"export: {p}", file=out)
         if plan.onnx:
             print(f"onnx: {write_onnx(p, p.with_suffix('.onnx'))}", file=out)
-    print(f"dashboard: optuna-dashboard {plan.storage_url}", file=out)
+    print(f"dashboard: {dashboard_command(plan.storage_url)}", file=out)
     if rung1 is not None:
         print(f"  (rung 1, fine-tuned: study {rung1.study_name!r} in the same storage)", file=out)
     return 130 if interrupted else 0

@@ -249,12 +249,28 @@ def _tune(
             verbose=0,
             failure_config=tune.FailureConfig(max_failures=plan.study.max_retries),
             callbacks=callbacks,
+            stop=_StopWhenStorageLost(searcher),
             log_to_file=True,
         ),
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tuner.fit()
+    if searcher.storage_lost is not None:
+        raise searcher.storage_lost
+
+
+class _StopWhenStorageLost(tune.Stopper):
+    """Ends the Tune run at once when the searcher lost the storage."""
+
+    def __init__(self, searcher: StitchSearcher | Rung1Searcher) -> None:
+        self.searcher = searcher
+
+    def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
+        return False
+
+    def stop_all(self) -> bool:
+        return self.searcher.storage_lost is not None
 
 
 def run_rung1(

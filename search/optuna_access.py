@@ -9,6 +9,7 @@ project touches them, so an Optuna upgrade that moves them breaks one module.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -61,3 +62,20 @@ def fail_trial(study: optuna.Study, trial: FrozenTrial, reason: str) -> bool:
     except (RuntimeError, ValueError):
         return False
     return True
+
+
+#: The RDB storage methods that reach the database: the public storage API, and the
+#: private methods Optuna's cache layer (``_CachedStorage``, which wraps every
+#: ``RDBStorage`` a study opens) calls on it directly.
+RDB_CALLS: tuple[str, ...] = (
+    *(
+        name
+        for name, _ in inspect.getmembers(optuna.storages.BaseStorage, inspect.isfunction)
+        if not name.startswith("_") and name != "remove_session"
+    ),
+    "_create_new_trial",
+    "_set_trial_param",
+    "_get_best_trial_id",
+    "_get_trials",
+    "_get_stale_trial_ids",
+)

@@ -23,7 +23,14 @@ from evaluators import DataRecipe, DataSplits, FinetuneSettings, make_splits
 from search.budgets import DeviceBudget, load_budget_table, safe_filename
 from search.console import OneLineParser
 from search.evaluation import TrialContext
-from search.storage import storage_url
+from search.storage import (
+    DEFAULT_RETRY_S,
+    PASSWORD_ENV,
+    check_storage,
+    has_password,
+    storage_url,
+    url_without_password,
+)
 from search.study import Study, load_study
 from space import Anchor, InputError, load_anchor
 
@@ -56,7 +63,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="URL",
         help="Optuna RDB storage URL, e.g. postgresql+psycopg://user@127.0.0.1:5432/db "
-        "(default: sqlite under --out)",
+        f"(default: sqlite under --out); give a PostgreSQL password in ${PASSWORD_ENV}, "
+        "not in the URL",
+    )
+    p.add_argument(
+        "--storage-retry",
+        type=_positive_float("--storage-retry"),
+        default=DEFAULT_RETRY_S,
+        metavar="SECONDS",
+        help="how long to keep retrying a storage that stops answering mid-study before "
+        f"stopping with the resume command (default: {DEFAULT_RETRY_S:g})",
     )
     p.add_argument(
         "--trials",
@@ -108,6 +124,19 @@ def _positive_int(flag: str):
     return parse
 
 
+def _positive_float(flag: str):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} must be a number, got {text!r}") from None
+        if not value > 0 or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"{flag} must be > 0 seconds, got {text}")
+        return value
+
+    return parse
+
+
 @dataclass(frozen=True, eq=False)
 class Plan:
     """Everything a run needs, validated before anything is written.
@@ -122,7 +151,9 @@ class Plan:
             anchors from them).
         data: The data splits (calibration sized for CKA and fitting).
         out: The output folder.
-        storage_url: The Optuna RDB storage URL.
+        storage_url: The Optuna RDB storage URL (print it only through
+            :func:`search.storage.masked_url`: it may hold a password).
+        storage_retry_s: How long a storage that stops answering is retried.
         trials: Evaluations the study should hold.
         workers: Concurrent Ray trials.
         seed: The sampler seed.
@@ -130,7 +161,8 @@ class Plan:
         onnx: Also write ONNX for every export.
         report: Write the HTML report.
         driver_id: This run's id (written into its trials and heartbeat).
-        command: The command line, for "run it again" hints.
+        command: The command line, for "run it again" hints; a password in ``--storage``
+            is left out (a shell comment then says to set ``$PGPASSWORD``).
     """
 
     study: Study
@@ -142,6 +174,7 @@ class Plan:
     data: DataSplits
     out: Path
     storage_url: str
+    storage_retry_s: float
     trials: int
     workers: int
     seed: int
@@ -240,6 +273,7 @@ def prepare(args: argparse.Namespace, argv: Sequence[str] = ()) -> Plan:
     if out.exists() and not out.is_dir():
         raise InputError(f"--out: {str(out)!r} exists and is not a folder; pick another path")
     url = storage_url(args.storage, out)
+    check_storage(url)
     anchors, anchor_kwargs = _load_anchors(study, study_path)
     data = _load_data(study, study_path, anchors)
     return Plan(
@@ -252,6 +286,7 @@ def prepare(args: argparse.Namespace, argv: Sequence[str] = ()) -> Plan:
         data=data,
         out=out,
         storage_url=url,
+        storage_retry_s=args.storage_retry,
         trials=study.trials,
         workers=args.workers or study.workers,
         seed=study.seed if args.seed is None else args.seed,
@@ -259,7 +294,22 @@ def prepare(args: argparse.Namespace, argv: Sequence[str] = ()) -> Plan:
         onnx=args.onnx,
         report=not args.no_report,
         driver_id=uuid.uuid4().hex,
-        command="python -m search.run " + shlex.join(argv),
+        command=_display_command(argv, args.storage),
+    )
+
+
+def _display_command(argv: Sequence[str], storage: str | None) -> str:
+    """The command line for hints, with a password in ``--storage`` left out."""
+    if storage is None or not has_password(storage):
+        return "python -m search.run " + shlex.join(argv)
+    safe = url_without_password(storage)
+    shown = [
+        a.replace(storage, safe) if a == storage or a.startswith("--storage=") else a for a in argv
+    ]
+    return (
+        "python -m search.run "
+        + shlex.join(shown)
+        + f"  # with the storage password in ${PASSWORD_ENV}"
     )
 
 

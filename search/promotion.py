@@ -32,6 +32,7 @@ from search.budgets import DeviceBudget
 from search.candidates import SearchSpace
 from search.plan import Plan
 from search.recorder import Recorder, objective_values
+from search.storage import StorageUnavailable, stops_on_storage_loss
 from search.trials import BUDGET_METRICS, Attr, budget_metrics, candidate_of, evaluated_trials
 
 #: Suffix of the rung-1 study's name.
@@ -167,6 +168,7 @@ class Rung1Searcher(Searcher):
         self._live: dict[str, tuple[optuna.Trial, FrozenTrial]] = {}
         self.completed = self.failed = 0
         self.out_of_time = False
+        self.storage_lost: StorageUnavailable | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -180,6 +182,7 @@ class Rung1Searcher(Searcher):
         keys = {t.user_attrs.get(Attr.KEY) for t in trials}
         return keys, sum(t.state == TrialState.COMPLETE for t in trials)
 
+    @stops_on_storage_loss(Searcher.FINISHED)
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
         """The next promoted candidate to fine-tune."""
         with (self.guard or contextlib.nullcontext)():
@@ -207,6 +210,7 @@ class Rung1Searcher(Searcher):
             return {"number": trial.number, "candidate": c.to_json(), "rung": 1}
         return finished
 
+    @stops_on_storage_loss()
     def on_trial_complete(
         self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False
     ) -> None:

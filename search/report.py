@@ -575,5 +575,5 @@ def write_report(
     """
     path = Path(path)
     page = _page(title or f"stitchsearch: {study_name}", study_name, trials, budgets, chosen)
-    atomic_write(path, page, mode=0o644)  # a report is for sharing, not private
+    atomic_write(path, page)
     return path

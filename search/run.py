@@ -20,6 +20,7 @@ The top-level sequence; each stage lives in its own module:
 from __future__ import annotations
 
 import contextlib
+import shutil
 import sys
 
 import optuna
@@ -40,6 +41,7 @@ from search.liveness import Heartbeat, fail_stale_trials, live_drivers
 from search.plan import Plan, build_parser, prepare
 from search.promotion import rung1_study_name
 from search.sampler import make_sampler
+from search.storage import StorageUnavailable
 from search.trials import evaluated_trials
 from space import InputError
 
@@ -65,14 +67,47 @@ def _exit_code(signal_name: str) -> int:
     return 143 if signal_name == "SIGTERM" else 130
 
 
-def execute(plan: Plan) -> int:
-    """Runs a validated plan: study, CKA, Ray trials, selection, exports and report."""
+#: Exit code when the storage stopped answering mid-study (``EX_TEMPFAIL``: try again).
+EXIT_STORAGE_LOST = 75
 
+
+def execute(plan: Plan) -> int:
+    """Runs a validated plan: study, CKA, Ray trials, selection, exports and report.
+
+    A storage that stops answering mid-study is retried for ``plan.storage_retry_s``; when
+    it does not come back the run stops with one line and the resume command (exit 75).
+    Trials it had in flight stay RUNNING in the storage until the rerun fails them (their
+    driver is gone) and evaluates them again.
+    """
+    try:
+        return _execute(plan)
+    except StorageUnavailable as e:
+        with contextlib.suppress(Exception):
+            shutdown_ray(plan, RunState(started_ray=True))
+        print(
+            f"error: {e}; the run stopped (finished trials are safe in the storage). When it "
+            f"answers again, resume with: {plan.command}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return EXIT_STORAGE_LOST
+
+
+def _execute(plan: Plan) -> int:
     def log(*a, **k):
         print(*a, **k, file=sys.stderr, flush=True)
 
+    created_out = not plan.out.exists()
     plan.out.mkdir(parents=True, exist_ok=True)
-    rdb = storage.make_storage(plan.storage_url)
+    try:
+        rdb = storage.make_storage(
+            plan.storage_url, retry_s=plan.storage_retry_s, on_retry=lambda m: log(f"\n{m}")
+        )
+    except InputError as e:  # it passed the plan's check, then failed to open
+        if created_out:
+            shutil.rmtree(plan.out, ignore_errors=True)
+        print(f"error: {one_line(str(e))}", file=sys.stderr)
+        return 2
     space = SearchSpace({n: a.num_blocks for n, a in plan.anchors.items()})
     rule = PruningRule(plan.study.cka.threshold, plan.study.cka.top_k)
     state = RunState()
@@ -101,8 +136,9 @@ def execute(plan: Plan) -> int:
                 )
                 if others and plan.storage_url.startswith("sqlite"):
                     log(
-                        f"warning: {len(others)} other driver(s) use this SQLite study; SQLite "
-                        "takes one writer: use --storage postgresql+psycopg://... for several"
+                        f"note: {len(others)} other driver(s) share this SQLite study: SQLite "
+                        "writes one at a time (a busy file is waited for), so for drivers on "
+                        "several machines or many at once use --storage postgresql+psycopg://..."
                     )
                 clean_staging(plan.out, live=others)
                 stale = fail_stale_trials(study)

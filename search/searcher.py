@@ -45,6 +45,7 @@ from search.ledger import Ledger
 from search.pruning import CkaMatrices, cka_at, pruned_reasons, record_pruned_trials
 from search.recorder import Recorder, objective_values
 from search.sampler import install_sampler
+from search.storage import StorageUnavailable, stops_on_storage_loss
 from space import Candidate
 
 _PRUNED_OR_RUNNING = "repeat of a pruned or running configuration"
@@ -149,6 +150,7 @@ class StitchSearcher(Searcher):
         self._worker_errors: dict[str, str] = {}
         self._retries: dict[str, int] = {}
         self.completed = 0
+        self.storage_lost: StorageUnavailable | None = None
         self.failed = 0
         self.pruned = 0
         self.repeats = 0
@@ -180,6 +182,7 @@ class StitchSearcher(Searcher):
         return new
 
     # ------------------------------------------------------------- Searcher API
+    @stops_on_storage_loss(Searcher.FINISHED)
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
         """Asks the study for the next candidate to evaluate."""
         with (self.guard or contextlib.nullcontext)():
@@ -190,6 +193,7 @@ class StitchSearcher(Searcher):
         if result.get("worker_error"):
             self._worker_errors[trial_id] = str(result["worker_error"])
 
+    @stops_on_storage_loss()
     def on_trial_complete(
         self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False
     ) -> None:

@@ -320,6 +320,32 @@ def _allowed_fields(loc: tuple[Any, ...]) -> list[str]:
     return sorted(model.model_fields)
 
 
+#: The largest study YAML read, and the most values its aliases may expand to (a study
+#: holds a few dozen; an "alias bomb" of a few lines expands to billions).
+MAX_STUDY_BYTES = 1 << 20
+MAX_STUDY_VALUES = 100_000
+
+
+def _expanded_size(root: yaml.Node | None) -> int:
+    """How many values a YAML node graph holds once every alias is expanded (capped)."""
+    sizes: dict[int, int] = {}
+
+    def size(node: yaml.Node) -> int:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        sizes[id(node)] = MAX_STUDY_VALUES + 1  # a recursive alias expands forever
+        if isinstance(node, yaml.SequenceNode):
+            n = 1 + sum(size(item) for item in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            n = 1 + sum(size(k) + size(v) for k, v in node.value)
+        else:
+            n = 1
+        sizes[id(node)] = n = min(n, MAX_STUDY_VALUES + 1)
+        return n
+
+    return 0 if root is None else size(root)
+
+
 def load_study(path: str | Path) -> Study:
     """Reads and validates a study YAML file.
 
@@ -332,13 +358,28 @@ def load_study(path: str | Path) -> Study:
             f"study file {str(path)!r} does not exist; pass --study PATH to a YAML file "
             "(see studies/default.yaml)"
         )
+    size = path.stat().st_size
+    if size > MAX_STUDY_BYTES:
+        raise StudyError(
+            f"{path}: the file is {size / 2**20:.1f} MiB; a study YAML is at most "
+            f"{MAX_STUDY_BYTES // 2**20} MiB: pass the study definition, not a data file"
+        )
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        values = _expanded_size(yaml.compose(text, Loader=yaml.SafeLoader))
+        if values > MAX_STUDY_VALUES:
+            raise StudyError(
+                f"{path}: its aliases (*name) expand to more than {MAX_STUDY_VALUES} values; "
+                "write the study without deeply nested aliases"
+            )
+        data = yaml.safe_load(text)
     except UnicodeDecodeError:
         raise StudyError(f"{path}: not UTF-8 text") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        if "constructor for the tag" in problem:
+            problem += "; study files are plain YAML: remove the tag"
         raise StudyError(f"{path}{where}: invalid YAML ({problem})") from None
     return parse_study(data, source=str(path))

@@ -5,9 +5,25 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process's umask (read from ``/proc`` where possible: setting it is racy)."""
+    with contextlib.suppress(OSError):
+        match = re.search(r"^Umask:\s*([0-7]+)", Path("/proc/self/status").read_text(), re.M)
+        if match:
+            return int(match.group(1), 8)
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
@@ -20,7 +36,8 @@ def atomic_path(path: str | Path, *, mode: int | None = None) -> Iterator[Path]:
 
     Args:
         path: The file to write; its folder is created when missing.
-        mode: Permission bits for the result (temporary files are created private).
+        mode: Permission bits for the result (default: ``0o666`` less the umask, as for any
+            file the process creates; the temporary file is private until it is complete).
 
     Yields:
         The temporary path to write.
@@ -31,8 +48,7 @@ def atomic_path(path: str | Path, *, mode: int | None = None) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
-        if mode is not None:
-            os.chmod(tmp, mode)
+        os.chmod(tmp, 0o666 & ~current_umask() if mode is None else mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -45,7 +61,7 @@ def atomic_write(path: str | Path, data: bytes | str, *, mode: int | None = None
     Args:
         path: The file to write.
         data: Its whole content.
-        mode: Permission bits for the result.
+        mode: Permission bits for the result (default: from the umask).
     """
     raw = data.encode("utf-8") if isinstance(data, str) else data
     with atomic_path(path, mode=mode) as tmp, open(tmp, "wb") as f:

@@ -246,3 +246,37 @@ def test_minibatch_cka_invariances() -> None:
     base = minibatch_cka(zip(xs, ys, strict=True))
     moved = minibatch_cka((2.5 * x @ q, y * 0.1) for x, y in zip(xs, ys, strict=True))
     assert abs(base - moved) < 1e-10 and 0.1 < base < 0.999
+
+
+class _Evil:
+    """Pickles as a call that would create a file: loading it must not execute that."""
+
+    def __init__(self, marker) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        pytest.param(lambda p: p.write_bytes(b"\x93NUMPY garbage" * 50), id="garbage"),
+        pytest.param(lambda p: p.write_bytes(p.read_bytes()[:60]), id="truncated"),
+        pytest.param(lambda p: np.save(p, np.full((2, 2), np.nan)), id="wrong-shape-nan"),
+        pytest.param(
+            lambda p: np.save(p, np.array([_Evil(p.parent / "pwned")], dtype=object)),
+            id="pickled-object-array",
+        ),
+    ],
+)
+def test_a_damaged_cka_cache_entry_is_recomputed(tiny_anchor, tmp_path, damage) -> None:
+    front, back = tiny_anchor("resnet"), tiny_anchor("vit")
+    loader = _loader(front, n=32)
+    first = cka_matrix(front, back, loader, cache_dir=tmp_path)
+    (entry,) = tmp_path.glob("*.npy")
+    damage(entry)
+    again = cka_matrix(front, back, loader, cache_dir=tmp_path)
+    assert np.allclose(first, again)
+    assert np.array_equal(np.load(entry, allow_pickle=False), again)  # rewritten whole
+    assert not (tmp_path / "pwned").exists() and not list(tmp_path.glob("*.tmp"))

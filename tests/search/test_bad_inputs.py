@@ -1,23 +1,33 @@
 """Bad input: one clear line on stderr naming the file or field, exit 2, nothing written.
 
-Every case runs ``search.run``'s ``main`` in-process on otherwise valid inputs (the tiny
-study, a valid budget table); one more test checks the same through a real subprocess.
+Every case runs ``search.run``'s ``main`` (or ``search.export``'s, for cases whose argv
+starts with ``search.export``) in-process on otherwise valid inputs (the tiny study, a valid
+budget table, real exports); the cases cover flags, budget tables, study YAML, checkpoints,
+data, storages (PostgreSQL on 127.0.0.1:5432 for the server cases) and hostile or damaged
+files. One more test checks the same through a real subprocess.
 """
 
 from __future__ import annotations
 
 import builtins
+import json
+import os
+import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import optuna
 import pytest
 import torch
 
+from search.export import main as export_main
 from search.run import main
+from tests.space.test_export import build_exports, copy_export
 
 STUDY = Path(__file__).resolve().parent / "data" / "tiny_study.yaml"
 RESNET_LINE = "    timm_kwargs: {num_classes: 4}\n"
@@ -40,6 +50,11 @@ class Inputs:
     root: Path
     devices: Path
     marker: Path
+    factory: pytest.TempPathFactory
+
+    def export(self, key: str = "cnn_vit") -> Path:
+        """A copy of a real export (its JSON and weight files) under the case's folder."""
+        return copy_export(build_exports(self.factory)[key][0], self.root / "export")
 
     def write(self, name: str, text: str | bytes) -> Path:
         path = self.root / name
@@ -152,6 +167,119 @@ def _imagefolder(make: Callable[[Inputs, dict], Path] | None, needle: str) -> Ca
     return case
 
 
+PG = os.environ.get("STITCHSEARCH_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+PG_HOST = PG.split("@", 1)[1].rsplit("/", 1)[0]
+SECRET = "Hunter2-secret"
+
+
+def _storage(make: Callable[[Inputs], str], needle: str) -> Case:
+    def case(x: Inputs, w: dict) -> tuple[list[str], str]:
+        url = make(x)
+        return ["--budget-table", str(x.devices), "--study", str(STUDY), "--storage", url], needle
+
+    return case
+
+
+def _sqlite_file(content: Callable[[Path], None]) -> Callable[[Inputs], str]:
+    def make(x: Inputs) -> str:
+        path = x.root / "study.db"
+        content(path)
+        return f"sqlite:///{path}"
+
+    return make
+
+
+def _other_program(path: Path) -> None:
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE users (id INTEGER, name TEXT)")
+
+
+def _optuna_db(path: Path) -> None:
+    optuna.create_study(storage=f"sqlite:///{path}", study_name="other")
+    optuna.storages.RDBStorage(f"sqlite:///{path}").engine.dispose()
+
+
+def _truncated_db(path: Path) -> None:
+    _optuna_db(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _schema_of(version: str, revision: str) -> Callable[[Path], None]:
+    def make(path: Path) -> None:
+        _optuna_db(path)
+        with sqlite3.connect(path) as conn:
+            conn.execute("UPDATE alembic_version SET version_num = ?", (revision,))
+            conn.execute("UPDATE version_info SET library_version = ?", (version,))
+
+    return make
+
+
+def _export(edit: Callable[[Path], None], needle: str, key: str = "cnn_vit") -> Case:
+    """``search.export --check`` on a copy of a real export, spoiled by ``edit``."""
+
+    def case(x: Inputs, w: dict) -> tuple[list[str], str]:
+        path = x.export(key)
+        edit(path)
+        return ["search.export", "--check", str(path)], needle
+
+    return case
+
+
+def _manifest(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def _weights_file(path: Path) -> Path:
+    return path.parent / _manifest(path)["stitch"]["weights"]
+
+
+def _swap_weights(path: Path) -> None:
+    """Replaces the stitch's weights by another valid safetensors file (hash mismatch)."""
+    from safetensors.torch import load_file, save_file
+
+    weights = _weights_file(path)
+    state = {k: v + 1 for k, v in load_file(str(weights)).items()}
+    save_file(state, str(weights))
+
+
+def _point_checkpoint(spoil: Callable[[Path, Path], None]) -> Callable[[Path], None]:
+    """Points the export's front anchor at a copy of its checkpoint spoiled by ``spoil``."""
+
+    def edit(path: Path) -> None:
+        doc = _manifest(path)
+        front = doc["anchors"][0]
+        copy = path.parent / ("spoiled" + Path(front["checkpoint"]).suffix)
+        shutil.copy(front["checkpoint"], copy)
+        spoil(copy, path.parent.parent / "pwned")
+        front["checkpoint"] = str(copy)
+        path.write_text(json.dumps(doc))
+
+    return edit
+
+
+def _yaml_file(text: str) -> Case:
+    def case(x: Inputs, w: dict) -> tuple[list[str], str]:
+        return ["--budget-table", str(x.devices), "--study", str(x.write("h.yaml", text))], ""
+
+    return case
+
+
+_BOMB = "name: bomb\na: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"{n}: &{n} [{', '.join([f'*{p}'] * 9)}]\n" for p, n in zip("abcdefg", "bcdefgh", strict=True)
+)
+
+
+def _big_csv(x: Inputs, w: dict) -> tuple[list[str], str]:
+    path = x.root / "big.csv"
+    with open(path, "w") as f:
+        f.write("device,max_macs\n")
+        row = "edge,1M\n" * 100_000
+        while f.tell() < 100 * 2**20:
+            f.write(row)
+    return ["--budget-table", str(path)], "big.csv: the file is 100."
+
+
 CASES: dict[str, Case] = {
     # command-line flags
     "no-flags": lambda x, w: ([], "--budget-table"),
@@ -216,6 +344,76 @@ CASES: dict[str, Case] = {
     "imagefolder-no-root": _yaml("dataset: synthetic", "dataset: imagefolder", "data.root"),
     "imagefolder-missing": _imagefolder(None, "missing-images"),
     "imagefolder-no-images": _imagefolder(_empty_imagefolder, "has no images"),
+    # storages at start-up (PostgreSQL: the server on 127.0.0.1:5432; the password is
+    # never printed)
+    "pg-unknown-role": _storage(
+        lambda x: f"postgresql+psycopg://nobody_here:{SECRET}@{PG_HOST}/postgres",
+        'role "nobody_here" does not exist',
+    ),
+    "pg-missing-database": _storage(
+        lambda x: f"postgresql+psycopg://postgres:{SECRET}@{PG_HOST}/no_such_db_here",
+        "createdb",
+    ),
+    "pg-server-down": _storage(
+        lambda x: f"postgresql+psycopg://postgres:{SECRET}@127.0.0.1:{_closed_port()}/db",
+        "start the server at 127.0.0.1:",
+    ),
+    "pg-driver-missing": _storage(
+        lambda x: f"postgresql+pg8000://postgres:{SECRET}@{PG_HOST}/db", "not installed"
+    ),
+    "pg-bad-port": _storage(
+        lambda x: f"postgresql+psycopg://postgres:{SECRET}@{PG_HOST}x/db", "not a database URL"
+    ),
+    "sqlite-unwritable-folder": _storage(lambda x: "sqlite:////proc/study.db", "'/proc'"),
+    "sqlite-is-a-folder": _storage(lambda x: f"sqlite:///{x.root}", "is a folder"),
+    "sqlite-garbage": _storage(
+        _sqlite_file(lambda p: p.write_bytes(os.urandom(8192))), "not a readable SQLite"
+    ),
+    "sqlite-truncated-study": _storage(_sqlite_file(_truncated_db), "study.db"),
+    "sqlite-other-program": _storage(
+        _sqlite_file(_other_program), "another program's tables (users)"
+    ),
+    "sqlite-old-optuna-schema": _storage(
+        _sqlite_file(_schema_of("3.0.0", "v3.0.0.a")), "optuna storage upgrade"
+    ),
+    "sqlite-newer-optuna-schema": _storage(
+        _sqlite_file(_schema_of("99.0.0", "v99.0.0")), "optuna>=99.0.0"
+    ),
+    "out-study-db-garbage": lambda x, w: (
+        ["--budget-table", str(x.devices), "--study", str(STUDY)]
+        if x.write("out/study.db", b"\x00garbage" * 1000)
+        else [],
+        "not a readable SQLite",
+    ),
+    # hostile or damaged files
+    "yaml-alias-bomb": lambda x, w: (_yaml_file(_BOMB)(x, w)[0], "expand to more than"),
+    "yaml-python-tag": lambda x, w: (
+        _yaml_file(f"name: !!python/object/apply:os.system ['touch {x.marker}']\n")(x, w)[0],
+        "remove the tag",
+    ),
+    "yaml-custom-tag": lambda x, w: (
+        _yaml_file("name: t\nanchors: !include other.yaml\n")(x, w)[0],
+        "'!include'",
+    ),
+    "csv-100-mb": _big_csv,
+    "export-json-garbage": _export(lambda p: p.write_bytes(os.urandom(4096)), "export"),
+    "export-json-truncated": _export(
+        lambda p: p.write_text(p.read_text()[: len(p.read_text()) // 2]), "not valid JSON"
+    ),
+    "export-weights-truncated": _export(
+        lambda p: _weights_file(p).write_bytes(_weights_file(p).read_bytes()[:100]), "sha256"
+    ),
+    "export-weights-swapped": _export(_swap_weights, "sha256"),
+    "export-checkpoint-garbage": _export(
+        _point_checkpoint(lambda c, x: c.write_bytes(os.urandom(2048))), "sha256", key="vit_cnn"
+    ),
+    "export-checkpoint-pickled-code": _export(
+        _point_checkpoint(
+            lambda c, x: torch.save({"state_dict": {}, "payload": _Evil(x)}, c),
+        ),
+        "sha256",
+        key="vit_cnn",
+    ),
 }
 
 
@@ -224,28 +422,37 @@ def _files(root: Path) -> set[Path]:
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_bad_input_exits_2_with_one_line(name, tmp_path, weights, capsys, monkeypatch) -> None:
+def test_bad_input_exits_2_with_one_line(
+    name, tmp_path, tmp_path_factory, weights, capsys, monkeypatch
+) -> None:
     monkeypatch.chdir(tmp_path)  # a default --out would land here
-    inputs = Inputs(tmp_path, tmp_path / "devices.csv", tmp_path / "pwned")
+    inputs = Inputs(tmp_path, tmp_path / "devices.csv", tmp_path / "pwned", tmp_path_factory)
     inputs.devices.write_text("device,max_macs\nsmall,10M\n")
     argv, needle = CASES[name](inputs, weights)
     out = tmp_path / "out"
-    if "--out" not in argv:
+    entry = main
+    if argv[:1] == ["search.export"]:
+        entry, argv = export_main, argv[1:]
+    elif "--out" not in argv:
         argv = [*argv, "--out", str(out)]
-    before = _files(tmp_path)
+    existed = out.exists()
+    before = {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in _files(tmp_path)}
     try:
-        rc = main(argv)
+        rc = entry(argv)
     except SystemExit as e:  # argparse
         rc = e.code
-    err = capsys.readouterr().err
+    captured = capsys.readouterr()
+    err = captured.err
     assert rc == 2, err
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
     assert needle in lines[0], (needle, lines[0])
     assert "Traceback" not in err
-    assert not out.exists(), f"{argv} created {out}"
-    assert _files(tmp_path) == before, "something was written"
-    assert not inputs.marker.exists(), "a checkpoint's pickled code was executed"
+    assert SECRET not in err + captured.out, "a password was printed"
+    assert existed or not out.exists(), f"{argv} created {out}"
+    after = {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in _files(tmp_path)}
+    assert after == before, "something was written or changed"
+    assert not inputs.marker.exists(), "pickled or tagged code was executed"
 
 
 def test_help_and_subprocess_error_have_no_traceback(tmp_path) -> None:
