@@ -55,6 +55,7 @@ SECTIONS: tuple[tuple[str, str], ...] = (
     ("ground_truth", "1. Ground truth: every candidate of the default space"),
     ("search", "2. Search efficiency against exhaustive and random search"),
     ("pruning", "3. CKA pruning"),
+    ("signals", "3b. Stitch-point signals and the default pruning rule"),
     ("trial_cost", "4. Trial cost"),
     ("scaling", "5. Worker scaling"),
     ("claims", "6. The papers' claims on the default zoo"),
@@ -139,10 +140,8 @@ def study_space(plan) -> Any:
 
 
 def study_rule(plan) -> Any:
-    """The plan's CKA :class:`search.candidates.PruningRule`."""
-    from search.candidates import PruningRule
-
-    return PruningRule(plan.study.cka.threshold, plan.study.cka.top_k)
+    """The plan's :class:`search.candidates.PruningRule`."""
+    return plan.study.pruning_rule
 
 
 def study_cka(plan, space, cache_root: Path) -> dict[tuple[str, str], np.ndarray]:

@@ -33,6 +33,7 @@ from benchmarks.common import (
 STEPS = (
     ("ground_truth", True, False),
     ("pruning", False, True),
+    ("signals", True, True),
     ("search", True, True),
     ("trial_cost", True, False),
     ("scaling", True, False),

@@ -8,6 +8,7 @@ from evaluators.cka import (
     cka_features,
     cka_matrix,
     linear_cka,
+    loader_identity,
     minibatch_cka,
 )
 from evaluators.data import (
@@ -49,9 +50,19 @@ from evaluators.macs import (
     stitched_parameters,
     used_parameters,
 )
+from evaluators.signals import (
+    FIT_SIGNALS,
+    SIGNALS,
+    signals_cache_path,
+    stitch_macs,
+    stitch_points,
+    stitch_signals,
+)
 
 __all__ = [
     "CKA_MODES",
+    "FIT_SIGNALS",
+    "SIGNALS",
     "Accuracy",
     "AccuracyReport",
     "ArrayLoader",
@@ -84,10 +95,15 @@ __all__ = [
     "imagefolder_splits",
     "linear_cka",
     "load_fashion_mnist",
+    "loader_identity",
     "make_splits",
     "measure_latency",
     "measure_memory",
     "minibatch_cka",
+    "signals_cache_path",
+    "stitch_macs",
+    "stitch_points",
+    "stitch_signals",
     "stitched_macs",
     "stitched_param_counts",
     "stitched_parameters",

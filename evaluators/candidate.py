@@ -65,6 +65,9 @@ class CandidateResult:
         activation_mb: The peak activation part of ``memory_mb``.
         cka: CKA at the stitch point (front cut ``k`` vs back cut ``j``), when given.
         fit_residual: Least-squares relative residual per linear part of the stitch.
+        residual: Least-squares relative residual (``1 - R^2``) over the stitch's whole
+            target, the stitch-point signal of :mod:`evaluators.signals` (``None`` for an
+            anchor).
         fit_steps: Fine-tuning steps of the stitching layer on calibration images.
         fit_seconds: Time of least squares and fine-tuning on calibration images.
         finetune: Rung 1, stitch-only fine-tuning on training images: the settings and
@@ -102,6 +105,7 @@ class CandidateResult:
     device: str
     threads: int
     finetune: dict[str, Any] | None = None
+    residual: float | None = None
     net: nn.Module | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -296,6 +300,7 @@ def evaluate_candidate(
             device=str(dev),
             threads=n_threads,
             finetune=tuned,
+            residual=fit.total_residual,
             net=net,
         )
 

@@ -56,7 +56,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from space import Anchor, FeatureInfo, adapt_images
+from space import Anchor, FeatureInfo, adapt_images, back_input_size
 from space.files import atomic_path, atomic_write
 
 CKAMode = Literal["pooled", "flatten"]
@@ -370,7 +370,7 @@ def cka_cache_path(
         "front": anchor_identity(front),
         "back": anchor_identity(back),
         "front_input": list(front.input_size),
-        "back_input": list(back.input_size),
+        "back_input": list(back_input_size(front, back)),
         "data": data_identity,
         "mode": mode,
         "num_images": num_images,
@@ -396,9 +396,11 @@ def cka_matrix(
 ) -> np.ndarray:
     """CKA of every front cut with every back cut on the same images, indexed by stitch point.
 
-    Both anchors run once per batch (:meth:`space.Anchor.forward_cuts`); a back anchor with
-    another input size sees the same images adapted by :func:`space.adapt_images`. A pair
-    of one anchor with itself (same input size) runs it once.
+    Both anchors run once per batch (:meth:`space.Anchor.forward_cuts`) on the same images,
+    at the resolution a stitched network of the pair runs at: adapted once to the front
+    anchor's input size, and for the back anchor to :func:`space.back_input_size` (only its
+    channels, unless it cannot run at another size). A pair of one anchor with itself runs it
+    once.
 
     Args:
         front: The front anchor.
@@ -448,10 +450,9 @@ def cka_matrix(
     if device is None:
         device = next(front.model.parameters()).device
     device = torch.device(device)
-    f_info, b_info = front.features(), back.features()
-    shared = back is front or (
-        back.model is front.model and tuple(back.input_size) == tuple(front.input_size)
-    )
+    back_size = back_input_size(front, back)
+    f_info, b_info = front.features(), back.features(back_size)
+    shared = back.model is front.model and tuple(back_size) == tuple(front.input_size)
     acc = MinibatchCKA(shape[0], shape[1])
     seen = 0
     for batch in loader:
@@ -468,7 +469,7 @@ def cka_matrix(
         if shared:
             acc.update(feats_f, None)
         else:
-            xb = x if tuple(x.shape[1:]) == back.input_size else adapt_images(x, back.input_size)
+            xb = xf if tuple(xf.shape[1:]) == back_size else adapt_images(xf, back_size)
             feats_b = _cut_features(back, back.forward_cuts(xb), b_info, mode, "back")
             acc.update(feats_f, feats_b)
         seen += x.shape[0]

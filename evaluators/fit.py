@@ -54,6 +54,8 @@ class FitResult:
         finetune_seconds: Time of fine-tuning.
         losses: Cross-entropy of every fine-tuning step.
         cached_activations: Whether fine-tuning reused the front activations.
+        total_residual: Relative least-squares residual over the whole target (all parts;
+            :attr:`space.StitchingLayer.residual`).
     """
 
     residual: dict[str, float]
@@ -63,6 +65,7 @@ class FitResult:
     finetune_seconds: float = 0.0
     losses: list[float] = field(default_factory=list)
     cached_activations: bool = False
+    total_residual: float | None = None
 
     @property
     def seconds(self) -> float:
@@ -85,16 +88,19 @@ def _pairs(
     """Yields (source, target) activation pairs; optionally keeps (source, labels)."""
     front, back = net.front, net.back
     k, j = net.config.front_block, net.config.back_block
-    one_pass = front.model is back.model and tuple(front.input_size) == tuple(back.input_size)
+    back_size = net.back_input_size
+    one_pass = front.model is back.model and tuple(net.input_size) == tuple(back_size)
     kept = 0
     for batch in loader:
         x, y = _split(batch)
-        x = _fit_input(x.to(device), front.input_size)
+        # One resolution: the images adapted once to the stitched network's input, and the
+        # same images for the back anchor (space.back_input_size).
+        x = _fit_input(x.to(device), net.input_size)
         if one_pass:  # a self-stitch: both cuts from one forward pass
             src, dst = front.forward_cuts(x, [k, j])
         else:
             src = front.forward_front(x, k)
-            dst = back.forward_front(_fit_input(x, back.input_size), j)
+            dst = back.forward_front(_fit_input(x, back_size), j)
         counter[0] += x.shape[0]
         if keep is not None and y is not None:
             kept += src.numel() * src.element_size()
@@ -155,7 +161,12 @@ def fit_stitch(
         residual = net.stitch.init_least_squares(
             _pairs(net, loader, dev, keep, int(max_cache_mb * 2**20), counter)
         )
-    result = FitResult(residual=residual, ls_images=counter[0], ls_seconds=time.perf_counter() - t0)
+    result = FitResult(
+        residual=residual,
+        ls_images=counter[0],
+        ls_seconds=time.perf_counter() - t0,
+        total_residual=net.stitch.residual,
+    )
     if steps == 0:
         return result
     cached = bool(counter[1]) and bool(keep)

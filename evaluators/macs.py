@@ -246,8 +246,8 @@ def stitched_macs(net: StitchedNet, *, batch_size: int = 1) -> dict[str, int]:
         equal to :func:`count_macs` of the whole network.
     """
     k, j = net.config.front_block, net.config.back_block
-    src = net.front.feature_info(k).shape
-    dst = net.back.feature_info(j).shape
+    src = net.stitch.src.shape
+    dst = net.stitch.dst.shape
     parts = {
         "front": count_macs(FrontPart(net.front, k), (batch_size, *net.input_size)),
         "stitch": count_macs(_Wrapped(net.stitch, 1 + len(src)), (batch_size, *src)),

@@ -23,12 +23,13 @@ import torch
 from optuna.trial import TrialState
 from ray import tune
 
-from evaluators import cka_matrix
-from search.candidates import PruningRule, SearchSpace
+from evaluators import cka_matrix, stitch_macs, stitch_signals
+from search.candidates import SearchSpace
 from search.console import Progress, SignalGuard
 from search.liveness import fail_stale_trials
 from search.plan import Plan
 from search.promotion import Rung1Searcher, promotion_order, rung1_trials, teacher_of
+from search.pruning import PruningSignals
 from search.searcher import RetryCounter, SearcherSettings, StitchSearcher
 from search.trials import Attr, evaluated_trials
 from search.worker import WorkerJob, trainable
@@ -91,6 +92,43 @@ def cka_matrices(plan: Plan, space: SearchSpace, log: Callable[..., Any]) -> Cka
     return matrices
 
 
+def pruning_signals(
+    plan: Plan, space: SearchSpace, matrices: CkaMatrices, log: Callable[..., Any]
+) -> PruningSignals | None:
+    """What the study's pruning rule reads besides the CKA matrices (``None``: nothing).
+
+    ``residual`` and ``kl`` are computed per ordered pair by :func:`evaluators.stitch_signals`
+    on the first ``study.pruning_images`` calibration images (cached on disk under
+    ``plan.out``); a ``depth`` rule also takes every stitch point's MACs
+    (:func:`evaluators.stitch_macs`).
+    """
+    rule = plan.study.pruning_rule
+    if not rule.active or (rule.signal == "cka" and rule.depth is None):
+        return None
+    cache = plan.out / "cache" / "signals"
+    loader = plan.data.calibration.subset(plan.study.pruning_images)
+    values: dict[tuple[str, str], np.ndarray] = {}
+    macs: dict[tuple[str, str], np.ndarray] | None = {} if rule.depth is not None else None
+    t0 = time.perf_counter()
+    pairs = space.pairs()
+    for i, (a, b) in enumerate(pairs, start=1):
+        front, back = plan.anchors[a], plan.anchors[b]
+        if rule.signal == "cka":
+            values[(a, b)] = matrices[(a, b)]
+        else:
+            sig = stitch_signals(front, back, loader, signals=[rule.signal], cache_dir=cache)
+            values[(a, b)] = sig[rule.signal]
+        if macs is not None:
+            macs[(a, b)] = stitch_macs(front, back)
+        log(
+            f"\rpruning signal {rule.signal!r}: {i}/{len(pairs)} pairs "
+            f"({time.perf_counter() - t0:.1f}s)",
+            end="",
+        )
+    log("")
+    return PruningSignals(values, macs)
+
+
 def start_ray(plan: Plan, threads: int) -> bool:
     """Starts (or joins) Ray; returns whether this call started a local cluster."""
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -132,6 +170,7 @@ def run_search(
     sampler: optuna.samplers.BaseSampler,
     guard: SignalGuard | None = None,
     log: Callable[..., Any] = print,
+    signals: PruningSignals | None = None,
 ) -> RunState:
     """Runs Ray Tune trials until the study holds ``plan.trials`` evaluations.
 
@@ -150,7 +189,7 @@ def run_search(
     try:
         while True:
             searcher = _search_round(
-                plan, study, space, matrices, sampler, progress, guard, state, log
+                plan, study, space, matrices, sampler, progress, guard, state, log, signals
             )
             evaluated, others = _wait_for_other_drivers(plan, study, log)
             if evaluated >= plan.trials or searcher.exhausted():
@@ -177,6 +216,7 @@ def _search_round(
     guard: SignalGuard | None,
     state: RunState,
     log: Callable[..., Any],
+    signals: PruningSignals | None = None,
 ) -> StitchSearcher:
     """One Ray Tune run: trials until this driver has nothing left to start."""
     cpus, use_gpu = _worker_share(plan, state)
@@ -186,7 +226,7 @@ def _search_round(
     settings = SearcherSettings(
         objectives=plan.study.objectives,
         budgets=plan.budgets,
-        rule=PruningRule(plan.study.cka.threshold, plan.study.cka.top_k),
+        rule=plan.study.pruning_rule,
         total=plan.trials,
         driver_id=plan.driver_id,
         seed=plan.seed,
@@ -198,6 +238,7 @@ def _search_round(
         settings,
         sampler=sampler,
         cka=matrices,
+        signals=signals,
         on_event=progress,
         guard=guard.critical if guard is not None else None,
     )
@@ -206,8 +247,8 @@ def _search_round(
         state.logged_pruning = True
         progress.pruned += len(pruned)  # the bar counts CKA-pruned points too
         log(
-            f"CKA rule prunes {len(pruned)} of {len(space) - len(space.anchors())} "
-            "stitch points (recorded as PRUNED trials)"
+            f"pruning rule ({plan.study.pruning_rule.signal}) prunes {len(pruned)} of "
+            f"{len(space) - len(space.anchors())} stitch points (recorded as PRUNED trials)"
         )
     state.searchers.append(searcher)
     _tune(plan, searcher, job, cpus, use_gpu, name="ray")

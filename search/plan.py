@@ -368,7 +368,7 @@ def _load_data(study: Study, study_path: Path, anchors: Mapping[str, Anchor]) ->
         recipe = DataRecipe(
             d.dataset,
             root=root,
-            calibration=max(d.calibration, study.cka.images),
+            calibration=max(d.calibration, study.cka.images, study.pruning_images),
             validation=d.validation,
             test=d.test,
             batch_size=d.batch_size,

@@ -1,14 +1,17 @@
-"""CKA pruning of the search space, applied to a study.
+"""Pruning of the search space by a stitch-point signal, applied to a study.
 
 :class:`search.candidates.PruningRule` says why one stitch point is pruned; this module
 applies it to the whole space (:func:`pruned_reasons`) and records the pruned points in the
 study, once, as PRUNED trials carrying their CKA and the reason (:func:`record_pruned_trials`),
-so that optuna-dashboard shows them and no driver evaluates them.
+so that optuna-dashboard shows them and no driver evaluates them. The rule reads the CKA
+matrices, or the :class:`PruningSignals` of another signal (``residual``, ``kl``; see
+:mod:`evaluators.signals`) with the stitch points' MACs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import optuna
@@ -30,17 +33,43 @@ def cka_at(cka: CkaMatrices, c: Candidate) -> float | None:
     return None if m is None else float(m[c.front_block, c.back_block])
 
 
+@dataclass(frozen=True)
+class PruningSignals:
+    """What a pruning rule reads per ordered pair, when it is not the CKA matrices alone.
+
+    Attributes:
+        values: The rule's signal per ordered pair, indexed ``[front cut, back cut]``.
+        macs: MACs of every stitch point per ordered pair, same indexing (``depth`` rules).
+    """
+
+    values: Mapping[tuple[str, str], np.ndarray]
+    macs: Mapping[tuple[str, str], np.ndarray] | None = None
+
+
 def pruned_reasons(
-    space: SearchSpace, cka: CkaMatrices, rule: PruningRule
+    space: SearchSpace,
+    cka: CkaMatrices,
+    rule: PruningRule,
+    signals: PruningSignals | None = None,
 ) -> dict[str, tuple[Candidate, str]]:
-    """Candidate key -> (candidate, reason) for every candidate the CKA rule prunes."""
+    """Candidate key -> (candidate, reason) for every candidate the rule prunes.
+
+    Args:
+        space: The search space.
+        cka: The CKA matrices (what the rule reads when ``signals`` is ``None``).
+        rule: The rule.
+        signals: The rule's signal and MACs, when given.
+    """
     out: dict[str, tuple[Candidate, str]] = {}
-    if not cka or not rule.active:
+    values = signals.values if signals is not None else cka
+    macs = signals.macs if signals is not None else None
+    if not values or not rule.active:
         return out
     for c in space.all_candidates():
-        if c.is_anchor or (c.front, c.back) not in cka:
+        pair = (c.front, c.back)
+        if c.is_anchor or pair not in values:
             continue
-        reason = rule.reason(c, cka[(c.front, c.back)])
+        reason = rule.reason(c, values[pair], None if macs is None else macs.get(pair))
         if reason is not None:
             out[c.key] = (c, reason)
     return out
@@ -54,14 +83,18 @@ def _pruned_attrs(c: Candidate, cka: float | None, reason: str) -> dict[str, obj
 
 
 def record_pruned_trials(
-    study: optuna.Study, space: SearchSpace, cka: CkaMatrices, rule: PruningRule
+    study: optuna.Study,
+    space: SearchSpace,
+    cka: CkaMatrices,
+    rule: PruningRule,
+    signals: PruningSignals | None = None,
 ) -> int:
-    """Records every candidate the CKA rule prunes as a PRUNED trial, once per study.
+    """Records every candidate the rule prunes as a PRUNED trial, once per study.
 
     Returns:
         How many were newly recorded.
     """
-    reasons = pruned_reasons(space, cka, rule)
+    reasons = pruned_reasons(space, cka, rule, signals)
     if not reasons:
         return 0
     recorded = {

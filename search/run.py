@@ -26,13 +26,14 @@ import sys
 import optuna
 
 from search import storage
-from search.candidates import PruningRule, SearchSpace
+from search.candidates import SearchSpace
 from search.console import SignalGuard, one_line
 from search.delivery import clean_staging, finish
 from search.driver import (
     RunState,
     cka_matrices,
     driver_seed,
+    pruning_signals,
     run_rung1,
     run_search,
     shutdown_ray,
@@ -109,12 +110,13 @@ def _execute(plan: Plan) -> int:
         print(f"error: {one_line(str(e))}", file=sys.stderr)
         return 2
     space = SearchSpace({n: a.num_blocks for n, a in plan.anchors.items()})
-    rule = PruningRule(plan.study.cka.threshold, plan.study.cka.top_k)
+    rule = plan.study.pruning_rule
     state = RunState()
     interrupted: str | None = None
     with SignalGuard() as guard:
         try:
             matrices = cka_matrices(plan, space, log)
+            signals = pruning_signals(plan, space, matrices, log)
             try:
                 study, created = storage.open_study(rdb, plan.study, plan.driver_id)
             except InputError as e:
@@ -127,7 +129,14 @@ def _execute(plan: Plan) -> int:
                 )
             with Heartbeat(study, plan.driver_id), _heartbeat(rung1, plan.driver_id):
                 newly = storage.setup_study(
-                    study, space, matrices, rule, created=created, log=log, critical=guard.critical
+                    study,
+                    space,
+                    matrices,
+                    rule,
+                    created=created,
+                    log=log,
+                    critical=guard.critical,
+                    signals=signals,
                 )
                 state.pruned_recorded = newly
                 others = live_drivers(study) - {plan.driver_id}
@@ -163,6 +172,7 @@ def _execute(plan: Plan) -> int:
                         sampler=sampler,
                         guard=guard,
                         log=log,
+                        signals=signals,
                     )
                     if rung1 is not None:
                         run_rung1(plan, study, rung1, space, state=state, guard=guard, log=log)

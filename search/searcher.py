@@ -42,7 +42,13 @@ from search.budgets import DeviceBudget
 from search.candidates import PruningRule, SearchSpace
 from search.claims import ClaimPolicy
 from search.ledger import Ledger
-from search.pruning import CkaMatrices, cka_at, pruned_reasons, record_pruned_trials
+from search.pruning import (
+    CkaMatrices,
+    PruningSignals,
+    cka_at,
+    pruned_reasons,
+    record_pruned_trials,
+)
 from search.recorder import Recorder, objective_values
 from search.sampler import install_sampler
 from search.storage import StorageUnavailable, stops_on_storage_loss
@@ -109,6 +115,7 @@ class StitchSearcher(Searcher):
             the searcher installs it on the study, filtered by its ledger. Pass the same
             object to every round's searcher so that its state carries over.
         cka: CKA matrix per ordered pair ``(front, back)``, indexed by cuts.
+        signals: The pruning rule's signal and MACs, when the rule does not read ``cka``.
         on_event: Called with ``(kind, trial)`` after every tell (progress display).
         guard: Context manager factory wrapped around each ask/tell sequence (the driver
             defers Ctrl-C there, so that no trial is left half-written).
@@ -122,6 +129,7 @@ class StitchSearcher(Searcher):
         *,
         sampler: BaseSampler,
         cka: CkaMatrices,
+        signals: PruningSignals | None = None,
         on_event: Callable[[str, FrozenTrial], None] | None = None,
         guard: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
     ) -> None:
@@ -130,6 +138,7 @@ class StitchSearcher(Searcher):
         self.space = space
         self.settings = settings
         self.cka = cka
+        self.signals = signals
         self.on_event = on_event
         self.guard = guard
         self.max_failures = (
@@ -138,7 +147,7 @@ class StitchSearcher(Searcher):
         self.ledger = Ledger(
             study,
             space.all_candidates(),
-            pruned=pruned_reasons(space, cka, settings.rule),
+            pruned=pruned_reasons(space, cka, settings.rule, signals),
             driver_id=settings.driver_id,
             seed=settings.seed,
             stale_check_s=settings.stale_check_s,
@@ -176,8 +185,8 @@ class StitchSearcher(Searcher):
             How many were newly recorded.
         """
         rule = self.settings.rule
-        self.ledger.mark_pruned(pruned_reasons(self.space, self.cka, rule))
-        new = record_pruned_trials(self.study, self.space, self.cka, rule)
+        self.ledger.mark_pruned(pruned_reasons(self.space, self.cka, rule, self.signals))
+        new = record_pruned_trials(self.study, self.space, self.cka, rule, self.signals)
         self.pruned += new
         return new
 

@@ -40,7 +40,7 @@ from sqlalchemy.exc import (
 from search import optuna_access
 from search.candidates import PruningRule, SearchSpace
 from search.liveness import driver_status, heartbeats
-from search.pruning import record_pruned_trials
+from search.pruning import PruningSignals, record_pruned_trials
 from search.study import Study
 from search.trials import Attr, StudyAttr
 from space import InputError
@@ -540,6 +540,7 @@ def setup_study(
     rule: PruningRule,
     *,
     created: bool,
+    signals: PruningSignals | None = None,
     log: Callable[[str], Any],
     critical: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
 ) -> int:
@@ -553,8 +554,9 @@ def setup_study(
         study: The study.
         space: The search space.
         matrices: The CKA matrices.
-        rule: The CKA pruning rule.
+        rule: The pruning rule.
         created: Whether this driver created the study.
+        signals: The rule's signal and MACs (``None``: the rule reads ``matrices``).
         log: Prints a progress line.
         critical: Context manager factory around the writes (defers Ctrl-C).
 
@@ -583,7 +585,7 @@ def setup_study(
         if not any(t.user_attrs.get(Attr.SEEDED) == "anchor" for t in trials):
             for c in space.anchors():
                 study.enqueue_trial(space.encode(c), user_attrs={Attr.SEEDED: "anchor"})
-        new = record_pruned_trials(study, space, matrices, rule)
+        new = record_pruned_trials(study, space, matrices, rule, signals)
         study.set_user_attr(StudyAttr.SETUP_COMPLETE, True)
     return new
 

@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from search.candidates import PruningRule
 from search.trials import OBJECTIVES
 from space import InputError
 
@@ -105,6 +106,36 @@ class CkaSpec(_Strict):
     top_k: int | None = Field(default=None, ge=1)
 
 
+class PruningSpec(_Strict):
+    """The pruning rule: which stitch points a stitch-point signal removes before the search.
+
+    Attributes:
+        signal: ``kl`` (default: KL divergence of the least-squares stitched network's outputs
+            from the back anchor's on calibration images), ``residual`` (the least-squares
+            fit's relative residual) or ``cka`` (see :mod:`evaluators.signals`).
+        images: Calibration images for the signal (default: ``data.calibration``, the
+            images a rung-0 trial fits on; ``cka`` uses ``cka.images``).
+        depth: Keep the first ``depth`` Pareto layers of (signal, MACs) within each ordered
+            anchor pair (null: off).
+        threshold: Prune stitch points whose signal is worse than this (below it for
+            ``cka``, above it for ``residual`` and ``kl``; null: off).
+        top_k: Keep only the ``top_k`` back cuts with the best signal per front cut (null:
+            off).
+    """
+
+    signal: Literal["kl", "residual", "cka"] = "kl"
+    images: int | None = Field(default=None, ge=4)
+    depth: int | None = Field(default=3, ge=1)
+    threshold: float | None = Field(default=None, ge=0.0)
+    top_k: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> PruningSpec:
+        if self.signal == "cka" and self.threshold is not None and self.threshold > 1:
+            raise ValueError(f"a CKA threshold lies in [0, 1], got {self.threshold}")
+        return self
+
+
 class FitSpec(_Strict):
     """Stitching-layer fitting.
 
@@ -183,7 +214,9 @@ class Study(_Strict):
         sampler: ``tpe`` (default), ``nsga2`` or ``random``.
         seed: Seed of the sampler.
         self_stitch: Also stitch an anchor to itself at different cuts.
-        cka: The CKA pruning rule.
+        cka: CKA matrices (recorded on every stitch trial); its ``threshold`` and ``top_k``
+            are the old form of a CKA pruning rule, still read when ``pruning`` is absent.
+        pruning: The pruning rule (default: ``kl`` signal, ``depth`` 3).
         fit: Stitch fitting settings (rung 0).
         finetune: Rung 1: stitch-only fine-tuning of promoted candidates.
         latency_batch: Batch size for the latency measurement (latency at batch 1 is
@@ -202,6 +235,7 @@ class Study(_Strict):
     seed: int = 0
     self_stitch: bool = False
     cka: CkaSpec = Field(default_factory=CkaSpec)
+    pruning: PruningSpec = Field(default_factory=PruningSpec)
     fit: FitSpec = Field(default_factory=FitSpec)
     finetune: FinetuneSpec = Field(default_factory=FinetuneSpec)
     latency_batch: int = Field(default=1, ge=1)
@@ -238,12 +272,41 @@ class Study(_Strict):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"anchors are listed twice: {dup}")
+        if "pruning" in self.model_fields_set and (
+            self.cka.threshold > 0 or self.cka.top_k is not None
+        ):
+            raise ValueError(
+                "give the pruning rule in 'pruning' only: cka.threshold and cka.top_k are its "
+                "old form (use pruning: {signal: cka, threshold: ..., top_k: ...})"
+            )
         teacher = self.finetune.teacher
         if teacher is not None and teacher not in names:
             raise ValueError(
                 f"finetune.teacher {teacher!r} is not one of the study's anchors {names}"
             )
         return self
+
+    @property
+    def legacy_cka_rule(self) -> bool:
+        """Whether the rule is the old ``cka: {threshold, top_k}`` form (no ``pruning``)."""
+        return "pruning" not in self.model_fields_set and (
+            self.cka.threshold > 0 or self.cka.top_k is not None
+        )
+
+    @property
+    def pruning_rule(self) -> PruningRule:
+        """The pruning rule: ``pruning``, or the old CKA rule of ``cka`` when only it is given."""
+        if self.legacy_cka_rule:
+            return PruningRule(self.cka.threshold, self.cka.top_k)
+        p = self.pruning
+        return PruningRule(p.threshold, p.top_k, signal=p.signal, depth=p.depth)
+
+    @property
+    def pruning_images(self) -> int:
+        """Calibration images the pruning signal is computed on."""
+        if self.pruning_rule.signal == "cka":
+            return self.cka.images
+        return self.pruning.images or self.data.calibration
 
     @property
     def directions(self) -> list[str]:

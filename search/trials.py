@@ -60,6 +60,9 @@ class Attr:
     LATENCY_SPREAD_MS = "latency_spread_ms"
     MEMORY_MB = "memory_mb"
     FIT_RESIDUAL = "fit_residual"
+    #: Least-squares relative residual over the stitch's whole target (the pruning signal
+    #: ``residual``, measured again by the trial's own fit).
+    RESIDUAL = "residual"
     FIT_SECONDS = "fit_seconds"
     EVAL_SECONDS = "eval_seconds"
     TRIAL_SECONDS = "trial_seconds"
@@ -98,6 +101,7 @@ RESULT_ATTRS = frozenset(
         Attr.MEMORY_MB,
         Attr.CKA,
         Attr.FIT_RESIDUAL,
+        Attr.RESIDUAL,
         Attr.FIT_SECONDS,
         Attr.EVAL_SECONDS,
         Attr.TRIAL_SECONDS,

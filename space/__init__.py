@@ -14,10 +14,18 @@ from space.manifest import (
     anchor_record,
     check_fields,
 )
-from space.stitched import StitchedNet, adapt_images, build_stitched
+from space.stitched import (
+    StitchedNet,
+    adapt_images,
+    back_input_size,
+    build_stitched,
+    runs_at_any_size,
+    stitch_cuts,
+)
 from space.stitching import (
     ConvStitch,
     ConvToToken,
+    LeastSquares,
     StitchingLayer,
     TokenStitch,
     TokenToConv,
@@ -38,6 +46,7 @@ __all__ = [
     "FamilyAdapter",
     "FeatureInfo",
     "InputError",
+    "LeastSquares",
     "LoadedExport",
     "StitchConfig",
     "StitchRecord",
@@ -48,6 +57,7 @@ __all__ = [
     "TokenToConv",
     "adapt_images",
     "anchor_record",
+    "back_input_size",
     "build_stitched",
     "check_fields",
     "family_names",
@@ -58,5 +68,7 @@ __all__ = [
     "make_stitching_layer",
     "read_export",
     "register_family",
+    "runs_at_any_size",
     "save_switchable",
+    "stitch_cuts",
 ]

@@ -47,7 +47,7 @@ from space.manifest import (
     feature_info_from,
     read_json_object,
 )
-from space.stitched import StitchedNet
+from space.stitched import StitchedNet, stitch_cuts
 from space.stitching import StitchingLayer, make_stitching_layer
 
 
@@ -344,11 +344,11 @@ def build_layer(
         layer_name = expect(path, rec["layer"], "str", f"{where}.layer")
         src = feature_info_from(path, rec["src"], f"{where}.src")
         dst = feature_info_from(path, rec["dst"], f"{where}.dst")
-    for side, info, anchor, cut in (
-        ("src", src, front, config.front_block),
-        ("dst", dst, back, config.back_block),
+    cuts = stitch_cuts(front, back, config)
+    for side, info, anchor, cut, actual in (
+        ("src", src, front, config.front_block, cuts[0]),
+        ("dst", dst, back, config.back_block, cuts[1]),
     ):
-        actual = anchor.feature_info(cut)
         if info != actual:
             raise ExportError(
                 path,

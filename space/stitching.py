@@ -93,8 +93,8 @@ class _NormalEquations:
         self.yy += float((y * y).sum())
         self.n += x.shape[0]
 
-    def solve(self) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """Returns ``(W (d_out, d_in), b (d_out,), relative residual)``."""
+    def solve(self) -> tuple[torch.Tensor, torch.Tensor, float, float, float]:
+        """Returns ``(W (d_out, d_in), b (d_out,), relative residual, SSE, total SS)``."""
         assert self.gram is not None and self.xty is not None and self.ysum is not None
         # Scale columns so the pseudo-inverse's cutoff is relative per feature.
         d = self.gram.diagonal().clamp_min(1e-30).sqrt()
@@ -103,8 +103,9 @@ class _NormalEquations:
         sol = sol / d[:, None]
         sse = self.yy - 2 * float((sol * self.xty).sum()) + float((sol * (self.gram @ sol)).sum())
         total = self.yy - float((self.ysum**2).sum()) / max(self.n, 1)
-        rel = max(sse, 0.0) / total if total > 0 else 0.0
-        return sol[:-1].T.contiguous(), sol[-1].contiguous(), rel
+        sse = max(sse, 0.0)
+        rel = sse / total if total > 0 else 0.0
+        return sol[:-1].T.contiguous(), sol[-1].contiguous(), rel, sse, max(total, 0.0)
 
 
 class StitchingLayer(nn.Module):
@@ -123,6 +124,8 @@ class StitchingLayer(nn.Module):
         self.dst = dst
         #: Relative residual of the last least-squares fit per linear part (1 - R^2).
         self.fit_residual: dict[str, float] = {}
+        #: Relative residual of the last fit over the whole target (``None`` before a fit).
+        self.residual: float | None = None
 
     def extra_repr(self) -> str:
         return f"src={self.src.shape} {self.src.layout} -> dst={self.dst.shape} {self.dst.layout}"
@@ -153,28 +156,72 @@ class StitchingLayer(nn.Module):
 
         Returns:
             The relative residual (``1 - R^2``) of each linear part; 0 means an exact fit.
+            :attr:`residual` holds the relative residual over the whole target.
 
         Raises:
             ValueError: No pairs, mismatched shapes, or non-finite activations.
         """
-        eqs: dict[str, _NormalEquations] = {}
+        fit = LeastSquares(self)
         for s, t in pairs:
-            if tuple(s.shape[1:]) != self.src.shape or tuple(t.shape[1:]) != self.dst.shape:
-                raise ValueError(
-                    f"least squares for {type(self).__name__}: got activations "
-                    f"{tuple(s.shape[1:])} -> {tuple(t.shape[1:])}, expected "
-                    f"{self.src.shape} -> {self.dst.shape}"
-                )
-            for part, (x, y) in self._ls_data(s, t).items():
-                eqs.setdefault(part, _NormalEquations()).update(x, y, part)
-        if not eqs:
+            fit.update(s, t)
+        return fit.solve()
+
+
+class LeastSquares:
+    """One stitching layer's least-squares fit, accumulated batch by batch.
+
+    :meth:`StitchingLayer.init_least_squares` is ``update`` over its pairs, then ``solve``;
+    this class lets a caller fit many layers from one pass over the images (the stitch-point
+    signals fit every stitch point of an anchor pair at once).
+
+    Args:
+        layer: The layer to fit; ``solve`` sets its weights.
+    """
+
+    def __init__(self, layer: StitchingLayer) -> None:
+        self.layer = layer
+        self._eqs: dict[str, _NormalEquations] = {}
+
+    @torch.no_grad()
+    def update(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Adds one batch of ``(source activation, target activation)`` on the same images.
+
+        Raises:
+            ValueError: Mismatched shapes or non-finite activations.
+        """
+        layer = self.layer
+        if tuple(src.shape[1:]) != layer.src.shape or tuple(dst.shape[1:]) != layer.dst.shape:
+            raise ValueError(
+                f"least squares for {type(layer).__name__}: got activations "
+                f"{tuple(src.shape[1:])} -> {tuple(dst.shape[1:])}, expected "
+                f"{layer.src.shape} -> {layer.dst.shape}"
+            )
+        for part, (x, y) in layer._ls_data(src, dst).items():
+            self._eqs.setdefault(part, _NormalEquations()).update(x, y, part)
+
+    @torch.no_grad()
+    def solve(self) -> dict[str, float]:
+        """Sets the layer's weights; returns the relative residual of each linear part.
+
+        Also sets ``layer.fit_residual`` (per part) and ``layer.residual``: the relative
+        residual over the whole target, ``sum(SSE) / sum(total SS)`` over the parts.
+
+        Raises:
+            ValueError: No batch was added.
+        """
+        if not self._eqs:
             raise ValueError("least squares needs at least one batch of calibration activations")
-        self.fit_residual = {}
-        for part, eq in eqs.items():
-            w, b, rel = eq.solve()
-            self._ls_assign(part, w, b)
-            self.fit_residual[part] = rel
-        return dict(self.fit_residual)
+        layer = self.layer
+        layer.fit_residual = {}
+        sse = total = 0.0
+        for part, eq in self._eqs.items():
+            w, b, rel, part_sse, part_total = eq.solve()
+            layer._ls_assign(part, w, b)
+            layer.fit_residual[part] = rel
+            sse += part_sse
+            total += part_total
+        layer.residual = sse / total if total > 0 else 0.0
+        return dict(layer.fit_residual)
 
 
 def _copy_linear(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> None:

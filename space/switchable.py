@@ -37,7 +37,7 @@ from space.manifest import (
     check_fields,
     read_json_object,
 )
-from space.stitched import StitchedNet
+from space.stitched import StitchedNet, adapt_images, stitch_cuts
 from space.stitching import StitchingLayer
 
 #: The format of a switchable artifact (:func:`save_switchable`).
@@ -87,14 +87,15 @@ class SwitchableStitchedNet(nn.Module):
                     f"stitch point name {name!r} must be a non-empty string without '.'"
                 )
             config.validate(front, back)
-            for side, info, anchor, cut in (
-                ("src", layer.src, front, config.front_block),
-                ("dst", layer.dst, back, config.back_block),
+            cuts = stitch_cuts(front, back, config)
+            for side, info, anchor, cut, actual in (
+                ("src", layer.src, front, config.front_block, cuts[0]),
+                ("dst", layer.dst, back, config.back_block, cuts[1]),
             ):
-                if info != anchor.feature_info(cut):
+                if info != actual:
                     raise ValueError(
                         f"stitch point {name!r}: the layer's {side} {info} is not cut {cut} of "
-                        f"{anchor.name!r} ({anchor.feature_info(cut)}); build it for {config}"
+                        f"{anchor.name!r} ({actual}); build it for {config}"
                     )
             configs[name], layers[name] = config, layer
         self.front_model = front.model
@@ -188,6 +189,8 @@ class SwitchableStitchedNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         config = self.configs[self.active]
+        if tuple(x.shape[1:]) != tuple(self.input_size):
+            x = adapt_images(x, self.input_size)
         h = self.front.forward_front(x, config.front_block)
         h = self.stitches[self.active](h)
         return self.back.forward_back(h, config.back_block)

@@ -214,6 +214,7 @@ def test_run_all_builds_every_command() -> None:
     assert names == [
         "ground_truth",
         "pruning",
+        "signals",
         "search",
         "trial_cost",
         "scaling",

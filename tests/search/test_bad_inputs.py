@@ -329,6 +329,15 @@ CASES: dict[str, Case] = {
     ),
     "yaml-zero-timeout": _yaml("trial_timeout_s: 120", "trial_timeout_s: 0", "trial_timeout_s"),
     "yaml-unknown-model": _yaml("resnet10t", "resnet10x", "resnet10x"),
+    "yaml-pruning-signal": _yaml(
+        "trial_timeout_s: 120", "trial_timeout_s: 120\npruning: {signal: naswot}", "pruning.signal"
+    ),
+    "yaml-pruning-depth-zero": _yaml(
+        "trial_timeout_s: 120", "trial_timeout_s: 120\npruning: {depth: 0}", "pruning.depth"
+    ),
+    "yaml-pruning-and-old-cka-rule": _yaml(
+        "trial_timeout_s: 120", "trial_timeout_s: 120\npruning: {signal: kl}", "cka.threshold"
+    ),
     # checkpoints
     "ckpt-missing": _checkpoint(lambda x, w: x.root / "nope.safetensors", "nope.safetensors"),
     "ckpt-truncated": _checkpoint(_truncated, "trunc.safetensors"),

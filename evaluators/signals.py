@@ -1,0 +1,296 @@
+"""Stitch-point signals: how promising every stitch point of an anchor pair is, before trials.
+
+The search prunes stitch points before it evaluates any (``search.pruning``), so its signal
+must be computable for a whole ordered anchor pair at once and cheaply. Signals, each a
+matrix indexed like :func:`evaluators.cka_matrix` (``[front cut k, back cut j]``; entries
+outside the search space's stitch points, ``k = 0`` or ``j = n_back``, are NaN):
+
+``residual`` (lower is better)
+    The relative residual ``1 - R^2`` of the least-squares stitching layer over its whole
+    target (:attr:`space.StitchingLayer.residual`): the share of the back anchor's
+    activation variance at cut ``j`` that a linear map of front cut ``k`` cannot explain.
+    It is the very fit a rung-0 trial makes (same calibration images, same layer), so a
+    trial records the same value (``CandidateResult.residual``, trial attribute
+    ``residual``).
+``kl`` (lower is better)
+    Mean ``KL(p_back || p_stitched)`` over the calibration images between the back anchor's
+    class probabilities and those of the least-squares stitched network: how far the
+    stitched network's outputs are from the back anchor's. Needs no labels.
+``cka`` (higher is better)
+    From :func:`evaluators.cka_matrix` (pooled features, unbiased-HSIC minibatch CKA, which
+    is the debiased CKA estimator averaged over batches).
+
+:func:`stitch_signals` gets ``residual`` and ``kl`` from at most two passes over the
+calibration images: the first runs both anchors once per batch (all cuts at once) and
+accumulates the normal equations of every stitch point of the pair
+(:class:`space.LeastSquares`); the second, only for ``kl``, runs every stitch point's back
+part on the fitted layer. Cost for a pair with ``P`` stitch points: two anchor forward
+passes per image, ``P`` Gram accumulations and pseudo-inverses of size ``C_k + 1``, and for
+``kl`` ``P`` back-part passes per image (as many as ``P`` rung-0 fits, without validation,
+MACs or latency). Results are cached on disk like CKA matrices.
+
+:func:`stitch_macs` gives the MACs of every stitch point of a pair (front part, stitching
+layer and back part counted once each, as :func:`evaluators.stitched_macs`), for pruning
+rules that weigh a signal against cost.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from evaluators.cka import anchor_identity, default_cache_dir, loader_identity
+from evaluators.macs import BackPart, FrontPart, _Wrapped, count_macs
+from space import (
+    Anchor,
+    LeastSquares,
+    StitchConfig,
+    adapt_images,
+    back_input_size,
+    make_stitching_layer,
+    stitch_cuts,
+)
+from space.files import atomic_path, atomic_write
+
+#: Every stitch-point signal and whether higher values are better.
+SIGNALS: dict[str, bool] = {"cka": True, "residual": False, "kl": False}
+#: The signals :func:`stitch_signals` computes (CKA comes from :func:`evaluators.cka_matrix`).
+FIT_SIGNALS: tuple[str, ...] = ("residual", "kl")
+#: Bumped whenever a signal's computation changes, so stale cache entries are never read.
+SIGNALS_CACHE_VERSION = 1
+
+
+def stitch_points(front: Anchor, back: Anchor) -> list[tuple[int, int]]:
+    """The ``(k, j)`` stitch points of a pair the search space holds (``1 <= k``, ``j < n``)."""
+    return [(k, j) for k in range(1, front.num_blocks + 1) for j in range(back.num_blocks)]
+
+
+def _images(batch: Any) -> torch.Tensor:
+    return batch[0] if isinstance(batch, tuple | list) else batch
+
+
+def _batches(loader: Iterable[Any], num_images: int | None) -> Iterable[torch.Tensor]:
+    seen = 0
+    for batch in loader:
+        x = _images(batch)
+        if num_images is not None:
+            x = x[: num_images - seen]
+            if len(x) == 0:
+                break
+        seen += len(x)
+        yield x
+        if num_images is not None and seen >= num_images:
+            break
+
+
+def signals_cache_path(
+    front: Anchor,
+    back: Anchor,
+    *,
+    data_identity: str,
+    signals: Sequence[str],
+    num_images: int | None,
+    batch_size: int | None,
+    cache_dir: str | Path | None = None,
+) -> Path:
+    """Where :func:`stitch_signals` caches the matrices of one ordered pair."""
+    key = {
+        "version": SIGNALS_CACHE_VERSION,
+        "front": anchor_identity(front),
+        "back": anchor_identity(back),
+        "front_input": list(front.input_size),
+        "back_input": list(back_input_size(front, back)),
+        "data": data_identity,
+        "signals": sorted(signals),
+        "num_images": num_images,
+        "batch_size": batch_size,
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    directory = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    safe = [n.replace(":", "_").replace("/", "_")[:60] for n in (front.name, back.name)]
+    return directory / f"signals--{safe[0]}--{safe[1]}--{digest}.npz"
+
+
+@torch.no_grad()
+def stitch_signals(
+    front: Anchor,
+    back: Anchor,
+    loader: Iterable[Any],
+    *,
+    signals: Sequence[str] = FIT_SIGNALS,
+    num_images: int | None = None,
+    device: str | torch.device | None = None,
+    cache_dir: str | Path | None = None,
+    use_cache: bool = True,
+    data_identity: str | None = None,
+) -> dict[str, np.ndarray]:
+    """The ``residual`` and ``kl`` signals of every stitch point of an ordered pair.
+
+    Args:
+        front: The front anchor.
+        back: The back anchor (may be ``front``: a self-stitch).
+        loader: Calibration batches of images or ``(images, labels)`` (labels are unused);
+            re-iterated once more for ``kl``. Images are adapted as a stitched network
+            adapts them (:func:`space.back_input_size`).
+        signals: Which of :data:`FIT_SIGNALS` to compute.
+        num_images: Use only the first ``num_images`` images (default: all).
+        device: Where the anchors run (default: where their weights are).
+        cache_dir: Cache directory (default: the CKA cache's).
+        use_cache: Read and write the cache.
+        data_identity: Identifies the images (default: a content hash for in-memory
+            loaders; without either the cache is off).
+
+    Returns:
+        Signal name -> float64 array ``(front.num_blocks + 1, back.num_blocks + 1)``,
+        NaN outside :func:`stitch_points`.
+
+    Raises:
+        ValueError: An unknown signal, no images, or non-finite activations.
+    """
+    wanted = tuple(dict.fromkeys(signals))
+    unknown = [s for s in wanted if s not in FIT_SIGNALS]
+    if unknown or not wanted:
+        raise ValueError(f"signals must be some of {FIT_SIGNALS}, got {list(signals)!r}")
+    ident = data_identity if data_identity is not None else loader_identity(loader)
+    path = None
+    if use_cache and ident is not None:
+        path = signals_cache_path(
+            front,
+            back,
+            data_identity=ident,
+            signals=wanted,
+            num_images=num_images,
+            batch_size=getattr(loader, "batch_size", None),
+            cache_dir=cache_dir,
+        )
+        cached = _read_cache(path, wanted, (front.num_blocks + 1, back.num_blocks + 1))
+        if cached is not None:
+            return cached
+    start = time.perf_counter()
+    param = next(front.model.parameters())
+    dev = torch.device(device) if device is not None else param.device
+    points = stitch_points(front, back)
+    fits: dict[tuple[int, int], LeastSquares] = {}
+    for k, j in points:
+        src, dst = stitch_cuts(front, back, StitchConfig(front.name, back.name, k, j))
+        layer = make_stitching_layer(src, dst).to(device=dev, dtype=param.dtype)
+        fits[(k, j)] = LeastSquares(layer)
+    back_size = back_input_size(front, back)
+    shared = back.model is front.model and tuple(back_size) == tuple(front.input_size)
+
+    def run(x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        x = x.to(dev)
+        if tuple(x.shape[1:]) != tuple(front.input_size):
+            x = adapt_images(x, front.input_size)
+        acts_f = front.forward_cuts(x)
+        if shared:
+            return acts_f, acts_f
+        xb = x if tuple(x.shape[1:]) == tuple(back_size) else adapt_images(x, back_size)
+        return acts_f, back.forward_cuts(xb)
+
+    images = 0
+    for x in _batches(loader, num_images):
+        acts_f, acts_b = run(x)
+        for (k, j), fit in fits.items():
+            fit.update(acts_f[k], acts_b[j])
+        images += len(x)
+    if images == 0:
+        raise ValueError(
+            f"stitch signals of {front.name!r} -> {back.name!r} need calibration images; "
+            "the loader gave none"
+        )
+    out: dict[str, np.ndarray] = {}
+    shape = (front.num_blocks + 1, back.num_blocks + 1)
+    residual = np.full(shape, np.nan)
+    for (k, j), fit in fits.items():
+        fit.solve()
+        residual[k, j] = fit.layer.residual
+    if "residual" in wanted:
+        out["residual"] = residual
+    if "kl" in wanted:
+        kl_sum = np.zeros(shape)
+        nb = back.num_blocks
+        for x in _batches(loader, num_images):
+            acts_f, acts_b = run(x)
+            target = F.log_softmax(back.forward_back(acts_b[nb], nb).double(), dim=1)
+            for (k, j), fit in fits.items():
+                logits = back.forward_back(fit.layer(acts_f[k]), j).double()
+                kl = F.kl_div(
+                    F.log_softmax(logits, dim=1), target, log_target=True, reduction="sum"
+                )
+                kl_sum[k, j] += float(kl)
+        kl_mat = np.full(shape, np.nan)
+        for k, j in points:
+            kl_mat[k, j] = kl_sum[k, j] / images
+        out["kl"] = kl_mat
+    for name, m in out.items():
+        valid = m[~np.isnan(m)]
+        if not np.isfinite(valid).all():
+            raise ValueError(
+                f"non-finite {name} signal for {front.name!r} -> {back.name!r}; check the "
+                "anchors' weights and the input images"
+            )
+    if path is not None:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, **out)
+        meta = {
+            "front": anchor_identity(front),
+            "back": anchor_identity(back),
+            "data": ident,
+            "signals": list(out),
+            "num_images": images,
+            "seconds": round(time.perf_counter() - start, 3),
+        }
+        atomic_write(path.with_suffix(".json"), json.dumps(meta, indent=1))
+    return out
+
+
+def _read_cache(
+    path: Path, wanted: Sequence[str], shape: tuple[int, int]
+) -> dict[str, np.ndarray] | None:
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            out = {name: np.asarray(z[name], dtype=float) for name in wanted}
+    except (OSError, ValueError, KeyError):
+        return None  # a damaged entry is recomputed and overwritten
+    if any(m.shape != shape for m in out.values()):
+        return None
+    return out
+
+
+@torch.no_grad()
+def stitch_macs(front: Anchor, back: Anchor) -> np.ndarray:
+    """MACs of one image through every stitch point of an ordered pair.
+
+    Each front part (per ``k``) and back part (per ``j``) is counted once with
+    :func:`evaluators.count_macs`, and each stitching layer; the sum is
+    :func:`evaluators.stitched_macs`' total for the stitched network.
+
+    Returns:
+        An int64-valued float array ``(front.num_blocks + 1, back.num_blocks + 1)``, NaN
+        outside :func:`stitch_points`.
+    """
+    points = stitch_points(front, back)
+    size = front.input_size
+    fronts = {k: count_macs(FrontPart(front, k), (1, *size)) for k in {k for k, _ in points}}
+    backs: dict[int, int] = {}
+    out = np.full((front.num_blocks + 1, back.num_blocks + 1), np.nan)
+    param = next(front.model.parameters())
+    for k, j in points:
+        src, dst = stitch_cuts(front, back, StitchConfig(front.name, back.name, k, j))
+        if j not in backs:
+            backs[j] = count_macs(BackPart(back, j), (1, *dst.shape))
+        layer = make_stitching_layer(src, dst).to(device=param.device, dtype=param.dtype)
+        stitch = count_macs(_Wrapped(layer, 1 + len(src.shape)), (1, *src.shape))
+        out[k, j] = fronts[k] + stitch + backs[j]
+    return out
