@@ -39,6 +39,18 @@ from evaluators.fit import (
     fit_stitch,
 )
 from evaluators.latency import LatencyResult, MemoryResult, measure_latency, measure_memory
+from evaluators.latency_table import (
+    TABLE_FORMAT,
+    LatencyTable,
+    LatencyTableError,
+    anchor_latency_record,
+    count_steps,
+    part_keys,
+    profile_parts,
+    study_fingerprint,
+    time_calls,
+    torch_runner,
+)
 from evaluators.macs import (
     anchor_param_count,
     anchor_used_parameters,
@@ -52,6 +64,7 @@ from evaluators.macs import (
 
 __all__ = [
     "CKA_MODES",
+    "TABLE_FORMAT",
     "Accuracy",
     "AccuracyReport",
     "ArrayLoader",
@@ -64,10 +77,13 @@ __all__ = [
     "FinetuneSettings",
     "FitResult",
     "LatencyResult",
+    "LatencyTable",
+    "LatencyTableError",
     "MemoryResult",
     "MinibatchCKA",
     "RecipeError",
     "accuracy",
+    "anchor_latency_record",
     "anchor_param_count",
     "anchor_used_parameters",
     "cka_cache_path",
@@ -75,6 +91,7 @@ __all__ = [
     "cka_matrix",
     "count_macs",
     "count_params",
+    "count_steps",
     "evaluate_accuracy",
     "evaluate_candidate",
     "fashion_mnist_splits",
@@ -88,10 +105,15 @@ __all__ = [
     "measure_latency",
     "measure_memory",
     "minibatch_cka",
+    "part_keys",
+    "profile_parts",
     "stitched_macs",
     "stitched_param_counts",
     "stitched_parameters",
+    "study_fingerprint",
     "synthetic_splits",
+    "time_calls",
+    "torch_runner",
     "train_subset",
     "used_parameters",
 ]
