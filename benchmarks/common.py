@@ -60,6 +60,7 @@ SECTIONS: tuple[tuple[str, str], ...] = (
     ("scaling", "5. Worker scaling"),
     ("claims", "6. The papers' claims on the default zoo"),
     ("rung1", "7. Rung 1: every stitch fine-tuned, and what promotion finds"),
+    ("latency_table", "8. Device latency tables: predicted against measured latency"),
 )
 
 

@@ -39,6 +39,7 @@ STEPS = (
     ("scaling", True, False),
     ("claims", True, True),
     ("rung1", True, True),
+    ("latency_table", True, False),
 )
 
 

@@ -2,13 +2,18 @@
 
 Users give a CSV file with a header row, one device per row::
 
-    device,max_macs,max_params,max_latency_ms,max_memory_mb
-    cortex-m7-mcu,2.5M,400K,,1.5
-    edge-server,,,,
+    device,max_macs,max_params,max_latency_ms,max_memory_mb,latency_table
+    cortex-m7-mcu,2.5M,400K,,1.5,
+    raspberry-pi-4,5M,1M,3,,tables/rpi4.json
+    edge-server,,,,,
 
 ``device`` is required; at least one budget column must be present; an empty cell means no
-limit. :func:`load_budget_table` validates the file and raises :class:`BudgetError` with a
-one-line message naming the file, line and column, echoing the bad value and saying the fix.
+limit. The optional ``latency_table`` column names a device latency table (a path relative
+to the CSV, written by ``python -m search.profile``): that device's latency is predicted
+from it instead of measured on the host; the table itself is read and checked against the
+study when the run is planned (:mod:`search.latency_tables`). :func:`load_budget_table`
+validates the file and raises :class:`BudgetError` with a one-line message naming the
+file, line and column, echoing the bad value and saying the fix.
 """
 
 from __future__ import annotations
@@ -21,8 +26,8 @@ import math
 import numbers
 import re
 import unicodedata
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +40,14 @@ METRICS: tuple[str, ...] = ("macs", "params", "latency_ms", "memory_mb")
 #: Budget column -> metric name.
 BUDGET_COLUMNS: dict[str, str] = {f"max_{m}": m for m in METRICS}
 
+#: The optional column naming a device latency table (a path relative to the CSV).
+TABLE_COLUMN = "latency_table"
+
 #: Every column a budget table may have.
-KNOWN_COLUMNS: tuple[str, ...] = ("device", *BUDGET_COLUMNS)
+KNOWN_COLUMNS: tuple[str, ...] = ("device", *BUDGET_COLUMNS, TABLE_COLUMN)
+
+#: How the summary, report and exports label a latency measured on the search's host.
+HOST_MEASURED = "host-measured"
 
 #: Columns that count things and so accept a K/M/G suffix.
 _COUNT_COLUMNS = frozenset({"max_macs", "max_params"})
@@ -125,6 +136,11 @@ class DeviceBudget:
         max_latency_ms: Longest latency per image, in milliseconds.
         max_memory_mb: Most memory, in megabytes.
         line: The CSV line the device was read from, for messages.
+        latency_table: The device latency table's path (resolved against the CSV's folder),
+            or None: the device's latency is measured on the search's host.
+        table_text: The ``latency_table`` cell as written (for messages).
+        table: The loaded table (:class:`evaluators.LatencyTable`), attached when the run
+            is planned; None until then.
     """
 
     device: str
@@ -133,6 +149,9 @@ class DeviceBudget:
     max_latency_ms: float | None = None
     max_memory_mb: float | None = None
     line: int | None = None
+    latency_table: Path | None = None
+    table_text: str | None = field(default=None, compare=False, repr=False)
+    table: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.device, str) or not self.device.strip():
@@ -148,6 +167,11 @@ class DeviceBudget:
                     f"got {value!r}"
                 )
             object.__setattr__(self, column, float(value))
+
+    @property
+    def latency_source(self) -> str:
+        """How this device's latency is known: ``"latency table"`` or ``"host-measured"``."""
+        return "latency table" if self.latency_table is not None else HOST_MEASURED
 
     def limits(self) -> dict[str, float]:
         """Returns the set limits keyed by metric name (``"macs"``, ``"params"``, ...)."""
@@ -203,7 +227,10 @@ class DeviceBudget:
         return {"device": self.device, **{c: getattr(self, c) for c in BUDGET_COLUMNS}}
 
 
-def constraint_value(budgets: Sequence[DeviceBudget], metrics: Mapping[str, float | None]) -> float:
+def constraint_value(
+    budgets: Sequence[DeviceBudget],
+    metrics: Mapping[str, float | None] | Callable[[DeviceBudget], Mapping[str, float | None]],
+) -> float:
     """The Optuna constraint value of a candidate: <= 0 iff it fits at least one device.
 
     It is the minimum over devices of the largest relative violation on that device, so it
@@ -212,7 +239,8 @@ def constraint_value(budgets: Sequence[DeviceBudget], metrics: Mapping[str, floa
 
     Args:
         budgets: The devices.
-        metrics: The candidate's measurements keyed by metric name.
+        metrics: The candidate's measurements keyed by metric name, or a function giving
+            them per device (a device with a latency table has its own latency).
 
     Returns:
         The constraint value; ``inf`` when a metric that every device limits is missing.
@@ -222,14 +250,22 @@ def constraint_value(budgets: Sequence[DeviceBudget], metrics: Mapping[str, floa
     """
     if not budgets:
         raise ValueError("constraint_value needs at least one device budget, got none")
-    return min(max(b.violations(metrics).values(), default=-1.0) for b in budgets)
+    of = metrics if callable(metrics) else (lambda b: metrics)
+    return min(max(b.violations(of(b)).values(), default=-1.0) for b in budgets)
 
 
 def fitting_devices(
-    budgets: Sequence[DeviceBudget], metrics: Mapping[str, float | None]
+    budgets: Sequence[DeviceBudget],
+    metrics: Mapping[str, float | None] | Callable[[DeviceBudget], Mapping[str, float | None]],
 ) -> list[str]:
-    """Returns the names of the devices a candidate fits, in table order."""
-    return [b.device for b in budgets if b.fits(metrics)]
+    """Returns the names of the devices a candidate fits, in table order.
+
+    Args:
+        budgets: The devices.
+        metrics: As for :func:`constraint_value`.
+    """
+    of = metrics if callable(metrics) else (lambda b: metrics)
+    return [b.device for b in budgets if b.fits(of(b))]
 
 
 def _parse_value(column: str, text: str, path: Path, line: int) -> float:
@@ -432,7 +468,17 @@ def load_budget_table(path: str | Path) -> list[DeviceBudget]:
             for column in BUDGET_COLUMNS
             if row.get(column)
         }
-        budgets.append(DeviceBudget(device=device, line=start, **limits))
+        table_text = row.get(TABLE_COLUMN) or None
+        table = None
+        if table_text is not None:
+            table = Path(table_text).expanduser()
+            if not table.is_absolute():
+                table = path.parent / table
+        budgets.append(
+            DeviceBudget(
+                device=device, line=start, latency_table=table, table_text=table_text, **limits
+            )
+        )
     if not budgets:
         raise BudgetError(
             "no devices: the table has a header but no rows",

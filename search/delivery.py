@@ -22,14 +22,21 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 from safetensors.torch import save_file
 
-from search.budgets import DeviceBudget, format_quantity, safe_filename
+from search.budgets import HOST_MEASURED, DeviceBudget, format_quantity, safe_filename
 from search.onnx import write_onnx
 from search.plan import Plan
 from search.promotion import best_rung, rung1_trials, teacher_of
 from search.report import write_report
 from search.selection import select_per_device
 from search.storage import PASSWORD_ENV, has_password, masked_url, url_without_password
-from search.trials import Attr, budget_metrics, candidate_of, evaluated_trials, rung_of
+from search.trials import (
+    Attr,
+    budget_metrics,
+    candidate_of,
+    device_latency,
+    evaluated_trials,
+    rung_of,
+)
 from space import EXPORT_FORMAT, AnchorRecord, ExportManifest, StitchRecord
 from space.files import atomic_path, atomic_write
 
@@ -76,7 +83,7 @@ def write_export(
     anchors = [AnchorRecord.of(plan.anchors[c.front], "front")]
     if not c.is_anchor:
         anchors.append(AnchorRecord.of(plan.anchors[c.back], "back"))
-    metrics = budget_metrics(trial.user_attrs)
+    metrics = budget_metrics(trial.user_attrs, device)
     attrs = trial.user_attrs
     manifest = ExportManifest(
         device=device.device,
@@ -92,7 +99,8 @@ def write_export(
             "test": {"top1": result.test_acc, "top5": getattr(result, "test_top5", None)},
             "macs": attrs.get(Attr.MACS),
             "params": attrs.get(Attr.PARAMS),
-            "latency_ms": attrs.get(Attr.LATENCY_MS),
+            "latency_ms": metrics[Attr.LATENCY_MS],
+            "latency": latency_record(device, attrs),
             "memory_mb": attrs.get(Attr.MEMORY_MB),
             "cka": attrs.get(Attr.CKA),
         },
@@ -118,6 +126,24 @@ def write_export(
     path = export_dir / f"{stem}.json"
     atomic_write(path, manifest.to_json())
     return path
+
+
+def latency_record(device: DeviceBudget, attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """Where a device's latency comes from, for its export: its table, or the host."""
+    record: dict[str, Any] = {
+        "source": device.latency_source,
+        "host_ms": attrs.get(Attr.LATENCY_MS),
+    }
+    if device.table is not None:
+        record["table"] = {**device.table.identity(), "path": str(device.latency_table)}
+    return record
+
+
+def latency_cell(device: DeviceBudget, attrs: Mapping[str, Any]) -> str:
+    """A device's latency for the summary: ``"0.93 ms table"`` or ``"1.16 ms host-measured"``."""
+    value = device_latency(attrs, device)
+    label = "table" if device.table is not None else HOST_MEASURED
+    return f"{value:.2f} ms {label}" if value is not None else f"- {label}"
 
 
 def _fit_record(plan: Plan, trial: FrozenTrial) -> dict[str, Any]:
@@ -336,7 +362,7 @@ def finish(
                 [b.device, "-", "", "nothing fits this device's budget", "", "", "", "", "", ""]
             )
             continue
-        metrics = budget_metrics(t.user_attrs)
+        metrics = budget_metrics(t.user_attrs, b)
         head = b.headroom(metrics)
         test = ""
         if not interrupted:
@@ -369,7 +395,7 @@ def finish(
                 test,
                 format_quantity(t.user_attrs.get(Attr.MACS, 0)),
                 format_quantity(t.user_attrs.get(Attr.PARAMS, 0)),
-                f"{t.user_attrs.get(Attr.LATENCY_MS, float('nan')):.2f} ms",
+                latency_cell(b, t.user_attrs),
                 ", ".join(f"{k} {v:+.0%}" for k, v in head.items()) or "no limits",
             ]
         )
@@ -391,6 +417,11 @@ def finish(
             plan.budgets,
             study_name=plan.study.name,
             chosen={d: _row_id(t) if t is not None else None for d, t in chosen.items()},
+            device_latency={
+                b.device: (device_latency(t.user_attrs, b), b.latency_source)
+                for b in plan.budgets
+                if (t := chosen[b.device]) is not None
+            },
         )
         print(f"report: {report}", file=out)
     for p in exports:

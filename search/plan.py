@@ -23,6 +23,7 @@ from evaluators import DataRecipe, DataSplits, FinetuneSettings, make_splits
 from search.budgets import DeviceBudget, load_budget_table, safe_filename
 from search.console import OneLineParser
 from search.evaluation import TrialContext
+from search.latency_tables import attach_tables
 from search.storage import (
     DEFAULT_RETRY_S,
     PASSWORD_ENV,
@@ -31,8 +32,8 @@ from search.storage import (
     storage_url,
     url_without_password,
 )
-from search.study import Study, load_study
-from space import Anchor, InputError, load_anchor
+from search.study import Study, load_anchors, load_study
+from space import Anchor, InputError
 
 STUDIES_DIR = Path(__file__).resolve().parents[1] / "studies"
 DEFAULT_STUDY = STUDIES_DIR / "default.yaml"
@@ -50,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         metavar="CSV",
         help="devices and budgets: a CSV with a 'device' column and any of max_macs, "
-        "max_params (K/M/G suffixes allowed), max_latency_ms, max_memory_mb",
+        "max_params (K/M/G suffixes allowed), max_latency_ms, max_memory_mb, and an optional "
+        "latency_table (a device latency table from python -m search.profile)",
     )
     p.add_argument(
         "--study",
@@ -274,7 +276,10 @@ def prepare(args: argparse.Namespace, argv: Sequence[str] = ()) -> Plan:
         raise InputError(f"--out: {str(out)!r} exists and is not a folder; pick another path")
     url = storage_url(args.storage, out)
     check_storage(url)
-    anchors, anchor_kwargs = _load_anchors(study, study_path)
+    anchors, anchor_kwargs = load_anchors(study, study_path)
+    budgets = attach_tables(
+        budgets, budget_path, study_name=study.name, study_path=study_path, anchors=anchors
+    )
     data = _load_data(study, study_path, anchors)
     return Plan(
         study=study,
@@ -338,21 +343,6 @@ def _ray_address(raw: str | None) -> str | None:
                 "--port=PORT` or check the address"
             ) from None
     return address
-
-
-def _load_anchors(
-    study: Study, study_path: Path
-) -> tuple[dict[str, Anchor], dict[str, dict[str, Any]]]:
-    anchors: dict[str, Anchor] = {}
-    kwargs: dict[str, dict[str, Any]] = {}
-    for i, spec in enumerate(study.anchors):
-        kw = spec.load_kwargs(study_path.parent)
-        try:
-            anchors[spec.name] = load_anchor(spec.name, **kw)
-        except InputError as e:
-            raise InputError(f"{study_path}: field 'anchors[{i}]' ({spec.name}): {e}") from None
-        kwargs[spec.name] = kw
-    return anchors, kwargs
 
 
 def _load_data(study: Study, study_path: Path, anchors: Mapping[str, Anchor]) -> DataSplits:

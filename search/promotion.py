@@ -73,7 +73,7 @@ def promotion_order(
         if t.user_attrs.get(Attr.KIND) == "stitch" and t.user_attrs.get(Attr.VAL_ACC) is not None
     ]
     ranked = sorted(stitches, key=lambda t: (-t.user_attrs[Attr.VAL_ACC], t.number))
-    per = [[t for t in ranked if b.fits(budget_metrics(t.user_attrs))] for b in budgets]
+    per = [[t for t in ranked if b.fits(budget_metrics(t.user_attrs, b))] for b in budgets]
     by_key = {t.user_attrs[Attr.KEY]: t for t in stitches}
     order: dict[str, FrozenTrial] = {}
 

@@ -26,6 +26,7 @@ from search.trials import (
     Attr,
     annotation,
     budget_metrics,
+    device_latency,
     unflatten,
 )
 from space import Candidate
@@ -135,7 +136,16 @@ class Recorder:
             for k, v in result.items():
                 if k in RESULT_ATTRS and v is not None:
                     trial.set_user_attr(k, v)
-            metrics = budget_metrics(result)
+            attrs = {**trial.user_attrs, **result}
+            predicted = {
+                b.device: device_latency(attrs, b) for b in self.budgets if b.table is not None
+            }
+            if predicted:
+                trial.set_user_attr(Attr.DEVICE_LATENCY_MS, predicted)
+
+            def metrics(b: DeviceBudget) -> dict[str, float | None]:
+                return budget_metrics(attrs, b)
+
             devices = fitting_devices(self.budgets, metrics)
             trial.set_user_attr(Attr.FITS_DEVICES, devices)
             trial.set_user_attr(Attr.FEASIBLE, bool(devices))

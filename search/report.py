@@ -105,7 +105,7 @@ def _budget_text(budget: DeviceBudget) -> str:
     if budget.max_params is not None:
         parts.append(f"params ≤ {format_quantity(budget.max_params)}")
     if budget.max_latency_ms is not None:
-        parts.append(f"latency ≤ {budget.max_latency_ms:g} ms")
+        parts.append(f"latency ≤ {budget.max_latency_ms:g} ms ({budget.latency_source})")
     if budget.max_memory_mb is not None:
         parts.append(f"memory ≤ {budget.max_memory_mb:g} MB")
     return ", ".join(parts) or "no limits"
@@ -436,6 +436,7 @@ def _chosen_table(
     budgets: Sequence[DeviceBudget],
     chosen: Mapping[str, int | str | None],
     by_number: Mapping[str, Mapping[str, Any]],
+    device_latency: Mapping[str, tuple[float | None, str]],
 ) -> str:
     devices: list[tuple[str, DeviceBudget | None]] = [(b.device, b) for b in budgets]
     known = {b.device for b in budgets}
@@ -465,12 +466,20 @@ def _chosen_table(
             + _cell(_fmt_acc(trial.get("val_acc")), num=True)
             + _cell(_fmt_count(trial.get("macs")), num=True)
             + _cell(_fmt_count(trial.get("params")), num=True)
-            + _cell(_fmt_ms(trial.get("latency_ms")), num=True)
+            + _cell(_latency_text(trial, device_latency.get(device)), num=True)
             + budget_cell
             + "</tr>"
         )
     header = ("device", "trial", "configuration", "val acc", "MACs", "params", "latency", "budgets")
     return _table(header, rows)
+
+
+def _latency_text(trial: Mapping[str, Any], device: tuple[float | None, str] | None) -> str:
+    """The device's latency (from its table, or the host's measurement) with its source."""
+    if device is None:
+        return _fmt_ms(trial.get("latency_ms"))
+    value, source = device
+    return f"{_fmt_ms(value)} ({_esc(source)})"
 
 
 def _unplotted_table(trials: Sequence[Mapping[str, Any]]) -> str:
@@ -499,6 +508,7 @@ def _page(
     trials: Sequence[Mapping[str, Any]],
     budgets: Sequence[DeviceBudget],
     chosen: Mapping[str, int | str | None],
+    device_latency: Mapping[str, tuple[float | None, str]],
 ) -> str:
     by_number = {row_id(t): t for t in trials if t.get("number") is not None}
     fig = _figure(trials, budgets, chosen, by_number)
@@ -529,7 +539,7 @@ def _page(
 hide or show them. Pruned trials were not trained and sit on the strip at the bottom.</p>
 {plot}
 <h2>Chosen configuration per device</h2>
-{_chosen_table(budgets, chosen, by_number)}
+{_chosen_table(budgets, chosen, by_number, device_latency)}
 <h2>Trials by state</h2>
 {_table(("state", "trials"), state_rows)}
 <h2>Trials not on the plot (failed, running, or without MACs or accuracy)</h2>
@@ -547,6 +557,7 @@ def write_report(
     study_name: str,
     chosen: Mapping[str, int | str | None],
     title: str | None = None,
+    device_latency: Mapping[str, tuple[float | None, str]] | None = None,
 ) -> Path:
     """Writes a self-contained HTML report of a study.
 
@@ -569,11 +580,20 @@ def write_report(
         chosen: Device name -> chosen row (its ``id``, or a trial number), or None when
             nothing fits.
         title: The page title; defaults to one naming the study.
+        device_latency: Device name -> (the chosen trial's latency on it, its source:
+            ``"latency table"`` or ``"host-measured"``); by default the host's latency.
 
     Returns:
         The path written.
     """
     path = Path(path)
-    page = _page(title or f"stitchsearch: {study_name}", study_name, trials, budgets, chosen)
+    page = _page(
+        title or f"stitchsearch: {study_name}",
+        study_name,
+        trials,
+        budgets,
+        chosen,
+        device_latency or {},
+    )
     atomic_write(path, page)
     return path

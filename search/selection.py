@@ -23,7 +23,8 @@ def select_per_device(
         fits = [
             t
             for t in trials
-            if t.user_attrs.get(Attr.VAL_ACC) is not None and b.fits(budget_metrics(t.user_attrs))
+            if t.user_attrs.get(Attr.VAL_ACC) is not None
+            and b.fits(budget_metrics(t.user_attrs, b))
         ]
         out[b.device] = (
             max(

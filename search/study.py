@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from search.candidates import PruningRule
 from search.trials import OBJECTIVES
-from space import InputError
+from space import Anchor, InputError, load_anchor
 
 _OBJECTIVE_ALIASES = {"latency": "latency_ms", "acc": "accuracy", "val_acc": "accuracy"}
 
@@ -446,3 +446,30 @@ def load_study(path: str | Path) -> Study:
             problem += "; study files are plain YAML: remove the tag"
         raise StudyError(f"{path}{where}: invalid YAML ({problem})") from None
     return parse_study(data, source=str(path))
+
+
+def load_anchors(
+    study: Study, study_path: Path
+) -> tuple[dict[str, Anchor], dict[str, dict[str, Any]]]:
+    """Loads the study's anchors, in the study's order.
+
+    Args:
+        study: The study.
+        study_path: Its file (checkpoint paths are relative to its folder).
+
+    Returns:
+        The anchors by name, and the ``load_anchor`` keyword arguments of each.
+
+    Raises:
+        InputError: An anchor cannot be loaded (the message names ``anchors[i]``).
+    """
+    anchors: dict[str, Anchor] = {}
+    kwargs: dict[str, dict[str, Any]] = {}
+    for i, spec in enumerate(study.anchors):
+        kw = spec.load_kwargs(study_path.parent)
+        try:
+            anchors[spec.name] = load_anchor(spec.name, **kw)
+        except InputError as e:
+            raise InputError(f"{study_path}: field 'anchors[{i}]' ({spec.name}): {e}") from None
+        kwargs[spec.name] = kw
+    return anchors, kwargs

@@ -20,6 +20,7 @@ from typing import Any, Literal
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from search.budgets import DeviceBudget
 from space import Candidate
 
 
@@ -58,6 +59,9 @@ class Attr:
     STITCH_PARAMS = "stitch_params"
     LATENCY_MS = "latency_ms"
     LATENCY_SPREAD_MS = "latency_spread_ms"
+    #: Latency predicted from each device's latency table, by device (devices with a
+    #: table only; ``latency_ms`` stays the host's measurement).
+    DEVICE_LATENCY_MS = "device_latency_ms"
     MEMORY_MB = "memory_mb"
     FIT_RESIDUAL = "fit_residual"
     #: Least-squares relative residual over the stitch's whole target (the pruning signal
@@ -241,6 +245,33 @@ def evaluated_trials(study: optuna.Study) -> list[FrozenTrial]:
     ]
 
 
-def budget_metrics(values: Mapping[str, Any]) -> dict[str, float | None]:
-    """The metrics budgets are checked against, from a result or user attributes."""
-    return {k: values.get(k) for k in BUDGET_METRICS}
+def budget_metrics(
+    values: Mapping[str, Any], budget: DeviceBudget | None = None
+) -> dict[str, float | None]:
+    """The metrics budgets are checked against, from a result or user attributes.
+
+    Args:
+        values: A worker's result or a trial's user attributes.
+        budget: The device they are checked for. When it has a latency table,
+            ``latency_ms`` is the latency the table predicts for the candidate (named by
+            ``values["config"]``; None without it) instead of the host's measurement.
+    """
+    out = {k: values.get(k) for k in BUDGET_METRICS}
+    if budget is not None and budget.table is not None:
+        out[Attr.LATENCY_MS] = device_latency(values, budget)
+    return out
+
+
+def device_latency(values: Mapping[str, Any], budget: DeviceBudget) -> float | None:
+    """A device's latency for a candidate: predicted from its table, else the host's.
+
+    Args:
+        values: A result or user attributes with ``config`` (the candidate).
+        budget: The device.
+    """
+    if budget.table is None:
+        return values.get(Attr.LATENCY_MS)
+    config = values.get(Attr.CONFIG)
+    if config is None:
+        return None
+    return budget.table.predict(Candidate.from_dict(config))

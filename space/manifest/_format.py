@@ -74,6 +74,10 @@ METRIC_FIELDS = frozenset(
         "cka",
     }
 )
+#: Optional fields of ``metrics``: ``latency`` says where ``latency_ms`` comes from
+#: (``{"source": "latency table" | "host-measured", "host_ms": ..., "table": {...}}``, the
+#: table's identity when predicted from a device latency table).
+METRIC_OPTIONAL = frozenset({"latency"})
 SPLIT_METRIC_FIELDS = frozenset({"top1", "top5"})
 #: Required fields of ``data``.
 DATA_FIELDS = frozenset({"name", "identity", "validation_images", "test_images", "input_size"})

@@ -17,6 +17,7 @@ from space.manifest._format import (
     MANIFEST_FIELDS,
     MANIFEST_OPTIONAL,
     METRIC_FIELDS,
+    METRIC_OPTIONAL,
     SPLIT_METRIC_FIELDS,
     ExportError,
     check_fields,
@@ -36,6 +37,10 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, tuple):
         return list(o)
     return str(o)  # Path and anything else the writer passed
+
+
+#: Optional fields of ``metrics.latency`` (``source`` is required).
+_LATENCY_OPTIONAL = frozenset({"host_ms", "table"})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -238,7 +243,11 @@ class ExportManifest:
                 or null.
         """
         path, m = self.where, self.metrics
-        check_fields(path, m, METRIC_FIELDS, "metrics")
+        check_fields(path, m, METRIC_FIELDS, "metrics", METRIC_OPTIONAL)
+        if "latency" in m:
+            check_fields(
+                path, m["latency"], frozenset({"source"}), "metrics.latency", _LATENCY_OPTIONAL
+            )
         for split in ("validation", "validation_remeasured", "test"):
             check_fields(path, m[split], SPLIT_METRIC_FIELDS, f"metrics.{split}")
             for k in ("top1", "top5"):

@@ -220,6 +220,7 @@ def test_run_all_builds_every_command() -> None:
         "scaling",
         "claims",
         "rung1",
+        "latency_table",
     ]
     gt_cmd = dict(cmds)["ground_truth"]
     assert "--rebuild" in gt_cmd and "gt.json" in gt_cmd

@@ -26,3 +26,18 @@ def ray_cluster():
         )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_table(tmp_path_factory):
+    """A latency table of this host for ``tests/search/data/tiny_study.yaml`` (torch only)."""
+    from pathlib import Path
+
+    from search.profile import main
+
+    study = Path(__file__).resolve().parent / "data" / "tiny_study.yaml"
+    out = tmp_path_factory.mktemp("tiny_table") / "dev.json"
+    argv = ["--study", str(study), "--device", "dev", "--out", str(out), "--runtimes", "torch"]
+    rc = main([*argv, "--repeats", "3", "--warmup", "1", "--calibration", "4", "--threads", "1"])
+    assert rc == 0
+    return out

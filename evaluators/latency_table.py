@@ -1,0 +1,634 @@
+"""Device latency tables: every part a candidate is made of, timed once on a target device.
+
+A candidate runs a front anchor's stem and blocks ``[0, k)``, a stitching layer and a back
+anchor's blocks ``[j, n)`` and head (a bare anchor: stem, every block, head). The latency
+of every such *part* is measured once on the device (:func:`profile_parts`), and a
+candidate's latency is predicted as the sum of its parts plus a per-call overhead fitted on
+networks measured end to end (:meth:`LatencyTable.predict`).
+
+**Parts** are named by strings (:func:`part_keys`): ``stem|<anchor>``,
+``block|<anchor>|<i>``, ``head|<anchor>``, and ``stitch|<kind>|<src>|<dst>`` for a stitching
+layer, by its kind and the two cuts' shapes (``NCHW:64x7x7``, ``NLC:1+7x7x64`` for a
+class token and a 7x7 grid of 64-wide tokens), so stitch points with equal shapes share an
+entry.
+
+**Timing** (:func:`time_calls`): after warm-up, each repeat times a loop of calls long
+enough (about :data:`REPEAT_SECONDS`) that the timer's own cost vanishes, and reports the
+mean per call; the median over repeats is the part's latency, with its inter-quartile range.
+
+**Overhead.** Timed alone, parts miss what a whole forward pass adds (Python glue between
+parts, and caches that a part timed alone keeps warm). Per runtime and batch size,
+``measured = scale * sum of parts + overhead`` is fitted by least squares over the anchors
+and a spread sample of stitched networks timed end to end (:func:`fit_overhead`), and the
+fit's errors on those networks are recorded.
+
+**The table** is versioned JSON (:data:`TABLE_FORMAT`): the device's name and identity
+(CPU, threads, library versions), the study it was made for (name, and a fingerprint of
+its anchors' names, weights and input sizes), when, the settings, and per runtime and batch
+size the parts and the fitted overhead. :meth:`LatencyTable.from_json` validates a file and
+raises :class:`LatencyTableError` naming the field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from evaluators.cka import anchor_identity
+from space import (
+    Anchor,
+    Candidate,
+    FeatureInfo,
+    InputError,
+    StitchConfig,
+    build_stitched,
+    make_stitching_layer,
+)
+
+#: The format tag of a latency table; bumped when the layout changes.
+TABLE_FORMAT = "stitchsearch-latency-table/1"
+
+#: Seconds each timed repeat runs its loop of calls for (at least one call).
+REPEAT_SECONDS = 0.002
+
+#: A callable that prepares a part to run on a runtime: ``(module, input shape with the
+#: batch dimension) -> run``, where ``run()`` does one forward pass.
+RunnerFactory = Callable[[nn.Module, tuple[int, ...]], Callable[[], object]]
+
+
+class LatencyTableError(InputError):
+    """A latency table is unreadable or invalid.
+
+    Attributes:
+        field: The offending field (``"runtimes.torch.1.parts"``), or None for the whole file.
+        problem: What is wrong.
+    """
+
+    def __init__(self, problem: str, field: str | None = None) -> None:
+        self.problem = problem
+        self.field = field
+        super().__init__(problem if field is None else f"field {field!r}: {problem}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.problem, self.field))
+
+
+# --------------------------------------------------------------------------- parts
+def _shape_text(info: FeatureInfo) -> str:
+    if info.is_tokens:
+        return f"NLC:{info.num_prefix_tokens}+{info.height}x{info.width}x{info.channels}"
+    return f"NCHW:{info.channels}x{info.height}x{info.width}"
+
+
+def _cut(record: Mapping[str, Any], cut: int) -> FeatureInfo:
+    layout, c, h, w, p = record["cuts"][cut]
+    return FeatureInfo(layout, c, h, w, p)
+
+
+def stitch_key(src: FeatureInfo, dst: FeatureInfo) -> str:
+    """The part name of the stitching layer between two cuts (its kind and both shapes)."""
+    kind = f"{'vit' if src.is_tokens else 'cnn'}->{'vit' if dst.is_tokens else 'cnn'}"
+    return f"stitch|{kind}|{_shape_text(src)}|{_shape_text(dst)}"
+
+
+def anchor_latency_record(anchor: Anchor) -> dict[str, Any]:
+    """What a table records of an anchor: name, weights identity, input size and cuts."""
+    return {
+        "name": anchor.name,
+        "identity": anchor_identity(anchor),
+        "checkpoint_sha256": anchor.checkpoint_sha256,
+        "input_size": list(anchor.input_size),
+        "num_blocks": anchor.num_blocks,
+        "cuts": [
+            [f.layout, f.channels, f.height, f.width, f.num_prefix_tokens]
+            for f in anchor.features()
+        ],
+    }
+
+
+def part_keys(candidate: Candidate, anchors: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """The parts a candidate runs, in execution order.
+
+    Args:
+        candidate: A bare anchor or a stitch.
+        anchors: :func:`anchor_latency_record` of each anchor by name.
+
+    Raises:
+        KeyError: The candidate names an anchor that ``anchors`` lacks.
+    """
+    front = anchors[candidate.front]
+    if candidate.is_anchor:
+        name, n = candidate.front, front["num_blocks"]
+        return [f"stem|{name}", *(f"block|{name}|{i}" for i in range(n)), f"head|{name}"]
+    back = anchors[candidate.back]
+    k, j = candidate.front_block, candidate.back_block
+    return [
+        f"stem|{candidate.front}",
+        *(f"block|{candidate.front}|{i}" for i in range(k)),
+        stitch_key(_cut(front, k), _cut(back, j)),
+        *(f"block|{candidate.back}|{i}" for i in range(j, back["num_blocks"])),
+        f"head|{candidate.back}",
+    ]
+
+
+def study_fingerprint(anchors: Iterable[Mapping[str, Any]]) -> str:
+    """SHA-256 over the anchors' names, weights identities and input sizes, in order."""
+    data = [[a["name"], a["identity"], list(a["input_size"])] for a in anchors]
+    return hashlib.sha256(json.dumps(data).encode()).hexdigest()
+
+
+class _Call(nn.Module):
+    """A part as a module: ``fn(x)`` (keeps the anchor's model registered for export)."""
+
+    def __init__(self, model: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.model = model
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+
+def _part_modules(
+    anchors: Mapping[str, Anchor], candidates: Sequence[Candidate]
+) -> dict[str, tuple[nn.Module, tuple[int, ...]]]:
+    """Every part the candidates use: key -> (module, input shape of one image)."""
+    records = {name: anchor_latency_record(a) for name, a in anchors.items()}
+    out: dict[str, tuple[nn.Module, tuple[int, ...]]] = {}
+    for name, a in anchors.items():
+        cuts = a.features()
+        n = a.num_blocks
+        out[f"stem|{name}"] = (_Call(a.model, lambda x, a=a: a.forward_stem(x)), a.input_size)
+        for i, block in enumerate(a.blocks):
+            out[f"block|{name}|{i}"] = (block, cuts[i].shape)
+        out[f"head|{name}"] = (
+            _Call(a.model, lambda h, a=a, n=n: a.forward_back(h, n)),
+            cuts[n].shape,
+        )
+    for c in candidates:
+        if c.is_anchor:
+            continue
+        src = _cut(records[c.front], c.front_block)
+        dst = _cut(records[c.back], c.back_block)
+        key = stitch_key(src, dst)
+        if key not in out:
+            layer = make_stitching_layer(src, dst).eval()
+            for p in layer.parameters():
+                p.requires_grad_(False)
+            out[key] = (layer, src.shape)
+    return out
+
+
+# --------------------------------------------------------------------------- timing
+def _percentile(sorted_values: list[float], q: float) -> float:
+    pos = (len(sorted_values) - 1) * q
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def time_calls(
+    run: Callable[[], object], *, warmup: int = 3, repeats: int = 15
+) -> dict[str, float | int]:
+    """Times ``run()``: warm-up, then ``repeats`` loops of calls; the mean call per loop.
+
+    Args:
+        run: One forward pass.
+        warmup: Untimed calls first.
+        repeats: Timed loops.
+
+    Returns:
+        ``median_ms``, ``p25_ms``, ``p75_ms``, ``iqr_ms``, ``repeats`` and ``calls`` (per
+        loop).
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
+    for _ in range(warmup):
+        run()
+    once = math.inf
+    for _ in range(3):  # the fastest of three calls sets the loop length
+        t0 = time.perf_counter()
+        run()
+        once = min(once, time.perf_counter() - t0)
+    calls = max(1, min(10_000, math.ceil(REPEAT_SECONDS / max(once, 1e-7))))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            run()
+        times.append((time.perf_counter() - t0) * 1000.0 / calls)
+    s = sorted(times)
+    p25, p75 = _percentile(s, 0.25), _percentile(s, 0.75)
+    return {
+        "median_ms": statistics.median(s),
+        "p25_ms": p25,
+        "p75_ms": p75,
+        "iqr_ms": p75 - p25,
+        "repeats": repeats,
+        "calls": calls,
+    }
+
+
+def torch_runner(module: nn.Module, shape: tuple[int, ...]) -> Callable[[], object]:
+    """Runs ``module`` in PyTorch (inference mode) on a fixed random input of ``shape``."""
+    param = next(module.parameters(), None)
+    x = torch.randn(shape, dtype=param.dtype if param is not None else torch.float32)
+    module.eval()
+
+    def run() -> object:
+        with torch.inference_mode():
+            return module(x)
+
+    return run
+
+
+def calibration_stitches(candidates: Sequence[Candidate], count: int) -> list[Candidate]:
+    """Up to ``count`` stitches spread evenly over the sorted stitches (deterministic)."""
+    stitches = sorted(c for c in candidates if not c.is_anchor)
+    if count <= 0 or not stitches:
+        return []
+    if count >= len(stitches):
+        return stitches
+    step = len(stitches) / count
+    return [stitches[int(i * step + step / 2)] for i in range(count)]
+
+
+# --------------------------------------------------------------------------- the table
+@dataclass
+class LatencyTable:
+    """A device's latency table (see the module docstring for the JSON layout).
+
+    Attributes:
+        device: The device's name.
+        created: When it was profiled (ISO 8601, UTC).
+        host: The device's identity: CPU model, cores, threads, library versions.
+        study: ``{"name", "fingerprint", "anchors": [anchor_latency_record, ...]}``.
+        settings: Warm-up, repeats, batch sizes, calibration networks.
+        runtimes: Runtime -> batch size (a string) -> ``{"parts": {key: timing},
+            "scale": float, "overhead_ms": float, "fit": {...}}``.
+        predict_runtime: The runtime predictions use.
+        profile_seconds: How long profiling took.
+        sha256: SHA-256 of the file the table was read from (None when built in memory).
+    """
+
+    device: str
+    created: str
+    host: dict[str, Any]
+    study: dict[str, Any]
+    settings: dict[str, Any]
+    runtimes: dict[str, dict[str, dict[str, Any]]]
+    predict_runtime: str = "torch"
+    profile_seconds: float = 0.0
+    sha256: str | None = field(default=None, compare=False)
+
+    @property
+    def anchors(self) -> dict[str, dict[str, Any]]:
+        """The anchors' records by name."""
+        return {a["name"]: a for a in self.study["anchors"]}
+
+    def _entry(self, runtime: str | None, batch: int) -> dict[str, Any]:
+        rt = runtime or self.predict_runtime
+        try:
+            return self.runtimes[rt][str(batch)]
+        except KeyError:
+            raise KeyError(
+                f"the table has no timings for runtime {rt!r} at batch {batch}"
+            ) from None
+
+    def parts_sum(
+        self, candidate: Candidate, *, batch: int = 1, runtime: str | None = None
+    ) -> float:
+        """The sum of a candidate's parts, in milliseconds per call."""
+        parts = self._entry(runtime, batch)["parts"]
+        return sum(parts[k]["median_ms"] for k in part_keys(candidate, self.anchors))
+
+    def predict(self, candidate: Candidate, *, batch: int = 1, runtime: str | None = None) -> float:
+        """Predicted latency of one call at ``batch``.
+
+        The sum of the candidate's parts, times the fitted scale, plus the fitted per-call
+        overhead (never below 0).
+
+        Raises:
+            KeyError: A part or anchor the table lacks (:meth:`missing_parts` says which).
+        """
+        entry = self._entry(runtime, batch)
+        total = self.parts_sum(candidate, batch=batch, runtime=runtime)
+        return max(entry.get("scale", 1.0) * total + entry["overhead_ms"], 0.0)
+
+    def missing_parts(self, candidates: Iterable[Candidate], *, batch: int = 1) -> list[str]:
+        """Parts the candidates use that the table has no timing for (in first-use order)."""
+        anchors = self.anchors
+        parts = self._entry(None, batch)["parts"]
+        missing: dict[str, None] = {}
+        for c in candidates:
+            for key in part_keys(c, anchors):
+                if key not in parts:
+                    missing[key] = None
+        return list(missing)
+
+    def identity(self) -> dict[str, Any]:
+        """What an export records of the table it was predicted with."""
+        return {
+            "format": TABLE_FORMAT,
+            "device": self.device,
+            "created": self.created,
+            "study": self.study["name"],
+            "fingerprint": self.study["fingerprint"],
+            "runtime": self.predict_runtime,
+            "sha256": self.sha256,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form."""
+        return {
+            "format": TABLE_FORMAT,
+            "device": self.device,
+            "created": self.created,
+            "host": self.host,
+            "study": self.study,
+            "settings": self.settings,
+            "predict_runtime": self.predict_runtime,
+            "profile_seconds": round(self.profile_seconds, 3),
+            "runtimes": self.runtimes,
+        }
+
+    def to_json(self) -> str:
+        """The JSON text (indented, keys in a stable order)."""
+        return json.dumps(self.to_dict(), indent=1) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> LatencyTable:
+        """Parses and validates a table.
+
+        Raises:
+            LatencyTableError: Not JSON, another format, or a missing or invalid field.
+        """
+        raw = text.encode() if isinstance(text, str) else text
+        try:
+            doc = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise LatencyTableError(f"not valid JSON ({e})") from None
+        if not isinstance(doc, dict):
+            raise LatencyTableError(f"must be a JSON object, got {type(doc).__name__}")
+        if doc.get("format") != TABLE_FORMAT:
+            raise LatencyTableError(
+                f"is {doc.get('format')!r}, not a {TABLE_FORMAT!r} table", "format"
+            )
+        for key, kind in (
+            ("device", str),
+            ("created", str),
+            ("host", dict),
+            ("study", dict),
+            ("settings", dict),
+            ("runtimes", dict),
+            ("predict_runtime", str),
+        ):
+            if not isinstance(doc.get(key), kind):
+                raise LatencyTableError(f"missing or not a JSON {kind.__name__}", key)
+        study = doc["study"]
+        if not isinstance(study.get("name"), str) or not isinstance(study.get("fingerprint"), str):
+            raise LatencyTableError("needs 'name' and 'fingerprint' strings", "study")
+        anchors = study.get("anchors")
+        if not isinstance(anchors, list) or not anchors:
+            raise LatencyTableError("must be a non-empty list", "study.anchors")
+        for i, a in enumerate(anchors):
+            where = f"study.anchors[{i}]"
+            if not isinstance(a, dict):
+                raise LatencyTableError("must be a JSON object", where)
+            for key in ("name", "identity", "input_size", "num_blocks", "cuts"):
+                if key not in a:
+                    raise LatencyTableError(f"missing {key!r}", where)
+            cuts = a["cuts"]
+            ok = isinstance(cuts, list) and len(cuts) == a["num_blocks"] + 1
+            if not ok or not all(
+                isinstance(c, list) and len(c) == 5 and c[0] in ("NCHW", "NLC") for c in cuts
+            ):
+                raise LatencyTableError(
+                    "must list [layout, channels, height, width, prefix] for cuts 0..num_blocks",
+                    f"{where}.cuts",
+                )
+        if doc["predict_runtime"] not in doc["runtimes"]:
+            raise LatencyTableError(
+                f"{doc['predict_runtime']!r} has no timings in 'runtimes'", "predict_runtime"
+            )
+        for rt, batches in doc["runtimes"].items():
+            if not isinstance(batches, dict) or not batches:
+                raise LatencyTableError("must map batch sizes to timings", f"runtimes.{rt}")
+            for batch, entry in batches.items():
+                where = f"runtimes.{rt}.{batch}"
+                if not batch.isdigit() or not isinstance(entry, dict):
+                    raise LatencyTableError("must be a batch size mapping to timings", where)
+                for key in ("overhead_ms", "scale"):
+                    value = entry.get(key, 1.0 if key == "scale" else None)
+                    if not _is_number(value):
+                        raise LatencyTableError(
+                            f"must be a number, got {value!r}", f"{where}.{key}"
+                        )
+                parts = entry.get("parts")
+                if not isinstance(parts, dict):
+                    raise LatencyTableError("must be a JSON object", f"{where}.parts")
+                for key, timing in parts.items():
+                    value = timing.get("median_ms") if isinstance(timing, dict) else None
+                    if not _is_number(value) or value < 0:
+                        raise LatencyTableError(
+                            f"must be a number >= 0, got {value!r}",
+                            f"{where}.parts.{key}.median_ms",
+                        )
+        if "1" not in doc["runtimes"][doc["predict_runtime"]]:
+            raise LatencyTableError(
+                "has no timings at batch 1", f"runtimes.{doc['predict_runtime']}"
+            )
+        return cls(
+            device=doc["device"],
+            created=doc["created"],
+            host=doc["host"],
+            study=study,
+            settings=doc["settings"],
+            runtimes=doc["runtimes"],
+            predict_runtime=doc["predict_runtime"],
+            profile_seconds=float(doc.get("profile_seconds", 0.0)),
+            sha256=hashlib.sha256(raw).hexdigest(),
+        )
+
+    @classmethod
+    def read(cls, path: str | Path) -> LatencyTable:
+        """Reads and validates a table file.
+
+        Raises:
+            LatencyTableError: A missing or unreadable file, or an invalid table.
+        """
+        path = Path(path)
+        if not path.is_file():
+            what = "is a directory" if path.is_dir() else "no such file"
+            raise LatencyTableError(what)
+        try:
+            raw = path.read_bytes()
+        except OSError as e:
+            raise LatencyTableError(f"cannot read the file: {e.strerror}") from None
+        return cls.from_json(raw)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# --------------------------------------------------------------------------- profiling
+def profile_parts(
+    anchors: Mapping[str, Anchor],
+    candidates: Sequence[Candidate],
+    *,
+    device: str,
+    study_name: str,
+    host: Mapping[str, Any],
+    runtimes: Mapping[str, RunnerFactory],
+    batch_sizes: Sequence[int] = (1,),
+    warmup: int = 3,
+    repeats: int = 15,
+    calibration: int = 12,
+    predict_runtime: str = "torch",
+    on_step: Callable[[str], None] | None = None,
+) -> LatencyTable:
+    """Measures every part the candidates use, and fits the per-call overhead.
+
+    Args:
+        anchors: The study's anchors by name, in the study's order (on the CPU).
+        candidates: Every candidate of the study (anchors and stitches).
+        device: The device's name (recorded).
+        study_name: The study's name (recorded).
+        host: The device's identity (recorded).
+        runtimes: Runtime name -> :data:`RunnerFactory` (``{"torch": torch_runner}``).
+        batch_sizes: Batch sizes to time at (batch 1 first).
+        warmup: Untimed calls before each timing.
+        repeats: Timed loops per part.
+        calibration: Stitched networks measured end to end (besides every anchor) to fit
+            the overhead.
+        predict_runtime: The runtime predictions use (one of ``runtimes``).
+        on_step: Called with a description after every timing (a progress bar).
+
+    Returns:
+        The table (``created`` is set by the caller's clock: now, UTC).
+    """
+    if predict_runtime not in runtimes:
+        raise ValueError(f"predict_runtime {predict_runtime!r} is not among {sorted(runtimes)}")
+    batches = sorted(set(batch_sizes))
+    t_start = time.perf_counter()
+    records = [anchor_latency_record(a) for a in anchors.values()]
+    by_name = {r["name"]: r for r in records}
+    modules = _part_modules(anchors, candidates)
+    networks = [Candidate.anchor(n) for n in anchors] + calibration_stitches(
+        candidates, calibration
+    )
+    table_runtimes: dict[str, dict[str, dict[str, Any]]] = {}
+    for rt, factory in runtimes.items():
+        table_runtimes[rt] = {}
+        for batch in batches:
+            parts = {}
+            for key, (module, shape) in modules.items():
+                parts[key] = time_calls(
+                    factory(module, (batch, *shape)), warmup=warmup, repeats=repeats
+                )
+                if on_step:
+                    on_step(f"{rt} b{batch} {key}")
+            fit = []
+            for c in networks:
+                net = _network(anchors, c)
+                measured = time_calls(
+                    factory(net, (batch, *anchors[c.front].input_size)),
+                    warmup=warmup,
+                    repeats=repeats,
+                )["median_ms"]
+                total = sum(parts[k]["median_ms"] for k in part_keys(c, by_name))
+                fit.append((c, measured, total))
+                if on_step:
+                    on_step(f"{rt} b{batch} {c.label}")
+            scale, overhead = fit_overhead([s for _, _, s in fit], [m for _, m, _ in fit])
+            errors = [abs(scale * s + overhead - m) / m * 100 for _, m, s in fit if m > 0]
+            table_runtimes[rt][str(batch)] = {
+                "scale": scale,
+                "overhead_ms": overhead,
+                "fit": {
+                    "networks": [
+                        {"candidate": c.label, "measured_ms": m, "parts_ms": s} for c, m, s in fit
+                    ],
+                    "median_abs_error_pct": statistics.median(errors) if errors else 0.0,
+                    "max_abs_error_pct": max(errors, default=0.0),
+                },
+                "parts": parts,
+            }
+    study = {
+        "name": study_name,
+        "fingerprint": study_fingerprint(records),
+        "anchors": records,
+    }
+    return LatencyTable(
+        device=device,
+        created="",
+        host=dict(host),
+        study=study,
+        settings={
+            "warmup": warmup,
+            "repeats": repeats,
+            "repeat_seconds": REPEAT_SECONDS,
+            "batch_sizes": batches,
+            "calibration_networks": len(networks),
+            "runtimes": list(runtimes),
+        },
+        runtimes=table_runtimes,
+        predict_runtime=predict_runtime,
+        profile_seconds=time.perf_counter() - t_start,
+    )
+
+
+def fit_overhead(parts_ms: Sequence[float], measured_ms: Sequence[float]) -> tuple[float, float]:
+    """Fits ``measured = scale * sum of parts + overhead`` over networks timed end to end.
+
+    Least squares over the networks; with fewer than three networks, or a scale outside
+    ``[0.5, 2]`` (too few or too similar networks), the scale is 1 and the overhead the
+    median difference.
+
+    Returns:
+        ``(scale, overhead_ms)``.
+    """
+    if not parts_ms:
+        return 1.0, 0.0
+    if len(parts_ms) >= 3:
+        x = torch.tensor(parts_ms, dtype=torch.float64)
+        y = torch.tensor(measured_ms, dtype=torch.float64)
+        a = torch.stack([x, torch.ones_like(x)], dim=1)
+        sol = torch.linalg.lstsq(a, y[:, None]).solution[:, 0]
+        scale, overhead = float(sol[0]), float(sol[1])
+        if 0.5 <= scale <= 2.0:
+            return scale, overhead
+    return 1.0, statistics.median(m - s for s, m in zip(parts_ms, measured_ms, strict=True))
+
+
+def count_steps(
+    anchors: Mapping[str, Anchor],
+    candidates: Sequence[Candidate],
+    *,
+    runtimes: int,
+    batch_sizes: Sequence[int],
+    calibration: int,
+) -> int:
+    """How many timings :func:`profile_parts` makes (for a progress bar's total)."""
+    parts = len(_part_modules(anchors, candidates))
+    networks = len(anchors) + len(calibration_stitches(candidates, calibration))
+    return runtimes * len(set(batch_sizes)) * (parts + networks)
+
+
+def _network(anchors: Mapping[str, Anchor], c: Candidate) -> nn.Module:
+    """The candidate's network (a stitch with its layer at default init: timing only)."""
+    if c.is_anchor:
+        return anchors[c.front].model
+    front, back = anchors[c.front], anchors[c.back]
+    return build_stitched(front, back, StitchConfig(c.front, c.back, c.front_block, c.back_block))

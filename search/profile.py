@@ -1,0 +1,291 @@
+"""``python -m search.profile``: profile a target device once, for every candidate of a study.
+
+Run on the device itself, with only this package installed (no dataset, no database, no
+Ray): it loads the study's anchors, enumerates every candidate of its search space, and
+times every part they are made of (each anchor's stem, blocks and head, and every
+stitching layer by kind and shape) at batch 1 and at the study's ``latency_batch``, in
+PyTorch and, when installed, in onnxruntime (the export format), then fits the per-call
+overhead on networks measured end to end (:mod:`evaluators.latency_table`). The table is
+written atomically: an interrupted run (Ctrl-C) leaves no file. Bad input prints one line
+and exits 2, writing nothing.
+
+Name the table in the budget CSV's ``latency_table`` column to have the search predict
+that device's latency from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from evaluators import count_steps, profile_parts, torch_runner
+from search.candidates import SearchSpace
+from search.console import OneLineParser, SignalGuard, one_line
+from search.onnx import export_onnx
+from search.study import load_anchors, load_study
+from space import InputError
+from space.files import atomic_write
+
+RUNTIMES = ("torch", "onnxruntime")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface."""
+    p = OneLineParser(
+        prog="python -m search.profile",
+        description="Time every part a study's candidates are made of on this device, and "
+        "write a latency table for the budget CSV's latency_table column.",
+        epilog="Example: python -m search.profile --study studies/default.yaml "
+        "--device raspberry-pi-4 --out tables/rpi4.json",
+    )
+    p.add_argument("--study", required=True, metavar="YAML", help="the study definition")
+    p.add_argument("--device", required=True, metavar="NAME", help="the device's name in the CSV")
+    p.add_argument("--out", required=True, metavar="JSON", help="the table to write")
+    p.add_argument(
+        "--runtimes",
+        default=None,
+        metavar="LIST",
+        help="comma-separated runtimes to time: torch, onnxruntime (default: both when "
+        "onnxruntime is installed, else torch)",
+    )
+    p.add_argument(
+        "--predict-with",
+        default="torch",
+        choices=RUNTIMES,
+        help="the runtime the search predicts latency with (default: torch, as the search "
+        "measures on its host)",
+    )
+    p.add_argument("--threads", type=_count("--threads", 1), default=None, help="torch threads")
+    p.add_argument("--warmup", type=_count("--warmup", 0), default=3, help="untimed calls")
+    p.add_argument("--repeats", type=_count("--repeats", 1), default=15, help="timed loops")
+    p.add_argument(
+        "--calibration",
+        type=_count("--calibration", 0),
+        default=12,
+        help="stitched networks timed end to end (besides the anchors) to fit the overhead",
+    )
+    return p
+
+
+def _count(flag: str, least: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{flag} must be a whole number, got {text!r}"
+            ) from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{flag} must be >= {least}, got {value}")
+        return value
+
+    return parse
+
+
+def _has_onnxruntime() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _runtimes(text: str | None, predict_with: str) -> list[str]:
+    if text is None:
+        names = ["torch", "onnxruntime"] if _has_onnxruntime() else ["torch"]
+    else:
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        for n in names:
+            if n not in RUNTIMES:
+                raise InputError(
+                    f"--runtimes: unknown runtime {n!r}; choose from {', '.join(RUNTIMES)}"
+                )
+        if not names:
+            raise InputError("--runtimes: empty; give torch and/or onnxruntime")
+        if "onnxruntime" in names and not _has_onnxruntime():
+            raise InputError(
+                "--runtimes: onnxruntime is not installed; pip install 'stitchsearch[onnx]' "
+                "or leave it out"
+            )
+    if predict_with not in names:
+        raise InputError(
+            f"--predict-with {predict_with}: that runtime is not timed (--runtimes "
+            f"{','.join(names)}); add it to --runtimes"
+        )
+    return list(dict.fromkeys(names))
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith(("model name", "hardware", "cpu model")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def host_identity(threads: int) -> dict[str, Any]:
+    """The device's identity as a table records it."""
+    return {
+        "cpu": _cpu_model(),
+        "machine": platform.machine(),
+        "system": platform.platform(),
+        "hostname": platform.node(),
+        "cpu_count": os.cpu_count(),
+        "threads": threads,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": _version("timm"),
+        "onnxruntime": _version("onnxruntime"),
+        "stitchsearch": _version("stitchsearch"),
+    }
+
+
+class _OneInput(nn.Module):
+    """``module(x)`` with nothing else traced (timm blocks' default arguments would be)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)
+
+
+class OnnxRunners:
+    """Exports each part to ONNX (into a temporary folder) and runs it in onnxruntime.
+
+    Args:
+        folder: Where the ``.onnx`` files go.
+        threads: onnxruntime's intra-op threads.
+    """
+
+    def __init__(self, folder: Path, threads: int) -> None:
+        import onnxruntime as ort
+
+        self.ort = ort
+        self.folder = folder
+        self.threads = threads
+        self.count = 0
+
+    def __call__(self, module: nn.Module, shape: tuple[int, ...]) -> Callable[[], object]:
+        self.count += 1
+        path = self.folder / f"part{self.count}.onnx"
+        export_onnx(_OneInput(module), path, input_size=shape[1:])
+        options = self.ort.SessionOptions()
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        session = self.ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        x = torch.randn(shape).numpy()
+        name = session.get_inputs()[0].name
+        return lambda: session.run(None, {name: x})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit code (0, 2 on bad input, 130 when interrupted)."""
+    args = build_parser().parse_args(argv)
+    try:
+        device = args.device.strip()
+        if not device or not device.isprintable():
+            raise InputError(
+                f"--device: {args.device!r} is not a device name; use the device's name in "
+                "the budget CSV"
+            )
+        out = Path(args.out)
+        if out.is_dir():
+            raise InputError(f"--out: {str(out)!r} is a folder; give the table's file path")
+        study_path = Path(args.study)
+        study = load_study(study_path)
+        names = _runtimes(args.runtimes, args.predict_with)
+        anchors, _ = load_anchors(study, study_path)
+    except InputError as e:
+        print(f"python -m search.profile: error: {one_line(str(e))}", file=sys.stderr)
+        return 2
+    threads = args.threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    for a in anchors.values():
+        a.model.cpu().eval()
+    candidates = SearchSpace({n: a.num_blocks for n, a in anchors.items()}).all_candidates()
+    batches = sorted({1, study.latency_batch})
+    total = count_steps(
+        anchors,
+        candidates,
+        runtimes=len(names),
+        batch_sizes=batches,
+        calibration=args.calibration,
+    )
+    print(
+        f"profiling {device!r} for study {study.name!r}: {len(candidates)} candidates, "
+        f"runtimes {', '.join(names)}, batch sizes {batches}, {threads} thread(s)",
+        file=sys.stderr,
+    )
+    bar = tqdm(total=total, desc="profile", unit="part", file=sys.stderr, mininterval=0.5)
+    try:
+        with SignalGuard(), tempfile.TemporaryDirectory(prefix="stitchsearch-profile-") as tmp:
+            runners: dict[str, Any] = {"torch": torch_runner}
+            if "onnxruntime" in names:
+                runners["onnxruntime"] = OnnxRunners(Path(tmp), threads)
+            table = profile_parts(
+                anchors,
+                candidates,
+                device=device,
+                study_name=study.name,
+                host=host_identity(threads),
+                runtimes={n: runners[n] for n in names},
+                batch_sizes=batches,
+                warmup=args.warmup,
+                repeats=args.repeats,
+                calibration=args.calibration,
+                predict_runtime=args.predict_with,
+                on_step=lambda _: bar.update(1),
+            )
+            table.created = datetime.now(UTC).isoformat(timespec="seconds")
+            bar.close()
+            atomic_write(out, table.to_json())
+    except KeyboardInterrupt as e:
+        bar.close()
+        print(f"interrupted ({e or 'SIGINT'}): no table written", file=sys.stderr)
+        return 130
+    except ValueError as e:  # an ONNX export that failed
+        bar.close()
+        print(f"python -m search.profile: error: {one_line(str(e))}", file=sys.stderr)
+        return 1
+    for rt, batches_of in table.runtimes.items():
+        for batch, entry in batches_of.items():
+            fit = entry["fit"]
+            print(
+                f"{rt} batch {batch}: {len(entry['parts'])} parts, overhead "
+                f"{entry['overhead_ms']:+.3f} ms, fit on {len(fit['networks'])} networks: "
+                f"median error {fit['median_abs_error_pct']:.1f}%, max "
+                f"{fit['max_abs_error_pct']:.1f}%",
+                file=sys.stderr,
+            )
+    print(
+        f"latency table: {out} ({table.profile_seconds:.1f}s); name it in the budget CSV's "
+        f"latency_table column for device {device!r}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

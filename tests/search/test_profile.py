@@ -1,0 +1,93 @@
+"""``python -m search.profile`` end to end on the tiny study (real timings, few repeats)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from evaluators import TABLE_FORMAT, LatencyTable
+from search.candidates import SearchSpace
+from search.profile import main
+from search.study import load_anchors, load_study
+
+DATA = Path(__file__).resolve().parent / "data"
+STUDY = DATA / "tiny_study.yaml"
+ROOT = Path(__file__).resolve().parents[2]
+FAST = ["--repeats", "2", "--warmup", "1", "--calibration", "2", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def profiled(tmp_path_factory) -> tuple[Path, int]:
+    out = tmp_path_factory.mktemp("profile") / "tables" / "dev.json"
+    rc = main(["--study", str(STUDY), "--device", "dev", "--out", str(out), *FAST])
+    return out, rc
+
+
+def test_profile_times_every_part_of_every_candidate(profiled) -> None:
+    out, rc = profiled
+    assert rc == 0
+    doc = json.loads(out.read_text())
+    assert doc["format"] == TABLE_FORMAT and doc["device"] == "dev"
+    assert doc["host"]["cpu"] and doc["host"]["threads"] == 1 and doc["host"]["torch"]
+    assert doc["created"].endswith("+00:00")
+    table = LatencyTable.read(out)
+    study = load_study(STUDY)
+    anchors, _ = load_anchors(study, STUDY)
+    candidates = SearchSpace({n: a.num_blocks for n, a in anchors.items()}).all_candidates()
+    assert table.study["name"] == "tiny"
+    assert [a["name"] for a in table.study["anchors"]] == list(anchors)
+    assert table.missing_parts(candidates) == []
+    # Both runtimes (onnxruntime is installed with the dev extra), with spread and fit.
+    assert set(table.runtimes) == {"torch", "onnxruntime"}
+    for rt in table.runtimes.values():
+        entry = rt["1"]
+        stitches = [k for k in entry["parts"] if k.startswith("stitch|")]
+        assert {k.split("|")[1] for k in stitches} == {"cnn->vit", "vit->cnn"}
+        assert all(t["median_ms"] > 0 and t["iqr_ms"] >= 0 for t in entry["parts"].values())
+        assert len(entry["fit"]["networks"]) == 2 + 2  # both anchors and two stitches
+    assert all(table.predict(c) > 0 for c in candidates)
+
+
+def test_a_table_is_not_written_over_by_a_bad_command(tmp_path, capsys) -> None:
+    cases = [
+        (["--study", str(tmp_path / "none.yaml")], "none.yaml"),
+        (["--study", str(STUDY), "--runtimes", "tflite"], "--runtimes: unknown runtime 'tflite'"),
+        (["--study", str(STUDY), "--runtimes", "onnxruntime"], "--predict-with torch"),
+        (["--study", str(STUDY), "--device", " "], "--device"),
+        (["--study", str(STUDY), "--out", str(tmp_path)], "is a folder"),
+    ]
+    for argv, needle in cases:
+        full = ["--device", "d", "--out", str(tmp_path / "t.json"), *argv]
+        try:
+            rc = main(full)
+        except SystemExit as e:
+            rc = e.code
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and needle in err[0], (argv, err)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_leaves_no_table(tmp_path) -> None:
+    out = tmp_path / "t.json"
+    cmd = [sys.executable, "-m", "search.profile", "--study", str(STUDY), "--device", "d"]
+    cmd += ["--out", str(out), "--runtimes", "torch", "--repeats", "400", "--threads", "1"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    seen = ""
+    while "profile:" not in seen:  # the progress bar has started: parts are being timed
+        line = proc.stderr.readline()
+        assert line, f"profile ended early: {seen}"
+        seen += line
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "no table written" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
