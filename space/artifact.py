@@ -240,7 +240,13 @@ def anchor_from_record(path: Path, i: int, rec: AnchorRecord) -> Anchor:
             f"anchor {name!r} loaded with weights of sha256 {anchor.weights_sha256}, the export "
             f"records {rec.weights_sha256}",
             field=f"{where}.weights_sha256",
-            fix="load the anchor weights the export was made with",
+            fix=(
+                "load the anchor weights the export was made with"
+                if rec.checkpoint or rec.pretrained
+                else "a seeded random initialisation differs in its last bits across CPUs "
+                "(Intel's MKL picks its code path by CPU): set MKL_CBWR=COMPATIBLE where the "
+                "export is written and where it is loaded, or give the anchor a checkpoint"
+            ),
         )
     for key, recorded, actual in (
         ("family", rec.family, anchor.family),

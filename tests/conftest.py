@@ -1,6 +1,17 @@
-"""Shared fixtures: tiny timm anchors of every supported family."""
+"""Shared fixtures: tiny timm anchors of every supported family.
+
+The tests build seeded, randomly initialised anchors and compare their weights' SHA-256 with
+files written on other machines (``space/data/old_export``). Intel's MKL picks its code
+path by CPU (the ``erfinv`` in timm's truncated-normal initialisation gives other last bits
+on an Intel Xeon than on an AMD EPYC); its conditional numerical reproducibility mode makes
+the initialisation the same everywhere. Set before torch loads MKL; subprocesses inherit it.
+"""
 
 from __future__ import annotations
+
+import os
+
+os.environ.setdefault("MKL_CBWR", "COMPATIBLE")
 
 import pytest
 import torch
