@@ -135,8 +135,14 @@ def read_json_object(path: Path) -> dict[str, Any]:
         raise ExportError(path, "is not a file", fix="pass the path of exports/<device>.json")
     try:
         text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ExportError(path, f"cannot be read ({e})") from None
+    except UnicodeDecodeError:
+        raise ExportError(
+            path,
+            "is not UTF-8 text: damaged, or not an export manifest",
+            fix="restore the file written by stitchsearch (exports/<device>.json)",
+        ) from None
+    except OSError as e:
+        raise ExportError(path, f"cannot be read ({e.strerror or e})") from None
     return parse_json(text, path)
 
 

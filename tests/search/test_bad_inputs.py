@@ -405,7 +405,9 @@ CASES: dict[str, Case] = {
         "'!include'",
     ),
     "csv-100-mb": _big_csv,
-    "export-json-garbage": _export(lambda p: p.write_bytes(os.urandom(4096)), "export"),
+    "export-json-garbage": _export(
+        lambda p: p.write_bytes(b"\xff\xfe" + os.urandom(4096)), "is not UTF-8 text"
+    ),
     "export-json-truncated": _export(
         lambda p: p.write_text(p.read_text()[: len(p.read_text()) // 2]), "not valid JSON"
     ),
