@@ -8,19 +8,27 @@ the last one's end), the command's wall time, and the workers' mean ``trial_seco
 two runs evaluate partly different candidates, so this shows how comparable they are).
 
     python -m benchmarks.bench_scaling
+
+``--rung 1`` measures rung 1 (fine-tuning promoted stitches) instead: one run evaluates
+``--trials`` rung-0 candidates with ``--no-finetune``; then, for each worker count, a copy of
+that folder is resumed without it, so the run does only rung 1 (the same promoted stitches
+every time), and fine-tunes per minute are read from the rung-1 study's trials.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from benchmarks.common import (
+    RESULTS,
     bench_parser,
     machine_info,
     md_table,
@@ -28,6 +36,7 @@ from benchmarks.common import (
     publish,
     search_run,
 )
+from search.promotion import rung1_study_name
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -78,6 +87,93 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def run_rung1(args: argparse.Namespace) -> dict[str, Any]:
+    """Rung-1 throughput: the same promoted stitches fine-tuned with each worker count."""
+    import optuna
+
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(tmp) / "rung0"
+        search_run(
+            args.study,
+            args.budget_table,
+            trials=args.trials,
+            workers=2,
+            seed=args.seed,
+            out=base,
+            cka_cache=args.cka_cache,
+            extra=["--no-finetune"],
+        )
+        storage = f"sqlite:///{(base / 'study.db').resolve()}"
+        name = optuna.get_all_study_names(storage)[0]
+        for rep in range(args.repeats):
+            for w in args.workers:
+                out = Path(tmp) / f"w{w}-{rep}"
+                shutil.copytree(base, out, ignore=shutil.ignore_patterns("exports", "ray"))
+                t0 = time.perf_counter()
+                search_run(
+                    args.study,
+                    args.budget_table,
+                    trials=args.trials,
+                    workers=w,
+                    seed=args.seed,
+                    out=out,
+                )
+                wall = time.perf_counter() - t0
+                st = optuna.load_study(
+                    study_name=rung1_study_name(name),
+                    storage=f"sqlite:///{(out / 'study.db').resolve()}",
+                )
+                done = [t for t in st.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+                window = max(t.datetime_complete.timestamp() for t in done) - min(
+                    t.datetime_start.timestamp() for t in done
+                )
+                seconds = [t.duration.total_seconds() for t in done]
+                runs.append(
+                    {
+                        "workers": w,
+                        "repeat": rep,
+                        "finetuned": len(done),
+                        "window_seconds": window,
+                        "wall_seconds": wall,
+                        "finetunes_per_minute": 60.0 * len(done) / window,
+                        "trial_seconds_mean": float(np.mean(seconds)),
+                    }
+                )
+                print(
+                    f"  rung 1, workers {w}, repeat {rep}: {len(done)} fine-tuned, "
+                    f"{runs[-1]['finetunes_per_minute']:.1f}/min",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    summary = {}
+    for w in args.workers:
+        mine = [r for r in runs if r["workers"] == w]
+        summary[str(w)] = {
+            "trials_per_minute": [r["finetunes_per_minute"] for r in mine],
+            "wall_seconds": [r["wall_seconds"] for r in mine],
+            "window_seconds": [r["window_seconds"] for r in mine],
+            "worker_seconds_mean": [r["trial_seconds_mean"] for r in mine],
+            "finetuned": [r["finetuned"] for r in mine],
+        }
+    base_w = str(args.workers[0])
+    for w in args.workers:
+        summary[str(w)]["speedup"] = float(
+            np.mean(summary[str(w)]["trials_per_minute"])
+            / np.mean(summary[base_w]["trials_per_minute"])
+        )
+    return {
+        "machine": machine_info(),
+        "study": str(args.study),
+        "rung": 1,
+        "trials": args.trials,
+        "repeats": args.repeats,
+        "workers": args.workers,
+        "summary": summary,
+        "runs": runs,
+    }
+
+
 def markdown(res: dict[str, Any]) -> str:
     """The BENCHMARKS.md section."""
     rows = []
@@ -92,6 +188,30 @@ def markdown(res: dict[str, Any]) -> str:
                 mean_std(s["wall_seconds"], "{:.0f}") + " s",
                 mean_std(s["worker_seconds_mean"], "{:.2f}") + " s",
             )
+        )
+    if res.get("rung") == 1:
+        return "\n".join(
+            [
+                f"Rung 1 (`--rung 1`): one study with {res['trials']} rung-0 trials "
+                "(`--no-finetune`), then per worker count a copy of it resumed with rung 1 on "
+                f"(the same {res['summary'][str(res['workers'][0])]['finetuned'][0]} promoted "
+                f"stitches each time), {res['repeats']} repeat(s) (mean ± std). Fine-tunes "
+                "per minute over the rung-1 window (first rung-1 trial's start to the last "
+                "one's end); `trial time` is the Optuna duration of a rung-1 trial. "
+                "Target: 2 workers >= 1.7x one.",
+                "",
+                md_table(
+                    [
+                        "workers",
+                        "fine-tunes / min",
+                        "speed-up",
+                        "rung-1 window",
+                        "command wall time",
+                        "trial time",
+                    ],
+                    rows,
+                ),
+            ]
         )
     return "\n".join(
         [
@@ -128,7 +248,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--repeats", type=int, default=2, help="runs per worker count")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--rung",
+        type=int,
+        choices=(0, 1),
+        default=0,
+        help="0: rung-0 trials (least squares); 1: rung-1 fine-tuning of promoted stitches",
+    )
     args = parser.parse_args(argv)
+    if args.rung == 1:
+        if args.out == RESULTS / "scaling.json":
+            args.out = RESULTS / "scaling_rung1.json"
+        res = run_rung1(args)
+        return publish("scaling_rung1", res, markdown(res), args, argv, script="scaling")
     res = run(args)
     return publish("scaling", res, markdown(res), args, argv)
 

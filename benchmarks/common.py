@@ -58,6 +58,7 @@ SECTIONS: tuple[tuple[str, str], ...] = (
     ("signals", "3b. Stitch-point signals and the default pruning rule"),
     ("trial_cost", "4. Trial cost"),
     ("scaling", "5. Worker scaling"),
+    ("scaling_rung1", "5b. Worker scaling at rung 1 (fine-tuning)"),
     ("claims", "6. The papers' claims on the default zoo"),
     ("rung1", "7. Rung 1: every stitch fine-tuned, and what promotion finds"),
     ("latency_table", "8. Device latency tables: predicted against measured latency"),
@@ -532,6 +533,7 @@ def publish(
     argv: Sequence[str] | None,
     *,
     write: bool = True,
+    script: str | None = None,
 ) -> int:
     """Writes a benchmark's JSON, prints its markdown and updates its section.
 
@@ -542,6 +544,7 @@ def publish(
         args: Parsed options (``out``, ``md``, ``no_md``).
         argv: The script's arguments (for the stamp).
         write: Write ``res`` to ``args.out`` (off when the script wrote it itself).
+        script: The script's section id when it differs from ``section``.
 
     Returns:
         0, the script's exit code.
@@ -550,7 +553,7 @@ def publish(
         write_json(args.out, res)
     print(md)
     if not args.no_md:
-        cmd = command_line(f"benchmarks.bench_{section}", argv)
+        cmd = command_line(f"benchmarks.bench_{script or section}", argv)
         update_markdown(section, md, res["machine"], cmd, args.md)
     return 0
 
@@ -590,6 +593,7 @@ def search_run(
     out: Path,
     cka_cache: Path | None = None,
     timeout: float = 1800,
+    extra: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Runs ``python -m search.run`` in a subprocess and reads its timings from the study.
 
@@ -603,6 +607,7 @@ def search_run(
         cka_cache: A folder of cached CKA matrices to copy into ``out`` first (the run then
             skips computing them).
         timeout: Seconds before the run is killed.
+        extra: More flags for ``search.run`` (e.g. ``--no-finetune``).
 
     Returns:
         Wall time, the tuning window (first evaluated trial's start to the last one's
@@ -636,6 +641,7 @@ def search_run(
         "--out",
         str(out),
         "--no-report",
+        *extra,
     ]
     t0 = time.perf_counter()
     proc = subprocess.run(

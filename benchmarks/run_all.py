@@ -37,6 +37,7 @@ STEPS = (
     ("search", True, True),
     ("trial_cost", True, False),
     ("scaling", True, False),
+    ("scaling_rung1", True, False),
     ("claims", True, True),
     ("rung1", True, True),
     ("latency_table", True, False),
@@ -54,7 +55,8 @@ def commands(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
     for name, study, gt in STEPS:
         if name not in only:
             continue
-        cmd = [sys.executable, "-m", f"benchmarks.bench_{name}", "--md", str(args.md)]
+        module = "scaling" if name == "scaling_rung1" else name
+        cmd = [sys.executable, "-m", f"benchmarks.bench_{module}", "--md", str(args.md)]
         if study:
             cmd += ["--study", str(args.study), "--budget-table", str(args.budget_table)]
         if gt:
@@ -63,6 +65,8 @@ def commands(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
             cmd += ["--out", str(args.ground_truth)]
             if args.rebuild_ground_truth:
                 cmd.append("--rebuild")
+        if name == "scaling_rung1":
+            cmd += ["--rung", "1"]
         if name == "rung1":
             cmd.append("--build")  # only missing stitches are fine-tuned
         out.append((name, cmd))

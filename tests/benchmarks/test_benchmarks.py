@@ -199,6 +199,27 @@ def test_scaling(tmp_path) -> None:
     assert res["summary"]["1"]["speedup"] == pytest.approx(1.0)
 
 
+@pytest.mark.slow
+def test_scaling_at_rung1_fine_tunes_the_same_stitches(tmp_path) -> None:
+    out = tmp_path / "scaling_rung1.json"
+    study = tmp_path / "study.yaml"
+    study.write_text(
+        STUDY.read_text()
+        + "finetune: {enabled: true, train_images: 64, steps: 2, batch_size: 16, "
+        "max_trials: 3, promote: {per_device: 2}}\n"
+    )
+    _run_module(
+        "benchmarks.bench_scaling",
+        *("--study", str(study), "--budget-table", str(DEVICES), "--out", str(out)),
+        *("--md", str(tmp_path / "B.md"), "--trials", "4", "--repeats", "1", "--rung", "1"),
+    )
+    res = json.loads(out.read_text())
+    assert res["rung"] == 1 and [r["workers"] for r in res["runs"]] == [1, 2]
+    finetuned = [r["finetuned"] for r in res["runs"]]
+    assert finetuned[0] >= 1 and finetuned[0] == finetuned[1]
+    assert "5b. Worker scaling at rung 1" in (tmp_path / "B.md").read_text()
+
+
 def test_run_all_builds_every_command() -> None:
     cmds = run_all.commands(
         argparse.Namespace(
@@ -218,6 +239,7 @@ def test_run_all_builds_every_command() -> None:
         "search",
         "trial_cost",
         "scaling",
+        "scaling_rung1",
         "claims",
         "rung1",
         "latency_table",
