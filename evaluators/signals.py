@@ -39,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import zipfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -261,7 +262,7 @@ def _read_cache(
     try:
         with np.load(path, allow_pickle=False) as z:
             out = {name: np.asarray(z[name], dtype=float) for name in wanted}
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         return None  # a damaged entry is recomputed and overwritten
     if any(m.shape != shape for m in out.values()):
         return None

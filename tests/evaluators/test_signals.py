@@ -83,3 +83,22 @@ def test_candidate_result_records_the_residual() -> None:
     sig = stitch_signals(front, back, data.calibration, use_cache=False)
     assert res.residual == pytest.approx(sig["residual"][2, 1], rel=1e-6)
     assert res.to_dict()["residual"] == res.residual
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        pytest.param(lambda d: d[: len(d) // 2], id="truncated-zip"),
+        pytest.param(lambda d: b"garbage" * 100, id="garbage"),
+        pytest.param(lambda d: b"", id="empty"),
+    ],
+)
+def test_a_damaged_signal_cache_entry_is_recomputed(resnet, tmp_path, damage) -> None:
+    images = torch.randn(16, 3, 32, 32)
+    first = stitch_signals(resnet, resnet, [images], cache_dir=tmp_path, data_identity="d")
+    (entry,) = tmp_path.glob("signals--*.npz")
+    entry.write_bytes(damage(entry.read_bytes()))
+    again = stitch_signals(resnet, resnet, [images], cache_dir=tmp_path, data_identity="d")
+    np.testing.assert_allclose(first["kl"], again["kl"], rtol=1e-5, atol=1e-7)
+    with np.load(entry, allow_pickle=False) as z:  # rewritten whole
+        np.testing.assert_array_equal(z["kl"], again["kl"])
