@@ -19,7 +19,6 @@ Writes the true Pareto front and its normalised hypervolume (convention:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -31,12 +30,13 @@ from benchmarks.common import (
     GroundTruth,
     anchor_identities,
     bench_parser,
+    build_table,
+    candidate_job,
     data_tag,
     entry_key,
     load_plan,
     machine_info,
     md_table,
-    parallel_map,
     publish,
     study_cka,
     study_space,
@@ -123,17 +123,7 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     cka = study_cka(plan, space, args.out.parent)
     cka_seconds = time.perf_counter() - t0
-    old: dict[str, Any] = {}
-    if args.out.is_file() and not args.rebuild:
-        old = json.loads(args.out.read_text())
-        if old.get("version") != GROUND_TRUTH_VERSION:
-            old = {}
     wanted = {entry_key(c, ids, tag): c for c in space.all_candidates()}
-    entries = {k: v for k, v in old.get("entries", {}).items() if k in wanted}
-    dropped = len(old.get("entries", {})) - len(entries)
-    todo = [(k, c) for k, c in wanted.items() if k not in entries]
-    if args.limit is not None:
-        todo = todo[: args.limit]
     meta = {
         "study": plan.study.name,
         "study_file": str(Path(args.study)),
@@ -159,56 +149,30 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
         "meta": meta,
         "cka": {f"{a}|{b}": m.tolist() for (a, b), m in cka.items()},
         "cka_seconds": round(cka_seconds, 2),
-        "entries": entries,
-        "build_seconds": float(old.get("build_seconds", 0.0)) if entries else 0.0,
+        "entries": {},
+        "build_seconds": 0.0,
         "machine": machine_info(),
     }
-    print(
-        f"ground truth: {len(wanted)} candidates, {len(entries)} cached, {len(todo)} to "
-        f"evaluate ({dropped} stale entries dropped), {args.processes} process(es)",
-        file=sys.stderr,
-        flush=True,
+
+    def report(done: int, todo: int, rec: dict[str, Any], seconds: float, _entries) -> None:
+        end = "\n" if done == todo else ""
+        print(f"\r  {done}/{todo} evaluated ({seconds:.0f}s)", end=end, file=sys.stderr)
+
+    build_table(
+        args.out,
+        raw,
+        wanted,
+        job=candidate_job(cka),
+        evaluate=_evaluate,
+        processes=args.processes,
+        initializer=_init,
+        initargs=(str(args.study), str(args.budget_table), args.threads),
+        rebuild=args.rebuild,
+        limit=args.limit,
+        report=report,
+        name="ground truth",
     )
-    items = [
-        (
-            {
-                "front": c.front,
-                "back": c.back,
-                "front_block": c.front_block,
-                "back_block": c.back_block,
-            },
-            None if c.is_anchor else float(cka[(c.front, c.back)][c.front_block, c.back_block]),
-        )
-        for _, c in todo
-    ]
-    keys = {c.key: k for k, c in todo}
-    last_write = time.perf_counter()
-    session_start = time.perf_counter()
-    base_seconds = raw["build_seconds"]
-    for done, rec in enumerate(
-        parallel_map(
-            _evaluate,
-            items,
-            processes=args.processes,
-            initializer=_init,
-            initargs=(str(args.study), str(args.budget_table), args.threads),
-        ),
-        start=1,
-    ):
-        entries[keys[rec["key"]]] = rec
-        now = time.perf_counter()
-        raw["build_seconds"] = round(base_seconds + now - session_start, 2)
-        if now - last_write > 10 or done == len(items):
-            write_json(args.out, raw)
-            last_write = now
-            print(
-                f"\r  {done}/{len(items)} evaluated ({now - session_start:.0f}s)",
-                end="",
-                file=sys.stderr,
-                flush=True,
-            )
-    if items:
-        print(file=sys.stderr)
+    entries = raw["entries"]
     raw["session_seconds"] = round(time.perf_counter() - t_start, 2)
     if len(entries) == len(wanted):
         raw["summary"] = summarise(args.out, raw)

@@ -19,7 +19,8 @@ Rung-0 values come from the rung-0 table (``bench_ground_truth.py``), never re-m
 - Spearman correlation of rung-0 with rung-1 accuracy (overall, mean within ordered pair);
 - the cost of a rung-1 evaluation;
 - the default search at its default budget: the real searcher replayed at rung 0
-  (:func:`benchmarks.bench_search.replay_all`, the study's sampler, trials and workers), its
+  (:func:`benchmarks.bench_search.replay_all`, the study's sampler, trials, workers and
+  pruning rule, e.g. ``kl`` depth 3 with its signals as ``search.run`` computes them), its
   rung-0 trials recorded as the search records them, :func:`search.promotion.promotion_order`
   with the study's rule and ``finetune.max_trials``, rung-1 values looked up in the table;
   against random promotion of as many rung-0 stitches of the same replay, an oracle
@@ -28,7 +29,11 @@ Rung-0 values come from the rung-0 table (``bench_ground_truth.py``), never re-m
   best_rung`) over the rung-1 true front's (convention: :mod:`benchmarks.common`, over
   every value of both rungs), rung-1 true-front points found, rung-1 evaluations spent, and
   per device (:func:`search.selection.select_per_device`) the pick against the best at rung 1;
-- the issue's targets, met or not.
+- the issue's targets, met or not;
+- a grid of cheap alternatives to the study's promotion settings (``--grid-trials``,
+  ``--grid-per-device``, ``--grid-max-trials``), scored on the same replays: the first ``T``
+  evaluations of a replay are exactly a replay with ``trials`` ``T`` (the sampler does not
+  know the budget), so only the longest is run.
 
     python -m benchmarks.bench_rung1 --build          # build or finish the table, then analyse
     python -m benchmarks.bench_rung1 --build --limit 4
@@ -56,17 +61,20 @@ from benchmarks.common import (
     Hypervolume,
     anchor_identities,
     bench_parser,
+    build_table,
+    candidate_job,
     data_tag,
     entry_key,
     load_plan,
     machine_info,
     md_table,
     mean_std,
-    parallel_map,
     pareto_mask,
     publish,
+    rule_spec,
+    rule_text,
     spearman,
-    write_json,
+    study_signals,
 )
 
 DEFAULT_RUNG1 = RESULTS / "rung1_ground_truth.json"
@@ -191,22 +199,8 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
     ids = anchor_identities(plan)
     tag = finetune_tag(plan)
     teacher = teacher_name(plan, gt)
-    old: dict[str, Any] = {}
-    if args.rung1.is_file() and not args.rebuild:
-        old = json.loads(args.rung1.read_text())
-        if old.get("version") != RUNG1_VERSION:
-            old = {}
     stitches = [c for c in gt.space.all_candidates() if not c.is_anchor]
     wanted = {entry_key(c, ids, tag): c for c in stitches}
-    entries = {k: v for k, v in old.get("entries", {}).items() if k in wanted}
-    dropped = len(old.get("entries", {})) - len(entries)
-    # Largest first (fine-tuning runs the back part), so the last jobs are short.
-    todo = sorted(
-        ((k, c) for k, c in wanted.items() if k not in entries),
-        key=lambda kc: -gt.records[kc[1].key].get("macs", 0),
-    )
-    if args.limit is not None:
-        todo = todo[: args.limit]
     ft = plan.study.finetune
     raw = {
         "version": RUNG1_VERSION,
@@ -226,61 +220,42 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
             "threads_per_process": args.threads,
             "processes": args.processes,
         },
-        "entries": entries,
-        "build_seconds": float(old.get("build_seconds", 0.0)) if entries else 0.0,
+        "entries": {},
+        "build_seconds": 0.0,
         "machine": machine_info(),
     }
-    print(
-        f"rung-1 table: {len(wanted)} stitches, {len(entries)} cached, {len(todo)} to "
-        f"fine-tune ({dropped} stale entries dropped), {args.processes} process(es) x "
-        f"{args.threads} thread(s)",
-        file=sys.stderr,
-        flush=True,
-    )
-    items = [
-        (
-            {
-                "front": c.front,
-                "back": c.back,
-                "front_block": c.front_block,
-                "back_block": c.back_block,
-            },
-            float(gt.cka[(c.front, c.back)][c.front_block, c.back_block]),
-        )
-        for _, c in todo
-    ]
-    keys = {c.key: k for k, c in todo}
-    start = time.perf_counter()
-    last_write = start
-    base = raw["build_seconds"]
-    for done, rec in enumerate(
-        parallel_map(
-            _evaluate,
-            items,
-            processes=args.processes,
-            initializer=_init,
-            initargs=(str(args.study), str(args.budget_table), args.threads, teacher),
-        ),
-        start=1,
-    ):
+
+    def on_record(rec: dict[str, Any]) -> None:
         rec["rung0_val_acc"] = gt.records[rec["key"]].get("val_acc")
-        entries[keys[rec["key"]]] = rec
-        now = time.perf_counter()
-        raw["build_seconds"] = round(base + now - start, 2)
-        if now - last_write > 10 or done == len(items):
-            write_json(args.rung1, raw)
-            last_write = now
-        eta = (now - start) / done * (len(items) - done)
+
+    def report(done: int, todo: int, rec: dict[str, Any], seconds: float, entries) -> None:
+        eta = seconds / done * (todo - done)
         result = rec.get("error") or f"{rec['rung0_val_acc']:.2f}% -> {rec['val_acc']:.2f}%"
         print(
-            f"  {done}/{len(items)} ({len(entries)}/{len(wanted)} in the table) "
-            f"{now - start:.0f}s, ETA {eta / 60:.1f} min: {rec['label']}: {result} "
+            f"  {done}/{todo} ({len(entries)}/{len(wanted)} in the table) "
+            f"{seconds:.0f}s, ETA {eta / 60:.1f} min: {rec['label']}: {result} "
             f"({rec['seconds']:.1f}s)",
             file=sys.stderr,
             flush=True,
         )
-    write_json(args.rung1, raw)
-    return raw
+
+    return build_table(
+        args.rung1,
+        raw,
+        wanted,
+        job=candidate_job(gt.cka),
+        evaluate=_evaluate,
+        processes=args.processes,
+        initializer=_init,
+        initargs=(str(args.study), str(args.budget_table), args.threads, teacher),
+        rebuild=args.rebuild,
+        limit=args.limit,
+        # Largest first (fine-tuning runs the back part), so the last jobs are short.
+        order=lambda c: -gt.records[c.key].get("macs", 0),
+        on_record=on_record,
+        report=report,
+        name="rung-1 table",
+    )
 
 
 @dataclass
@@ -679,38 +654,45 @@ RULES = (
 )
 
 
-def replay_promotion(args: argparse.Namespace, t: Rung1Table, study_def, budgets):
+def replay_promotion(args: argparse.Namespace, t: Rung1Table, plan, budgets):
     """The default rung-0 search replayed, then each promotion rule scored per seed.
 
     Args:
-        args: ``ground_truth``, ``budget_table``, ``seeds`` and ``replay_processes``.
+        args: ``ground_truth``, ``budget_table``, ``seeds``, ``replay_processes`` and the
+            ``grid_*`` lists.
         t: The two tables.
-        study_def: The study definition (:class:`search.study.Study`).
+        plan: The study's plan.
         budgets: The devices.
     """
     from benchmarks.bench_search import replay_all
     from search.promotion import promotion_order
     from search.trials import Attr, evaluated_trials
 
+    study_def = plan.study
     ft = study_def.finetune
     objectives = list(study_def.objectives)
+    rule = rule_spec(study_def)
+    signals = study_signals(plan=plan, cka=t.gt.cka, cache_root=Path(args.ground_truth).parent)
+    grid_trials = sorted({study_def.trials, *(args.grid_trials or ())})
     t0 = time.perf_counter()
     _, _, runs = replay_all(
         args.ground_truth,
         args.budget_table,
         ["default"],
         seeds=args.seeds,
-        total=study_def.trials,
+        total=max(grid_trials),
         concurrency=study_def.workers,
         study_sampler=study_def.sampler,
-        study_rule={"threshold": float(study_def.cka.threshold), "top_k": study_def.cka.top_k},
+        study_rule=rule,
         processes=args.replay_processes,
+        signals=signals,
     )
     replay_seconds = time.perf_counter() - t0
     truth = Truth.of(t, budgets)
+    grid = promotion_grid(args, t, truth, runs, plan, budgets, grid_trials)
     seeds = []
     for run in runs:
-        study = record_rung0(t, run["order"], budgets, objectives)
+        study = record_rung0(t, run["order"][: study_def.trials], budgets, objectives)
         trials = evaluated_trials(study)
         order = promotion_order(
             trials,
@@ -731,7 +713,7 @@ def replay_promotion(args: argparse.Namespace, t: Rung1Table, study_def, budgets
         seeds.append(
             {
                 "seed": run["seed"],
-                "rung0_evaluations": len(run["order"]),
+                "rung0_evaluations": len(run["order"][: study_def.trials]),
                 "rung0_stitches": len(stitches),
                 "promotion_order_length": len(order),
                 **{
@@ -754,8 +736,81 @@ def replay_promotion(args: argparse.Namespace, t: Rung1Table, study_def, budgets
         "trials": study_def.trials,
         "workers": study_def.workers,
         "sampler": study_def.sampler,
+        "rule": rule,
+        "pruned": int(np.mean([r["pruned"] for r in runs])) if runs else 0,
         "replay_seconds": round(replay_seconds, 1),
+        "grid": grid,
     }
+
+
+def promotion_grid(args, t: Rung1Table, truth: Truth, runs, plan, budgets, grid_trials):
+    """Alternatives to the study's promotion settings scored on the same replays.
+
+    Each cell (rung-0 ``trials``, ``per_device``, ``max_trials``; rung-0 front promoted as the
+    study says) is scored per seed as the default promotion is: rung-1 evaluations, rung-1
+    true-front stitches between the anchors fine-tuned, hypervolume, and per device the seeds
+    whose pick is a stitch beating every anchor that fits.
+    """
+    from search.promotion import promotion_order
+    from search.trials import Attr, evaluated_trials
+
+    ft = plan.study.finetune
+    objectives = list(plan.study.objectives)
+    per_devices = sorted({ft.promote.per_device, *(args.grid_per_device or ())})
+    max_trials = sorted({ft.max_trials, *(args.grid_max_trials or ())})
+    cells: dict[tuple[int, int, int], list[dict[str, Any]]] = {}
+    for trials in grid_trials:
+        for run in runs:
+            study = record_rung0(t, run["order"][:trials], budgets, objectives)
+            rung0 = evaluated_trials(study)
+            front = study.best_trials if ft.promote.front else ()
+            for pd in per_devices:
+                order = [
+                    tr.user_attrs[Attr.KEY]
+                    for tr in promotion_order(rung0, budgets, per_device=pd, front=front)
+                ]
+                for mt in max_trials:
+                    a = assess(t, truth, rung0, order[:mt], budgets, objectives)
+                    cells.setdefault((trials, pd, mt), []).append(a)
+    out = []
+    for (trials, pd, mt), scores in sorted(cells.items()):
+        out.append(
+            {
+                "trials": trials,
+                "per_device": pd,
+                "max_trials": mt,
+                "study": (trials, pd, mt)
+                == (plan.study.trials, ft.promote.per_device, ft.max_trials),
+                "seeds": len(scores),
+                "rung1_evaluations": float(np.mean([s["rung1_evaluations"] for s in scores])),
+                "between_found": float(np.mean([s["between_found"] for s in scores])),
+                "front_found": float(np.mean([s["front_found"] for s in scores])),
+                "hv_fraction": float(np.mean([s["hv_fraction"] for s in scores])),
+                "wins": {
+                    b.device: sum(
+                        1
+                        for s in scores
+                        if s["picks"].get(b.device) and s["picks"][b.device]["stitch_beats_anchors"]
+                    )
+                    for b in budgets
+                },
+                "pick_acc": {
+                    b.device: float(
+                        np.mean(
+                            [
+                                s["picks"][b.device]["val_acc"]
+                                for s in scores
+                                if s["picks"].get(b.device)
+                            ]
+                        )
+                    )
+                    if any(s["picks"].get(b.device) for s in scores)
+                    else None
+                    for b in budgets
+                },
+            }
+        )
+    return out
 
 
 def targets(res: dict[str, Any], *, device: str = "jetson-nano") -> dict[str, Any]:
@@ -823,7 +878,7 @@ def analyse(args: argparse.Namespace) -> dict[str, Any]:
         "fronts": {str(r): front_summary(t, r, hv) for r in (0, 1)},
         "correlation": correlation(t, study.finetune.max_trials),
         "cost": cost(t),
-        "replay": replay_promotion(args, t, study, budgets),
+        "replay": replay_promotion(args, t, plan, budgets),
         "devices": [b.device for b in budgets],
     }
     res["targets"] = targets(res)
@@ -928,7 +983,9 @@ def markdown(res: dict[str, Any]) -> str:
         "",
         f"**The default search against the rung-1 ground truth.** The rung-0 search replayed "
         f"as in section 2 ({rep['sampler']}, {rep['trials']} evaluations, {rep['workers']} in "
-        f"flight, {len(seeds)} seeds), its trials recorded as the search records them, then "
+        f"flight, {len(seeds)} seeds; the study's pruning rule, "
+        f"{rule_text(rep.get('rule') or {})}, prunes {rep.get('pruned', 0)} stitch points "
+        "before the search), its trials recorded as the search records them, then "
         f"promoted with `promotion_order` (per device {rep['per_device']}, rung-0 front "
         f"{'on' if rep['promote_front'] else 'off'}) within `finetune.max_trials` = "
         f"{rep['max_trials']}, and rung-1 values looked up. Compared: random promotion of as "
@@ -980,9 +1037,74 @@ def markdown(res: dict[str, Any]) -> str:
         "",
         _device_table(res),
         "",
+        *_grid_lines(res),
         *_target_lines(res),
     ]
     return "\n".join(lines)
+
+
+def _grid_lines(res: dict[str, Any], device: str = "jetson-nano") -> list[str]:
+    rep, c = res["replay"], res["cost"]
+    grid = rep.get("grid") or []
+    if not grid or device not in res["devices"]:
+        return []
+    r0, r1, w = c["rung0_wall"]["median"], c["wall"]["median"], max(1, rep["workers"])
+
+    def minutes(g: dict[str, Any]) -> str:
+        return f"{(g['trials'] * r0 + g['rung1_evaluations'] * r1) / w / 60:.1f}"
+
+    study = next(g for g in grid if g["study"])
+
+    def row(g: dict[str, Any]) -> tuple:
+        wins = f"{g['wins'][device]}/{g['seeds']}"
+        return (
+            g["trials"],
+            g["per_device"],
+            g["max_trials"],
+            f"{g['rung1_evaluations']:.1f}",
+            minutes(g),
+            f"**{wins}**" if g["study"] else wins,
+            _pct(g["pick_acc"][device]),
+            f"{g['between_found']:.1f}",
+            f"{g['front_found']:.1f}",
+            f"{g['hv_fraction']:.3f}",
+        )
+
+    # The study's promotion at every rung-0 budget, then every promotion at the study's.
+    by_trials = [
+        g
+        for g in grid
+        if (g["per_device"], g["max_trials"]) == (study["per_device"], study["max_trials"])
+    ]
+    by_promotion = [g for g in grid if g["trials"] == study["trials"] and not g["study"]]
+    rows = [row(g) for g in by_trials + by_promotion]
+    return [
+        f"**Promotion settings, alternatives** (same replays and seeds; rung-0 front promoted "
+        f"{'on' if rep['promote_front'] else 'off'}; bold: the study's settings; first the "
+        "study's promotion at other rung-0 budgets, then other promotions at the study's "
+        "budget; the whole grid is in the JSON, `replay.grid`). `compute`: "
+        f"rung-0 trials x {r0:.1f} s + rung-1 evaluations x {r1:.1f} s (median wall per "
+        f"evaluation above) over {w} workers, an estimate of the search's evaluation time; "
+        f"`{device} wins`: seeds whose pick is a stitch beating every anchor that fits "
+        "(validation accuracy; the tables hold no test accuracy); means over seeds otherwise.",
+        "",
+        md_table(
+            [
+                "trials",
+                "per_device",
+                "max_trials",
+                "rung-1 evaluations",
+                "compute (min)",
+                f"{device} wins",
+                f"{device} pick",
+                "between",
+                "front",
+                "HV",
+            ],
+            rows,
+        ),
+        "",
+    ]
 
 
 def _device_table(res: dict[str, Any]) -> str:
@@ -1073,6 +1195,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seeds", type=int, default=10, help="replay seeds")
     parser.add_argument("--replay-processes", type=int, default=2, help="replay processes")
+    ints = lambda s: [int(x) for x in s.split(",") if x.strip()]  # noqa: E731
+    parser.add_argument(
+        "--grid-trials",
+        type=ints,
+        default=[80, 100, 110, 120, 130, 150],
+        help="promotion grid: rung-0 trials",
+    )
+    parser.add_argument(
+        "--grid-per-device", type=ints, default=[2, 3, 5], help="promotion grid: per_device"
+    )
+    parser.add_argument(
+        "--grid-max-trials", type=ints, default=[12, 16, 24], help="promotion grid: max_trials"
+    )
     args = parser.parse_args(argv)
     if args.build or args.rebuild:
         raw = build(args)

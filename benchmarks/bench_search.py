@@ -2,7 +2,9 @@
 
 Each run drives :class:`search.searcher.StitchSearcher` exactly as Ray Tune does
 (``suggest(trial_id)`` / ``on_trial_complete(trial_id, result)``) on an in-memory Optuna
-study with the study's directions, the anchors enqueued first, the study's CKA pruning rule
+study with the study's directions, the anchors enqueued first, the study's pruning rule
+(``pruning`` in the YAML, e.g. ``kl`` depth 3, its signal matrices computed as ``search.run``
+computes them and cached under ``benchmarks/results/cache/signals``; or the old ``cka`` form)
 and budgets, and a sampler built as ``search.run`` builds it; only the evaluation is
 replaced by a lookup in the ground-truth table, so the sampler, the proposal filter, the
 fallback and the pruning are the shipped code. ``--concurrency`` trials are in flight at
@@ -14,8 +16,8 @@ the hypervolume of everything evaluated as a fraction of the exhaustive front's
 Because the sampler does not know the budget, the first ``B`` evaluations of one run with
 the largest budget are exactly a run with budget ``B``.
 
-Variants (``--samplers``; a suffix ``@none`` runs without CKA pruning, ``@t0.5``, ``@k3`` or
-``@t0.5k3`` with that threshold and/or top-k rule instead of the study's):
+Variants (``--samplers``; a suffix ``@none`` runs without pruning, ``@t0.5``, ``@k3`` or
+``@t0.5k3`` with that CKA threshold and/or top-k rule instead of the study's):
 
 - ``default``: the study's ``sampler`` as ``search.sampler.make_sampler`` builds it;
 - ``tpe``, ``nsga2``, ``random``: ``search.sampler.make_sampler`` with that name;
@@ -46,6 +48,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import (
+    NO_PRUNING,
     GroundTruth,
     bench_parser,
     machine_info,
@@ -53,9 +56,13 @@ from benchmarks.common import (
     mean_std,
     parallel_map,
     publish,
+    rule_needs_signals,
+    rule_spec,
+    rule_text,
+    study_signals,
 )
 
-DEFAULT_SAMPLERS = "default,default@none,default@t0.3k3,nsga2,nsga2@none,random,random@none,uniform"
+DEFAULT_SAMPLERS = "default,default@none,default@k4,nsga2,nsga2@none,random,random@none,uniform"
 _STATE: dict[str, Any] = {}
 
 
@@ -141,7 +148,7 @@ def result_of(rec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _init(gt_path: str, budget_table: str) -> None:
+def _init(gt_path: str, budget_table: str, signals=None) -> None:
     import logging
     import warnings
 
@@ -154,6 +161,7 @@ def _init(gt_path: str, budget_table: str) -> None:
     logging.getLogger("ray").setLevel(logging.ERROR)
     _STATE["gt"] = GroundTruth.load(gt_path)
     _STATE["budgets"] = load_budget_table(budget_table)
+    _STATE["signals"] = signals
 
 
 def replay(job: dict[str, Any]) -> dict[str, Any]:
@@ -162,24 +170,31 @@ def replay(job: dict[str, Any]) -> dict[str, Any]:
 
     from search.candidates import PruningRule
     from search.liveness import Heartbeat
+    from search.pruning import pruned_reasons
     from search.searcher import SearcherSettings, StitchSearcher
     from space import Candidate
 
     gt: GroundTruth = _STATE["gt"]
     space = gt.space
-    rule = PruningRule(**job["rule"]) if job["rule"] else PruningRule()
+    rule = PruningRule(**job["rule"])
+    signals = _STATE["signals"] if rule_needs_signals(job["rule"]) else None
+    if rule_needs_signals(job["rule"]) and signals is None:
+        raise RuntimeError(f"rule {job['rule']} needs its signal matrices; none were given")
     seed, total = job["seed"], job["total"]
     t0 = time.perf_counter()
     if job["sampler"] == "uniform":
         rng = random.Random(seed)
-        stitches = [
-            c
-            for c in space.all_candidates()
-            if not c.is_anchor and rule.reason(c, gt.cka[(c.front, c.back)]) is None
-        ]
+        pruned = pruned_reasons(space, gt.cka, rule, signals)
+        stitches = [c for c in space.all_candidates() if not c.is_anchor and c.key not in pruned]
         rng.shuffle(stitches)
         order = [c.key for c in space.anchors() + stitches][:total]
-        return {**job, "order": order, "seconds": time.perf_counter() - t0, "fallbacks": 0}
+        return {
+            **job,
+            "order": order,
+            "seconds": time.perf_counter() - t0,
+            "fallbacks": 0,
+            "pruned": len(pruned),
+        }
     base, _, mod = job["sampler"].partition("+")
     sampler = variant_sampler(base, seed, job["study_sampler"], 2)
     study = optuna.create_study(
@@ -195,7 +210,7 @@ def replay(job: dict[str, Any]) -> dict[str, Any]:
         driver_id="replay",
         seed=seed,
     )
-    searcher = StitchSearcher(study, space, settings, sampler=sampler, cka=gt.cka)
+    searcher = StitchSearcher(study, space, settings, sampler=sampler, cka=gt.cka, signals=signals)
     if mod == "nearest":
         study.sampler = nearest_fallback(study.sampler, searcher.ledger.unexplored, seed)
     elif mod:
@@ -277,28 +292,23 @@ MEASURES = ("hv_fraction", "gain", "front_found", "stitch_hv_fraction", "stitch_
 
 
 def parse_rule(suffix: str, study_rule: dict[str, Any]) -> dict[str, Any]:
-    """The rule of a variant suffix: ``""`` the study's, ``none``, ``t0.5``, ``k3``, ``t0.3k3``."""
+    """The rule of a variant suffix: ``""`` the study's, ``none``, ``t0.5``, ``k3``, ``t0.3k3``.
+
+    Rules are :func:`benchmarks.common.rule_spec` dicts; the suffixes other than ``""`` are
+    CKA rules.
+    """
     if suffix == "":
-        return dict(study_rule)
+        return {**NO_PRUNING, **study_rule}
     if suffix == "none":
-        return {"threshold": 0.0, "top_k": None}
+        return dict(NO_PRUNING)
     m = re.fullmatch(r"(?:t([0-9.]+))?(?:k([0-9]+))?", suffix)
     if not m or not any(m.groups()):
         raise SystemExit(f"error: bad rule suffix {suffix!r}; use none, t0.5, k3 or t0.5k3")
     return {
+        **NO_PRUNING,
         "threshold": float(m.group(1) or 0.0),
         "top_k": int(m.group(2)) if m.group(2) else None,
     }
-
-
-def rule_text(rule: dict[str, Any]) -> str:
-    """Human-readable rule."""
-    parts = []
-    if rule["threshold"] > 0:
-        parts.append(f"CKA >= {rule['threshold']:g}")
-    if rule["top_k"] is not None:
-        parts.append(f"top-{rule['top_k']}")
-    return " and ".join(parts) or "no pruning"
 
 
 def replay_all(
@@ -312,8 +322,13 @@ def replay_all(
     study_sampler: str,
     study_rule: dict[str, Any],
     processes: int,
+    signals=None,
 ) -> tuple[list[str], dict[str, dict[str, Any]], list[dict[str, Any]]]:
     """Runs every variant with every seed.
+
+    Args:
+        signals: The study rule's :class:`search.pruning.PruningSignals`
+            (:func:`benchmarks.common.study_signals`), when the rule reads more than CKA.
 
     Returns:
         The variants (duplicates of one sampler and rule dropped), each variant's resolved
@@ -324,7 +339,7 @@ def replay_all(
     for v in variants:
         name, _, suffix = v.partition("@")
         rule = parse_rule(suffix, study_rule)
-        key = (name, rule["threshold"], rule["top_k"])
+        key = (name, *sorted(rule.items()))
         if key in seen:
             continue
         seen.add(key)
@@ -349,7 +364,7 @@ def replay_all(
         jobs,
         processes=processes,
         initializer=_init,
-        initargs=(str(gt_path), str(budget_table)),
+        initargs=(str(gt_path), str(budget_table), signals),
     ):
         runs.append(r)
         print(
@@ -403,7 +418,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     gt = GroundTruth.load(args.ground_truth)
     study = load_study(args.study)
-    study_rule = {"threshold": float(study.cka.threshold), "top_k": study.cka.top_k}
+    study_rule = rule_spec(study)
+    signals = study_signals(
+        args.study, args.budget_table, cka=gt.cka, cache_root=Path(args.ground_truth).parent
+    )
     concurrency = args.concurrency or study.workers
     n = len(gt.space)
     budgets = budget_counts(args.budgets, n)
@@ -418,6 +436,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         study_sampler=study.sampler,
         study_rule=study_rule,
         processes=args.processes,
+        signals=signals,
     )
     labels = [str(b) for b in args.budgets]
     scorer = Scorer(gt)
@@ -490,9 +509,9 @@ def markdown(res: dict[str, Any]) -> str:
             "Replay of the real searcher (`StitchSearcher` + `FilteredSampler` + the sampler) "
             f"against the ground truth: {res['space_size']} candidates; {res['seeds']} seeds "
             f"(0..{res['seeds'] - 1}); {res['concurrency']} trial(s) in flight (the study's "
-            "workers); anchors enqueued first; the study's budgets and CKA rule unless the "
-            "row says otherwise; mean ± std over seeds; budgets as a share of the space "
-            "(evaluations in brackets).",
+            "workers); anchors enqueued first; the study's budgets and pruning rule "
+            f"({rule_text(res['study_rule'])}) unless the row says otherwise; mean ± std over "
+            "seeds; budgets as a share of the space (evaluations in brackets).",
             "",
             f"The issue's measures: hypervolume of everything evaluated over the exhaustive "
             f"front's, and true-front points evaluated (of {res['front_size']}). The anchors "

@@ -1,9 +1,12 @@
 """Shared machinery of the benchmarks.
 
 - The study exactly as ``python -m search.run`` prepares it (:func:`load_plan`): the same
-  anchors, data splits, CKA matrices (:func:`study_cka`), pruning rule and budgets.
+  anchors, data splits, CKA matrices (:func:`study_cka`), pruning rule (:func:`rule_spec`,
+  read from the YAML as the search reads it) and its signals (:func:`study_signals`), and
+  budgets.
 - The exhaustive ground-truth table (:class:`GroundTruth`), written by
-  ``benchmarks/bench_ground_truth.py`` and read by the other benchmarks.
+  ``benchmarks/bench_ground_truth.py`` and read by the other benchmarks; the cached,
+  resumable builder of such tables (:func:`build_table`, also the rung-1 table's).
 - Pareto fronts and normalised hypervolume (:class:`Hypervolume`, Optuna's WFG
   implementation).
 - Machine information, JSON output and the sections of ``BENCHMARKS.md``.
@@ -144,6 +147,83 @@ def study_space(plan) -> Any:
 def study_rule(plan) -> Any:
     """The plan's :class:`search.candidates.PruningRule`."""
     return plan.study.pruning_rule
+
+
+#: A rule (as :func:`rule_spec` writes it) that prunes nothing.
+NO_PRUNING: dict[str, Any] = {"signal": "cka", "threshold": 0.0, "top_k": None, "depth": None}
+
+
+def rule_spec(study) -> dict[str, Any]:
+    """The study's pruning rule as the replays record it (JSON; ``PruningRule(**spec)``).
+
+    Read from the study definition (:class:`search.study.Study`) as ``search.run`` reads it:
+    the ``pruning`` section, or the old ``cka: {threshold, top_k}`` form when only it is given.
+    """
+    r = study.pruning_rule
+    return {"signal": r.signal, "threshold": r.threshold, "top_k": r.top_k, "depth": r.depth}
+
+
+def rule_text(spec: Mapping[str, Any]) -> str:
+    """Human-readable rule of a :func:`rule_spec` (``no pruning`` when it prunes nothing)."""
+    from search.candidates import PruningRule
+
+    rule = PruningRule(**spec)
+    if not rule.active:
+        return "no pruning"
+    name = "CKA" if rule.signal == "cka" else rule.signal
+    parts = []
+    if rule.depth is not None:
+        parts.append(f"{name} depth {rule.depth}")
+    if rule.threshold is not None and (rule.threshold > 0 or not rule.higher_is_better):
+        parts.append(f"{name} {'>=' if rule.higher_is_better else '<='} {rule.threshold:g}")
+    if rule.top_k is not None:
+        parts.append(f"{name} top-{rule.top_k}")
+    return " and ".join(parts)
+
+
+def rule_needs_signals(spec: Mapping[str, Any]) -> bool:
+    """Whether a rule reads more than the CKA matrices (another signal, or MACs for ``depth``)."""
+    from search.candidates import PruningRule
+
+    rule = PruningRule(**spec)
+    return rule.active and (rule.signal != "cka" or rule.depth is not None)
+
+
+def study_signals(
+    study: Path | str = DEFAULT_STUDY,
+    budget_table: Path | str = DEFAULT_BUDGETS,
+    *,
+    cka: Mapping[tuple[str, str], np.ndarray],
+    cache_root: Path = RESULTS,
+    plan=None,
+):
+    """What the study's pruning rule reads besides the CKA matrices, as the search computes it.
+
+    ``search.driver.pruning_signals`` on the study's plan (its calibration images), cached
+    under ``cache_root / "cache" / "signals"`` (``benchmarks.bench_signals``'s cache folder):
+    about 90 s on 2 cores the first time, instant after.
+
+    Args:
+        study: The study YAML (ignored when ``plan`` is given).
+        budget_table: Its device budgets (ignored when ``plan`` is given).
+        cka: The CKA matrices (the ground truth's; read when the rule's signal is ``cka``).
+        cache_root: Where the signal cache goes.
+        plan: The study's plan, when already loaded.
+
+    Returns:
+        A :class:`search.pruning.PruningSignals`, or ``None`` when the rule reads the CKA
+        matrices alone.
+    """
+    from search.driver import pruning_signals
+
+    if plan is None:
+        from search.study import load_study
+
+        if not rule_needs_signals(rule_spec(load_study(study))):
+            return None
+        plan = load_plan(study, budget_table)
+    plan = dataclasses.replace(plan, out=Path(cache_root))
+    return pruning_signals(plan, study_space(plan), cka, lambda *a, **k: None)
 
 
 def study_cka(plan, space, cache_root: Path) -> dict[tuple[str, str], np.ndarray]:
@@ -580,6 +660,116 @@ def parallel_map(
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(processes, initializer=initializer, initargs=initargs) as pool:
         yield from pool.imap_unordered(fn, items)
+
+
+# --------------------------------------------------------------------------- cached tables
+def build_table(
+    path: Path,
+    raw: dict[str, Any],
+    wanted: Mapping[str, Any],
+    *,
+    job: Callable[[Any], Any],
+    evaluate: Callable[[Any], dict[str, Any]],
+    processes: int,
+    initializer: Callable[..., None],
+    initargs: tuple,
+    rebuild: bool = False,
+    limit: int | None = None,
+    order: Callable[[Any], Any] | None = None,
+    on_record: Callable[[dict[str, Any]], None] | None = None,
+    report: Callable[[int, int, dict[str, Any], float, dict[str, Any]], None] | None = None,
+    name: str = "table",
+) -> dict[str, Any]:
+    """Builds or finishes a cached, resumable table of evaluations (the ground truths).
+
+    Entries already in ``path`` (same ``raw["version"]``, keys still wanted) are kept; the
+    missing ones are evaluated by ``evaluate`` in ``processes`` processes and written to
+    ``path`` every 10 s and at the end, with the build's wall time summed over sessions.
+
+    Args:
+        path: The table's JSON (read, then written).
+        raw: The table without its entries: ``version``, ``meta``, ... (``entries`` and
+            ``build_seconds`` are set here, in place when ``raw`` holds them).
+        wanted: Entry key (:func:`entry_key`) -> candidate.
+        job: The ``evaluate`` item of a candidate (picklable).
+        evaluate: Evaluates one item in a worker; returns a record with the candidate's
+            ``key``.
+        processes: Worker processes.
+        initializer: Per-process set-up.
+        initargs: Its arguments.
+        rebuild: Ignore the cached entries.
+        limit: Evaluate at most this many missing entries (testing).
+        order: Sort key of the missing candidates (default: ``wanted``'s order).
+        on_record: Called with each new record before it is stored.
+        report: Called with ``(done, todo, record, seconds, entries)`` after each record.
+        name: The table's name in the first progress line.
+
+    Returns:
+        ``raw``, with ``entries`` and ``build_seconds``.
+    """
+    path = Path(path)
+    old: dict[str, Any] = {}
+    if path.is_file() and not rebuild:
+        old = json.loads(path.read_text())
+        if old.get("version") != raw["version"]:
+            old = {}
+    entries = {k: v for k, v in old.get("entries", {}).items() if k in wanted}
+    dropped = len(old.get("entries", {})) - len(entries)
+    todo = [(k, c) for k, c in wanted.items() if k not in entries]
+    if order is not None:
+        todo.sort(key=lambda kc: order(kc[1]))
+    if limit is not None:
+        todo = todo[:limit]
+    raw["entries"] = entries
+    raw["build_seconds"] = float(old.get("build_seconds", 0.0)) if entries else 0.0
+    print(
+        f"{name}: {len(wanted)} candidates, {len(entries)} cached, {len(todo)} to evaluate "
+        f"({dropped} stale entries dropped), {processes} process(es)",
+        file=sys.stderr,
+        flush=True,
+    )
+    keys = {c.key: k for k, c in todo}
+    start = last_write = time.perf_counter()
+    base = raw["build_seconds"]
+    for done, rec in enumerate(
+        parallel_map(
+            evaluate,
+            [job(c) for _, c in todo],
+            processes=processes,
+            initializer=initializer,
+            initargs=initargs,
+        ),
+        start=1,
+    ):
+        if on_record is not None:
+            on_record(rec)
+        entries[keys[rec["key"]]] = rec
+        now = time.perf_counter()
+        raw["build_seconds"] = round(base + now - start, 2)
+        if now - last_write > 10 or done == len(todo):
+            write_json(path, raw)
+            last_write = now
+        if report is not None:
+            report(done, len(todo), rec, now - start, entries)
+    write_json(path, raw)
+    return raw
+
+
+def candidate_job(cka: Mapping[tuple[str, str], np.ndarray]) -> Callable[[Any], Any]:
+    """The ``build_table`` job of a candidate: its fields, and its CKA (``None``: anchor)."""
+
+    def job(c) -> tuple[dict[str, Any], float | None]:
+        fields = {
+            "front": c.front,
+            "back": c.back,
+            "front_block": c.front_block,
+            "back_block": c.back_block,
+        }
+        return fields, (
+            None if c.is_anchor else float(cka[(c.front, c.back)][c.front_block, c.back_block])
+        )
+
+    return job
 
 
 # --------------------------------------------------------------------------- real runs

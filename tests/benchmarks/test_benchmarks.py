@@ -23,7 +23,15 @@ from benchmarks import (
     bench_trial_cost,
     run_all,
 )
-from benchmarks.common import GroundTruth, Hypervolume, pareto_mask, spearman, update_markdown
+from benchmarks.common import (
+    GroundTruth,
+    Hypervolume,
+    pareto_mask,
+    rule_spec,
+    spearman,
+    update_markdown,
+)
+from search.study import load_study
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = Path(__file__).parent / "data"
@@ -87,8 +95,14 @@ def test_search_replay_exhausts_the_space_without_repeats(built) -> None:
         assert whole["front_found"] == [res["front_size"]] * 2
         part = res["summary"][v]["per_budget"]["0.2"]["hv_fraction"]
         assert all(0.0 <= x <= 1.0 + 1e-9 for x in part)
+    # The study's own rule (the tiny study sets none, so the default kl depth 3) prunes
+    # before every run; the runs exhaust what it leaves.
+    assert res["study_rule"] == rule_spec(load_study(STUDY))
+    assert res["study_rule"]["signal"] == "kl" and res["study_rule"]["depth"] == 3
+    pruned = {r["pruned"] for r in res["runs"]}
+    assert len(pruned) == 1 and min(pruned) > 0
     for r in res["runs"]:
-        assert len(r["order"]) == len(set(r["order"])) == N_CANDIDATES
+        assert len(r["order"]) == len(set(r["order"])) == N_CANDIDATES - r["pruned"]
         assert r["order"][:2] == ["anchor|resnet18", "anchor|vit_tiny_patch16_224"]
     text = md.read_text()
     assert "## 2. Search efficiency" in text
