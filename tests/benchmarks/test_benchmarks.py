@@ -218,8 +218,7 @@ def test_scaling_at_rung1_fine_tunes_the_same_stitches(tmp_path) -> None:
     out = tmp_path / "scaling_rung1.json"
     study = tmp_path / "study.yaml"
     study.write_text(
-        STUDY.read_text()
-        + "finetune: {enabled: true, train_images: 64, steps: 2, batch_size: 16, "
+        STUDY.read_text() + "finetune: {enabled: true, train_images: 64, steps: 2, batch_size: 16, "
         "max_trials: 3, promote: {per_device: 2}}\n"
     )
     _run_module(
