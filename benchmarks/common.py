@@ -65,6 +65,7 @@ SECTIONS: tuple[tuple[str, str], ...] = (
     ("claims", "6. The papers' claims on the default zoo"),
     ("rung1", "7. Rung 1: every stitch fine-tuned, and what promotion finds"),
     ("latency_table", "8. Device latency tables: predicted against measured latency"),
+    ("real_pair", "9. Real ImageNet weights: EfficientNet-Lite0 and Lite1 stitched both ways"),
 )
 
 

@@ -41,6 +41,7 @@ STEPS = (
     ("claims", True, True),
     ("rung1", True, True),
     ("latency_table", True, False),
+    ("real_pair", False, False),
 )
 
 
