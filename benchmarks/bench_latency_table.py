@@ -129,9 +129,7 @@ def stability(
         if loaded:
             ctx = multiprocessing.get_context("spawn")
             stop_at = time.time() + 3600
-            burners = [
-                ctx.Process(target=_burn, args=(stop_at,)) for _ in range(os.cpu_count() or 1)
-            ]
+            burners = [ctx.Process(target=_burn, args=(stop_at,))]
             for p in burners:
                 p.start()
             time.sleep(1.0)
