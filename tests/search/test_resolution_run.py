@@ -12,11 +12,16 @@ from pathlib import Path
 
 import optuna
 import pytest
+import yaml
 from optuna.trial import TrialState
 
-from evaluators import count_macs
+from evaluators import LatencyTable, count_macs
+from search.candidates import SearchSpace
 from search.export import main as export_main
+from search.latency_tables import check_table
+from search.profile import main as profile_main
 from search.run import main
+from search.study import load_anchors, load_study
 from search.trials import candidate_of, evaluated_trials
 from space import read_export
 
@@ -31,15 +36,23 @@ big,
 
 
 def _study_with_resolutions(root: Path) -> Path:
-    text = STUDY.read_text().replace("seed: 0\n", f"seed: 0\nresolutions: {list(RESOLUTIONS)}\n")
-    assert "resolutions:" in text
+    definition = yaml.safe_load(STUDY.read_text())
+    definition["resolutions"] = list(RESOLUTIONS)
+    definition["finetune"] = {
+        "enabled": True,
+        "steps": 8,
+        "batch_size": 32,
+        "lr": 0.01,
+        "max_trials": 2,
+        "promote": {"per_device": 1, "front": False},
+    }
     path = root / "res_study.yaml"
-    path.write_text(text)
+    path.write_text(yaml.safe_dump(definition))
     return path
 
 
-def _load(out: Path) -> optuna.Study:
-    return optuna.load_study(study_name="tiny", storage=f"sqlite:///{(out / 'study.db').resolve()}")
+def _load(out: Path, name: str = "tiny") -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{(out / 'study.db').resolve()}")
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +66,7 @@ def res_run(tmp_path_factory, ray_cluster):
     return {"rc": rc, "out": out, "root": root, "study": study}
 
 
+@pytest.mark.slow  # one real search of 2 minutes on 2 cores
 def test_both_resolutions_are_evaluated_and_recorded(res_run) -> None:
     assert res_run["rc"] == 0
     study = _load(res_run["out"])
@@ -76,6 +90,19 @@ def test_both_resolutions_are_evaluated_and_recorded(res_run) -> None:
     assert {candidate_of(t).resolution for t in pruned} == set(RESOLUTIONS)
 
 
+@pytest.mark.slow  # one real search of 2 minutes on 2 cores
+def test_rung1_fine_tunes_at_the_rung0_resolution(res_run) -> None:
+    rung0 = {t.number: t for t in evaluated_trials(_load(res_run["out"]))}
+    tuned = evaluated_trials(_load(res_run["out"], "tiny:finetuned"))
+    assert tuned, "rung 1 fine-tuned nothing"
+    for t in tuned:
+        source = rung0[t.user_attrs["rung0_trial"]]
+        assert candidate_of(t) == candidate_of(source)
+        assert t.params["resolution"] == source.params["resolution"] == t.user_attrs["resolution"]
+        assert t.user_attrs["macs"] == source.user_attrs["macs"]
+
+
+@pytest.mark.slow  # one real search of 2 minutes on 2 cores
 def test_exports_rebuild_check_and_convert_at_their_resolution(res_run, tmp_path) -> None:
     exports = sorted((res_run["out"] / "exports").glob("*.json"))
     assert [p.stem for p in exports] == ["big", "mid"]
@@ -97,16 +124,40 @@ def test_exports_rebuild_check_and_convert_at_their_resolution(res_run, tmp_path
 
 
 def test_a_native_latency_table_does_not_cover_the_resolutions(
-    res_run, tiny_table, tmp_path, capsys
+    tiny_table, tmp_path, capsys
 ) -> None:
+    study = _study_with_resolutions(tmp_path)
     (tmp_path / "tables").mkdir()
     (tmp_path / "tables" / "dev.json").write_text(Path(tiny_table).read_text())
     devices = tmp_path / "devices.csv"
     devices.write_text("device,max_latency_ms,latency_table\ndev,5,tables/dev.json\n")
     out = tmp_path / "out"
-    rc = main(["--budget-table", str(devices), "--study", str(res_run["study"]), "--out", str(out)])
+    rc = main(["--budget-table", str(devices), "--study", str(study), "--out", str(out)])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1, err
     assert "at the study's resolution 40 px" in err[0], err[0]
     assert "python -m search.profile" in err[0]
     assert not out.exists()
+
+
+def test_a_table_profiled_for_the_study_covers_each_resolution(tmp_path) -> None:
+    study_path = _study_with_resolutions(tmp_path)
+    out = tmp_path / "dev.json"
+    argv = ["--study", str(study_path), "--device", "dev", "--out", str(out)]
+    argv += ["--runtimes", "torch", "--repeats", "2", "--warmup", "1", "--calibration", "2"]
+    assert profile_main([*argv, "--threads", "1"]) == 0
+    table = LatencyTable.read(out)
+    anchors, _ = load_anchors(load_study(study_path), study_path)
+    depths = {n: a.num_blocks for n, a in anchors.items()}
+    assert table.missing_parts(SearchSpace(depths, RESOLUTIONS).all_candidates()) == []
+    assert table.missing_parts(SearchSpace(depths).all_candidates()) != []
+    assert (
+        check_table(
+            table,
+            device="dev",
+            study_name="tiny",
+            anchors=anchors,
+            candidates=SearchSpace(depths, RESOLUTIONS).all_candidates(),
+        )
+        is None
+    )
