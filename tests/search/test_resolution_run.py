@@ -21,9 +21,10 @@ from search.export import main as export_main
 from search.latency_tables import check_table
 from search.profile import main as profile_main
 from search.run import main
-from search.study import load_anchors, load_study
+from search.storage import open_study
+from search.study import load_anchors, load_study, parse_study
 from search.trials import candidate_of, evaluated_trials
-from space import read_export
+from space import InputError, read_export
 
 DATA = Path(__file__).resolve().parent / "data"
 STUDY = DATA / "tiny_study.yaml"
@@ -161,3 +162,15 @@ def test_a_table_profiled_for_the_study_covers_each_resolution(tmp_path) -> None
         )
         is None
     )
+
+
+def test_a_stored_study_keeps_its_resolutions() -> None:
+    definition = yaml.safe_load(STUDY.read_text())
+    native = parse_study(definition)
+    searched = parse_study({**definition, "resolutions": list(RESOLUTIONS)})
+    storage = optuna.storages.InMemoryStorage()
+    _, created = open_study(storage, native, "d1")
+    assert created
+    assert open_study(storage, native, "d2")[1] is False
+    with pytest.raises(InputError, match=r"searches resolutions None .* not \[40, 48\]"):
+        open_study(storage, searched, "d3")
