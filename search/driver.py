@@ -35,8 +35,9 @@ from search.trials import Attr, evaluated_trials
 from search.worker import WorkerJob, trainable
 from space import Anchor
 
-#: CKA matrix per ordered anchor pair, indexed ``[front cut, back cut]``.
-CkaMatrices = dict[tuple[str, str], np.ndarray]
+#: CKA matrix per ordered anchor pair (and resolution: :func:`search.candidates.signal_key`),
+#: indexed ``[front cut, back cut]``.
+CkaMatrices = dict[SignalKey, np.ndarray]
 
 
 @dataclass

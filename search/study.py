@@ -495,8 +495,8 @@ def load_anchors(
 def check_resolutions(study: Study, anchors: dict[str, Anchor], study_path: Path) -> None:
     """Checks that every anchor runs at every one of the study's ``resolutions``.
 
-    ViT anchors are switched to timm's dynamic image size on the way
-    (:meth:`space.Anchor.at_resolution`).
+    Each anchor's view at each size is built once here (:meth:`space.Anchor.at_resolution`:
+    a ViT's copy with its position embedding interpolated) and reused by the search.
 
     Raises:
         InputError: One line naming ``resolutions[i]``, the anchor and why.
