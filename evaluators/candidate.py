@@ -76,6 +76,7 @@ class CandidateResult:
         val_images: Validation images evaluated.
         device: Where the candidate ran.
         threads: Torch threads during the evaluation.
+        input_size: The ``[C, H, W]`` images the network ran at (its resolution).
         net: The evaluated module (a fitted :class:`space.StitchedNet`, or the anchor's
             model); not serialised by :meth:`to_dict`.
     """
@@ -106,6 +107,7 @@ class CandidateResult:
     threads: int
     finetune: dict[str, Any] | None = None
     residual: float | None = None
+    input_size: list[int] | None = None
     net: nn.Module | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -195,6 +197,7 @@ def evaluate_candidate(
     latency_seconds: float = 1.0,
     finetune: FinetuneSettings | None = None,
     teacher: nn.Module | None = None,
+    resolution: int | None = None,
 ) -> CandidateResult:
     """Builds, fits and measures one candidate.
 
@@ -218,15 +221,22 @@ def evaluate_candidate(
         finetune: Rung 1: after least squares, fine-tune the stitching layer alone on
             ``data.train`` with these settings (stitches only; ignored for an anchor).
         teacher: The model to distil from when ``finetune.distill > 0``.
+        resolution: Run at ``resolution`` x ``resolution`` pixels: both anchors see the
+            images resized to it (:meth:`space.Anchor.at_resolution`), and MACs, latency and
+            memory are measured there. ``None``: the front anchor's native size.
 
     Returns:
         The result; ``result.net`` holds the fitted network.
 
     Raises:
         ValueError: Unknown anchors, a class count that differs from the data's, a bad
-            configuration, non-finite activations or logits.
+            configuration, an anchor that cannot run at ``resolution``, non-finite
+            activations or logits.
     """
     dev = torch.device(device)
+    if resolution is not None:
+        names = [candidate] if isinstance(candidate, str) else [candidate.front, candidate.back]
+        anchors = {n: _anchor(anchors, n).at_resolution(resolution) for n in set(names)}
     if isinstance(latency_batch, bool) or not isinstance(latency_batch, int) or latency_batch < 1:
         raise ValueError(f"latency_batch must be a positive integer, got {latency_batch!r}")
     with _num_threads(threads) as n_threads:
@@ -301,6 +311,7 @@ def evaluate_candidate(
             threads=n_threads,
             finetune=tuned,
             residual=fit.total_residual,
+            input_size=list(net.input_size),
             net=net,
         )
 
@@ -393,5 +404,6 @@ def _evaluate_anchor(
         val_images=val.num_images,
         device=str(dev),
         threads=threads,
+        input_size=list(anchor.input_size),
         net=model,
     )

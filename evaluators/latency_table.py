@@ -10,7 +10,10 @@ networks measured end to end (:meth:`LatencyTable.predict`).
 ``block|<anchor>|<i>``, ``head|<anchor>``, and ``stitch|<kind>|<src>|<dst>`` for a stitching
 layer, by its kind and the two cuts' shapes (``NCHW:64x7x7``, ``NLC:1+7x7x64`` for a
 class token and a 7x7 grid of 64-wide tokens), so stitch points with equal shapes share an
-entry.
+entry. A candidate at a searched input resolution (:attr:`space.Candidate.resolution`) runs
+its anchors' parts at that size: ``stem|<anchor>@<px>``, ``block|<anchor>|<i>@<px>``,
+``head|<anchor>@<px>`` (the anchor records then hold the cut shapes at each resolution,
+``cuts_at``), so a table covers a study's resolutions only when profiled for them.
 
 **Timing** (:func:`time_calls`): after warm-up, each repeat times a loop of calls long
 enough (about :data:`REPEAT_SECONDS`) that the timer's own cost vanishes, and reports the
@@ -90,9 +93,21 @@ def _shape_text(info: FeatureInfo) -> str:
     return f"NCHW:{info.channels}x{info.height}x{info.width}"
 
 
-def _cut(record: Mapping[str, Any], cut: int) -> FeatureInfo:
-    layout, c, h, w, p = record["cuts"][cut]
+def _cut(record: Mapping[str, Any], cut: int, resolution: int | None = None) -> FeatureInfo:
+    cuts = record["cuts"] if resolution is None else record["cuts_at"][str(resolution)]
+    layout, c, h, w, p = cuts[cut]
     return FeatureInfo(layout, c, h, w, p)
+
+
+def _cut_rows(anchor: Anchor) -> list[list[Any]]:
+    return [
+        [f.layout, f.channels, f.height, f.width, f.num_prefix_tokens] for f in anchor.features()
+    ]
+
+
+def _at(resolution: int | None) -> str:
+    """The part-name suffix of a resolution (none at the native sizes)."""
+    return "" if resolution is None else f"@{resolution}"
 
 
 def stitch_key(src: FeatureInfo, dst: FeatureInfo) -> str:
@@ -101,19 +116,30 @@ def stitch_key(src: FeatureInfo, dst: FeatureInfo) -> str:
     return f"stitch|{kind}|{_shape_text(src)}|{_shape_text(dst)}"
 
 
-def anchor_latency_record(anchor: Anchor) -> dict[str, Any]:
-    """What a table records of an anchor: name, weights identity, input size and cuts."""
-    return {
+def anchor_latency_record(anchor: Anchor, resolutions: Iterable[int] = ()) -> dict[str, Any]:
+    """What a table records of an anchor: name, weights identity, input size and cuts.
+
+    Args:
+        anchor: The anchor (at its native size).
+        resolutions: Searched input sizes; their cut shapes are recorded under ``cuts_at``.
+    """
+    rec: dict[str, Any] = {
         "name": anchor.name,
         "identity": anchor_identity(anchor),
         "checkpoint_sha256": anchor.checkpoint_sha256,
         "input_size": list(anchor.input_size),
         "num_blocks": anchor.num_blocks,
-        "cuts": [
-            [f.layout, f.channels, f.height, f.width, f.num_prefix_tokens]
-            for f in anchor.features()
-        ],
+        "cuts": _cut_rows(anchor),
     }
+    sizes = sorted(set(resolutions))
+    if sizes:
+        rec["cuts_at"] = {str(r): _cut_rows(anchor.at_resolution(r)) for r in sizes}
+    return rec
+
+
+def candidate_resolutions(candidates: Iterable[Candidate]) -> list[int]:
+    """The searched resolutions among candidates (sorted; empty at the native sizes)."""
+    return sorted({c.resolution for c in candidates if c.resolution is not None})
 
 
 def part_keys(candidate: Candidate, anchors: Mapping[str, Mapping[str, Any]]) -> list[str]:
@@ -124,20 +150,27 @@ def part_keys(candidate: Candidate, anchors: Mapping[str, Mapping[str, Any]]) ->
         anchors: :func:`anchor_latency_record` of each anchor by name.
 
     Raises:
-        KeyError: The candidate names an anchor that ``anchors`` lacks.
+        KeyError: The candidate names an anchor that ``anchors`` lacks, or a resolution
+            whose cut shapes its record lacks.
     """
     front = anchors[candidate.front]
+    r = candidate.resolution
+    at = _at(r)
     if candidate.is_anchor:
         name, n = candidate.front, front["num_blocks"]
-        return [f"stem|{name}", *(f"block|{name}|{i}" for i in range(n)), f"head|{name}"]
+        return [
+            f"stem|{name}{at}",
+            *(f"block|{name}|{i}{at}" for i in range(n)),
+            f"head|{name}{at}",
+        ]
     back = anchors[candidate.back]
     k, j = candidate.front_block, candidate.back_block
     return [
-        f"stem|{candidate.front}",
-        *(f"block|{candidate.front}|{i}" for i in range(k)),
-        stitch_key(_cut(front, k), _cut(back, j)),
-        *(f"block|{candidate.back}|{i}" for i in range(j, back["num_blocks"])),
-        f"head|{candidate.back}",
+        f"stem|{candidate.front}{at}",
+        *(f"block|{candidate.front}|{i}{at}" for i in range(k)),
+        stitch_key(_cut(front, k, r), _cut(back, j, r)),
+        *(f"block|{candidate.back}|{i}{at}" for i in range(j, back["num_blocks"])),
+        f"head|{candidate.back}{at}",
     ]
 
 
@@ -163,23 +196,30 @@ def _part_modules(
     anchors: Mapping[str, Anchor], candidates: Sequence[Candidate]
 ) -> dict[str, tuple[nn.Module, tuple[int, ...]]]:
     """Every part the candidates use: key -> (module, input shape of one image)."""
-    records = {name: anchor_latency_record(a) for name, a in anchors.items()}
+    sizes = candidate_resolutions(candidates)
+    records = {name: anchor_latency_record(a, sizes) for name, a in anchors.items()}
     out: dict[str, tuple[nn.Module, tuple[int, ...]]] = {}
-    for name, a in anchors.items():
-        cuts = a.features()
-        n = a.num_blocks
-        out[f"stem|{name}"] = (_Call(a.model, lambda x, a=a: a.forward_stem(x)), a.input_size)
-        for i, block in enumerate(a.blocks):
-            out[f"block|{name}|{i}"] = (block, cuts[i].shape)
-        out[f"head|{name}"] = (
-            _Call(a.model, lambda h, a=a, n=n: a.forward_back(h, n)),
-            cuts[n].shape,
-        )
+    for r in sorted({c.resolution for c in candidates}, key=lambda v: (v is not None, v)):
+        at = _at(r)
+        for name, native in anchors.items():
+            a = native if r is None else native.at_resolution(r)
+            cuts = a.features()
+            n = a.num_blocks
+            out[f"stem|{name}{at}"] = (
+                _Call(a.model, lambda x, a=a: a.forward_stem(x)),
+                a.input_size,
+            )
+            for i, block in enumerate(a.blocks):
+                out[f"block|{name}|{i}{at}"] = (block, cuts[i].shape)
+            out[f"head|{name}{at}"] = (
+                _Call(a.model, lambda h, a=a, n=n: a.forward_back(h, n)),
+                cuts[n].shape,
+            )
     for c in candidates:
         if c.is_anchor:
             continue
-        src = _cut(records[c.front], c.front_block)
-        dst = _cut(records[c.back], c.back_block)
+        src = _cut(records[c.front], c.front_block, c.resolution)
+        dst = _cut(records[c.back], c.back_block, c.resolution)
         key = stitch_key(src, dst)
         if key not in out:
             layer = make_stitching_layer(src, dst).eval()
@@ -331,7 +371,11 @@ class LatencyTable:
         parts = self._entry(None, batch)["parts"]
         missing: dict[str, None] = {}
         for c in candidates:
-            for key in part_keys(c, anchors):
+            try:
+                keys = part_keys(c, anchors)
+            except KeyError:  # no cut shapes at the candidate's resolution
+                keys = [f"stem|{c.front}{_at(c.resolution)}"]
+            for key in keys:
                 if key not in parts:
                     missing[key] = None
         return list(missing)
@@ -522,12 +566,13 @@ def profile_parts(
         raise ValueError(f"predict_runtime {predict_runtime!r} is not among {sorted(runtimes)}")
     batches = sorted(set(batch_sizes))
     t_start = time.perf_counter()
-    records = [anchor_latency_record(a) for a in anchors.values()]
+    sizes = candidate_resolutions(candidates)
+    records = [anchor_latency_record(a, sizes) for a in anchors.values()]
     by_name = {r["name"]: r for r in records}
     modules = _part_modules(anchors, candidates)
-    networks = [Candidate.anchor(n) for n in anchors] + calibration_stitches(
-        candidates, calibration
-    )
+    networks = [
+        Candidate.anchor(n, r) for r in (sizes or [None]) for n in anchors
+    ] + calibration_stitches(candidates, calibration)
     table_runtimes: dict[str, dict[str, dict[str, Any]]] = {}
     for rt, factory in runtimes.items():
         table_runtimes[rt] = {}
@@ -541,9 +586,9 @@ def profile_parts(
                     on_step(f"{rt} b{batch} {key}")
             fit = []
             for c in networks:
-                net = _network(anchors, c)
+                net, size = _network(anchors, c)
                 measured = time_calls(
-                    factory(net, (batch, *anchors[c.front].input_size)),
+                    factory(net, (batch, *size)),
                     warmup=warmup,
                     repeats=repeats,
                 )["median_ms"]
@@ -622,13 +667,23 @@ def count_steps(
 ) -> int:
     """How many timings :func:`profile_parts` makes (for a progress bar's total)."""
     parts = len(_part_modules(anchors, candidates))
-    networks = len(anchors) + len(calibration_stitches(candidates, calibration))
+    sizes = candidate_resolutions(candidates)
+    networks = len(anchors) * max(1, len(sizes)) + len(
+        calibration_stitches(candidates, calibration)
+    )
     return runtimes * len(set(batch_sizes)) * (parts + networks)
 
 
-def _network(anchors: Mapping[str, Anchor], c: Candidate) -> nn.Module:
-    """The candidate's network (a stitch with its layer at default init: timing only)."""
-    if c.is_anchor:
-        return anchors[c.front].model
+def _network(anchors: Mapping[str, Anchor], c: Candidate) -> tuple[nn.Module, tuple[int, ...]]:
+    """The candidate's network and the ``(C, H, W)`` it runs at.
+
+    A stitch gets its layer at default init (timing only); the size is the candidate's
+    resolution, else the front anchor's native size.
+    """
     front, back = anchors[c.front], anchors[c.back]
-    return build_stitched(front, back, StitchConfig(c.front, c.back, c.front_block, c.back_block))
+    if c.resolution is not None:
+        front, back = front.at_resolution(c.resolution), back.at_resolution(c.resolution)
+    if c.is_anchor:
+        return front.model, tuple(front.input_size)
+    net = build_stitched(front, back, StitchConfig(c.front, c.back, c.front_block, c.back_block))
+    return net, tuple(net.input_size)

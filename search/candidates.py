@@ -17,6 +17,13 @@ sampling for conditional ones:
   the same value means "the same depth" in anchors of different depths, as SN-Net's
   nearest-interpolation mapping of block ids.
 
+A study that lists input ``resolutions`` adds a fifth parameter every trial shares:
+
+- ``resolution``: categorical over the listed sizes (pixels); both anchors of the
+  candidate run on images of that size. It is part of the candidate's identity, so every
+  anchor and stitch point exists once per resolution. Without ``resolutions`` there is no
+  such parameter and every candidate runs at its front anchor's native size.
+
 Several parameter vectors decode to one configuration; the searcher evaluates each
 configuration once and answers repeats from the stored result.
 """
@@ -31,15 +38,36 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 
 from space import Candidate
 
+#: What a pair's pruning signal (and CKA) matrix is keyed by: ``(front, back)`` for a study at
+#: the native sizes, ``(front, back, resolution)`` in one that searches resolutions.
+SignalKey = tuple[str, str] | tuple[str, str, int]
+
+
+def pair_key(front: str, back: str, resolution: int | None = None) -> SignalKey:
+    """The :data:`SignalKey` of an ordered pair at a resolution (``None``: native sizes)."""
+    return (front, back) if resolution is None else (front, back, resolution)
+
+
+def signal_key(c: Candidate) -> SignalKey:
+    """The key of the signal matrix a stitch candidate's pruning reads (see :data:`SignalKey`)."""
+    return pair_key(c.front, c.back, c.resolution)
+
+
+def key_resolution(key: SignalKey) -> int | None:
+    """The resolution of a :data:`SignalKey` (``None``: native sizes)."""
+    return key[2] if len(key) == 3 else None  # type: ignore[misc]
+
 
 class SearchSpace:
     """Ordered anchor pairs and their stitch points.
 
     Args:
         depths: Anchor name -> number of stitchable blocks, in the study's order.
+        resolutions: The input sizes (pixels) every candidate is searched at, or ``None``
+            for the anchors' native sizes (no ``resolution`` parameter).
     """
 
-    def __init__(self, depths: Mapping[str, int]) -> None:
+    def __init__(self, depths: Mapping[str, int], resolutions: Sequence[int] | None = None) -> None:
         if len(depths) < 2:
             raise ValueError("a search space needs at least two anchors")
         for name, n in depths.items():
@@ -47,61 +75,81 @@ class SearchSpace:
                 raise ValueError(f"anchor {name!r} has no stitchable blocks")
         self.depths = dict(depths)
         self.names = list(depths)
+        if resolutions is not None:
+            if not resolutions or len(set(resolutions)) != len(resolutions):
+                raise ValueError(f"resolutions must be distinct and non-empty, got {resolutions!r}")
+            resolutions = [int(r) for r in resolutions]
+        self.resolutions: list[int] | None = resolutions
 
     # ------------------------------------------------------------- encoding
     def distributions(self) -> dict[str, BaseDistribution]:
-        """Optuna distributions of the four parameters."""
-        return {
+        """Optuna distributions of the four parameters (five with resolutions)."""
+        out: dict[str, BaseDistribution] = {
             "front": CategoricalDistribution(self.names),
             "back": CategoricalDistribution(self.names),
             "front_cut": FloatDistribution(0.0, 1.0),
             "back_cut": FloatDistribution(0.0, 1.0),
         }
+        if self.resolutions is not None:
+            out["resolution"] = CategoricalDistribution(self.resolutions)
+        return out
 
     def decode(self, params: Mapping[str, object]) -> Candidate:
         """Parameters -> candidate."""
         front, back = str(params["front"]), str(params["back"])
+        res = None if self.resolutions is None else int(params["resolution"])  # type: ignore[call-overload]
         if front == back:
-            return Candidate(front, front)
+            return Candidate(front, front, resolution=res)
         nf, nb = self.depths[front], self.depths[back]
         k = 1 + round(float(params["front_cut"]) * (nf - 1))
         j = round(float(params["back_cut"]) * (nb - 1))
-        return Candidate(front, back, k, j)
+        return Candidate(front, back, k, j, res)
 
     def encode(self, c: Candidate) -> dict[str, object]:
         """Candidate -> parameters that decode to it."""
+        at = {} if self.resolutions is None else {"resolution": c.resolution}
         if c.is_anchor:
-            return {"front": c.front, "back": c.front, "front_cut": 1.0, "back_cut": 0.0}
+            return {"front": c.front, "back": c.front, "front_cut": 1.0, "back_cut": 0.0, **at}
         nf, nb = self.depths[c.front], self.depths[c.back]
         return {
             "front": c.front,
             "back": c.back,
             "front_cut": (c.front_block - 1) / (nf - 1) if nf > 1 else 0.0,
             "back_cut": c.back_block / (nb - 1) if nb > 1 else 0.0,
+            **at,
         }
 
     # ----------------------------------------------------------- enumeration
+    def sizes(self) -> list[int | None]:
+        """The resolutions candidates run at (``[None]``: the native sizes only)."""
+        return [None] if self.resolutions is None else list(self.resolutions)
+
     def anchors(self) -> list[Candidate]:
-        """The bare anchors."""
-        return [Candidate(n, n) for n in self.names]
+        """The bare anchors (each once per resolution)."""
+        return [Candidate(n, n, resolution=r) for r in self.sizes() for n in self.names]
 
     def pairs(self) -> list[tuple[str, str]]:
         """Ordered pairs of distinct anchors (both stitching orders)."""
         return [(a, b) for a in self.names for b in self.names if a != b]
 
-    def stitches(self, front: str, back: str) -> list[Candidate]:
-        """Every stitch point of one ordered pair."""
+    def signal_keys(self) -> list[SignalKey]:
+        """What pruning signals are computed for: each ordered pair at each resolution."""
+        return [pair_key(a, b, r) for r in self.sizes() for a, b in self.pairs()]
+
+    def stitches(self, front: str, back: str, resolution: int | None = None) -> list[Candidate]:
+        """Every stitch point of one ordered pair (at one resolution)."""
         return [
-            Candidate(front, back, k, j)
+            Candidate(front, back, k, j, resolution)
             for k in range(1, self.depths[front] + 1)
             for j in range(self.depths[back])
         ]
 
     def all_candidates(self) -> list[Candidate]:
-        """Anchors first, then every stitch point of every ordered pair."""
+        """Anchors first, then every stitch point of every ordered pair (per resolution)."""
         out = self.anchors()
-        for a, b in self.pairs():
-            out.extend(self.stitches(a, b))
+        for r in self.sizes():
+            for a, b in self.pairs():
+                out.extend(self.stitches(a, b, r))
         return out
 
     def __len__(self) -> int:
@@ -207,18 +255,18 @@ class PruningRule:
     def kept(
         self,
         candidates: Sequence[Candidate],
-        matrices: Mapping[tuple[str, str], np.ndarray],
-        macs: Mapping[tuple[str, str], np.ndarray] | None = None,
+        matrices: Mapping[SignalKey, np.ndarray],
+        macs: Mapping[SignalKey, np.ndarray] | None = None,
     ) -> list[Candidate]:
-        """The candidates the rule keeps (anchors always)."""
+        """The candidates the rule keeps (anchors always); matrices keyed by :func:`signal_key`."""
         return [
             c
             for c in candidates
             if c.is_anchor
             or self.reason(
                 c,
-                matrices[(c.front, c.back)],
-                None if macs is None else macs[(c.front, c.back)],
+                matrices[signal_key(c)],
+                None if macs is None else macs[signal_key(c)],
             )
             is None
         ]

@@ -24,7 +24,7 @@ from optuna.trial import TrialState
 from ray import tune
 
 from evaluators import cka_matrix, stitch_macs, stitch_signals
-from search.candidates import SearchSpace
+from search.candidates import SearchSpace, SignalKey, key_resolution
 from search.console import Progress, SignalGuard
 from search.liveness import fail_stale_trials
 from search.plan import Plan
@@ -33,9 +33,11 @@ from search.pruning import PruningSignals
 from search.searcher import RetryCounter, SearcherSettings, StitchSearcher
 from search.trials import Attr, evaluated_trials
 from search.worker import WorkerJob, trainable
+from space import Anchor
 
-#: CKA matrix per ordered anchor pair, indexed ``[front cut, back cut]``.
-CkaMatrices = dict[tuple[str, str], np.ndarray]
+#: CKA matrix per ordered anchor pair (and resolution: :func:`search.candidates.signal_key`),
+#: indexed ``[front cut, back cut]``.
+CkaMatrices = dict[SignalKey, np.ndarray]
 
 
 @dataclass
@@ -76,16 +78,32 @@ class RunState:
         return out
 
 
+def _pair_anchors(plan: Plan, key: SignalKey) -> tuple[Anchor, Anchor]:
+    """The front and back anchor of a signal key, at its resolution (if any)."""
+    front, back = plan.anchors[key[0]], plan.anchors[key[1]]
+    r = key_resolution(key)
+    if r is None:
+        return front, back
+    return front.at_resolution(r), back.at_resolution(r)
+
+
+def _pairs_word(space: SearchSpace) -> str:
+    return "pairs" if space.resolutions is None else "pairs x resolutions"
+
+
 def cka_matrices(plan: Plan, space: SearchSpace, log: Callable[..., Any]) -> CkaMatrices:
     """The CKA matrix of every ordered anchor pair (cached on disk under ``plan.out``)."""
     cache = plan.out / "cache" / "cka"
     loader = plan.data.calibration.subset(plan.study.cka.images)
     matrices = {}
     t0 = time.perf_counter()
-    for i, (a, b) in enumerate(space.pairs(), start=1):
-        matrices[(a, b)] = cka_matrix(plan.anchors[a], plan.anchors[b], loader, cache_dir=cache)
+    keys = space.signal_keys()
+    for i, key in enumerate(keys, start=1):
+        front, back = _pair_anchors(plan, key)
+        matrices[key] = cka_matrix(front, back, loader, cache_dir=cache)
         log(
-            f"\rCKA matrices: {i}/{len(space.pairs())} pairs ({time.perf_counter() - t0:.1f}s)",
+            f"\rCKA matrices: {i}/{len(keys)} {_pairs_word(space)} "
+            f"({time.perf_counter() - t0:.1f}s)",
             end="",
         )
     log("")
@@ -107,21 +125,21 @@ def pruning_signals(
         return None
     cache = plan.out / "cache" / "signals"
     loader = plan.data.calibration.subset(plan.study.pruning_images)
-    values: dict[tuple[str, str], np.ndarray] = {}
-    macs: dict[tuple[str, str], np.ndarray] | None = {} if rule.depth is not None else None
+    values: dict[SignalKey, np.ndarray] = {}
+    macs: dict[SignalKey, np.ndarray] | None = {} if rule.depth is not None else None
     t0 = time.perf_counter()
-    pairs = space.pairs()
-    for i, (a, b) in enumerate(pairs, start=1):
-        front, back = plan.anchors[a], plan.anchors[b]
+    keys = space.signal_keys()
+    for i, key in enumerate(keys, start=1):
+        front, back = _pair_anchors(plan, key)
         if rule.signal == "cka":
-            values[(a, b)] = matrices[(a, b)]
+            values[key] = matrices[key]
         else:
             sig = stitch_signals(front, back, loader, signals=[rule.signal], cache_dir=cache)
-            values[(a, b)] = sig[rule.signal]
+            values[key] = sig[rule.signal]
         if macs is not None:
-            macs[(a, b)] = stitch_macs(front, back)
+            macs[key] = stitch_macs(front, back)
         log(
-            f"\rpruning signal {rule.signal!r}: {i}/{len(pairs)} pairs "
+            f"\rpruning signal {rule.signal!r}: {i}/{len(keys)} {_pairs_word(space)} "
             f"({time.perf_counter() - t0:.1f}s)",
             end="",
         )

@@ -76,7 +76,8 @@ class TrialContext:
         """Evaluates ``candidate`` with this context's data and fitting settings.
 
         Rung 0 fits the stitching layer by least squares; rung 1 then fine-tunes it on the
-        training images (``result.finetune``). Anchors are the same at every rung.
+        training images (``result.finetune``). Anchors are the same at every rung; the
+        candidate's resolution (if any) is the size both anchors run at.
         """
         tune = self.finetune if rung >= 1 and not candidate.is_anchor else None
         if rung >= 1 and self.finetune is None:
@@ -98,6 +99,7 @@ class TrialContext:
             threads=self.threads,
             finetune=tune,
             teacher=teacher,
+            resolution=candidate.resolution,
         )
 
 

@@ -14,7 +14,13 @@ import shlex
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from evaluators import LatencyTable, LatencyTableError, anchor_latency_record, study_fingerprint
+from evaluators import (
+    LatencyTable,
+    LatencyTableError,
+    anchor_latency_record,
+    candidate_resolutions,
+    study_fingerprint,
+)
 from search.budgets import TABLE_COLUMN, BudgetError, DeviceBudget
 from search.candidates import SearchSpace
 from space import Anchor, Candidate
@@ -57,7 +63,8 @@ def check_table(
     if table.study["name"] != study_name:
         return f"was made for study {table.study['name']!r}, not this run's study {study_name!r}"
     recorded = table.anchors
-    records = [anchor_latency_record(a) for a in anchors.values()]
+    sizes = candidate_resolutions(candidates)
+    records = [anchor_latency_record(a, sizes) for a in anchors.values()]
     for rec in records:
         name = rec["name"]
         theirs = recorded.get(name)
@@ -76,6 +83,15 @@ def check_table(
             )
         if theirs["num_blocks"] != rec["num_blocks"] or theirs["cuts"] != rec["cuts"]:
             return f"records other blocks or cut shapes for anchor {name!r}"
+        for r in sizes:
+            cuts = theirs.get("cuts_at", {}).get(str(r)) if isinstance(theirs, dict) else None
+            if cuts is None:
+                return (
+                    f"has no timings for anchor {name!r} at the study's resolution {r} px "
+                    f"(missing parts stem|{name}@{r}, ...)"
+                )
+            if cuts != rec["cuts_at"][str(r)]:
+                return f"records other cut shapes for anchor {name!r} at {r} px"
     if table.study["fingerprint"] != study_fingerprint(records):
         names = [r["name"] for r in table.study["anchors"]]
         return f"was made for the anchors {names}, not {[r['name'] for r in records]}"
@@ -93,6 +109,7 @@ def attach_tables(
     study_name: str,
     study_path: Path,
     anchors: Mapping[str, Anchor],
+    resolutions: Sequence[int] | None = None,
 ) -> tuple[DeviceBudget, ...]:
     """Reads each device's latency table, checks it against the study, and attaches it.
 
@@ -102,6 +119,8 @@ def attach_tables(
         study_name: The study's name.
         study_path: The study YAML (for the re-profile command).
         anchors: The study's loaded anchors, in order.
+        resolutions: The study's searched input sizes (``None``: native sizes); a table
+            must hold every part at each of them.
 
     Returns:
         The rows, those with a ``latency_table`` carrying the loaded table.
@@ -113,7 +132,7 @@ def attach_tables(
     if not any(b.latency_table is not None for b in budgets):
         return tuple(budgets)
     depths = {name: a.num_blocks for name, a in anchors.items()}
-    candidates = SearchSpace(depths).all_candidates()
+    candidates = SearchSpace(depths, resolutions).all_candidates()
     out = []
     for b in budgets:
         if b.latency_table is None:

@@ -278,7 +278,12 @@ def prepare(args: argparse.Namespace, argv: Sequence[str] = ()) -> Plan:
     check_storage(url)
     anchors, anchor_kwargs = load_anchors(study, study_path)
     budgets = attach_tables(
-        budgets, budget_path, study_name=study.name, study_path=study_path, anchors=anchors
+        budgets,
+        budget_path,
+        study_name=study.name,
+        study_path=study_path,
+        anchors=anchors,
+        resolutions=study.resolutions,
     )
     data = _load_data(study, study_path, anchors)
     return Plan(

@@ -225,7 +225,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(threads)
     for a in anchors.values():
         a.model.cpu().eval()
-    candidates = SearchSpace({n: a.num_blocks for n, a in anchors.items()}).all_candidates()
+    depths = {n: a.num_blocks for n, a in anchors.items()}
+    candidates = SearchSpace(depths, study.resolutions).all_candidates()
     batches = sorted({1, study.latency_batch})
     total = count_steps(
         anchors,

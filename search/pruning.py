@@ -17,19 +17,21 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
-from search.candidates import PruningRule, SearchSpace
+from search.candidates import PruningRule, SearchSpace, SignalKey, signal_key
 from search.trials import Attr, annotation
 from space import Candidate
 
-#: CKA matrix per ordered anchor pair ``(front, back)``, indexed ``[front cut, back cut]``.
-CkaMatrices = Mapping[tuple[str, str], np.ndarray]
+#: CKA matrix per ordered anchor pair ``(front, back)`` (``(front, back, resolution)`` in a
+#: study that searches resolutions; :func:`search.candidates.signal_key`), indexed
+#: ``[front cut, back cut]``.
+CkaMatrices = Mapping[SignalKey, np.ndarray]
 
 
 def cka_at(cka: CkaMatrices, c: Candidate) -> float | None:
     """The CKA at a candidate's stitch point (``None`` for an anchor or an unknown pair)."""
     if c.is_anchor:
         return None
-    m = cka.get((c.front, c.back))
+    m = cka.get(signal_key(c))
     return None if m is None else float(m[c.front_block, c.back_block])
 
 
@@ -38,12 +40,13 @@ class PruningSignals:
     """What a pruning rule reads per ordered pair, when it is not the CKA matrices alone.
 
     Attributes:
-        values: The rule's signal per ordered pair, indexed ``[front cut, back cut]``.
+        values: The rule's signal per ordered pair (and resolution: keys as
+            :func:`search.candidates.signal_key`), indexed ``[front cut, back cut]``.
         macs: MACs of every stitch point per ordered pair, same indexing (``depth`` rules).
     """
 
-    values: Mapping[tuple[str, str], np.ndarray]
-    macs: Mapping[tuple[str, str], np.ndarray] | None = None
+    values: Mapping[SignalKey, np.ndarray]
+    macs: Mapping[SignalKey, np.ndarray] | None = None
 
 
 def pruned_reasons(
@@ -66,7 +69,7 @@ def pruned_reasons(
     if not values or not rule.active:
         return out
     for c in space.all_candidates():
-        pair = (c.front, c.back)
+        pair = signal_key(c)
         if c.is_anchor or pair not in values:
             continue
         reason = rule.reason(c, values[pair], None if macs is None else macs.get(pair))

@@ -47,6 +47,13 @@ from search.trials import evaluated_trials
 from space import InputError
 
 
+def _at_resolutions(space: SearchSpace) -> str:
+    """``", at 40/48 px"`` for a study that searches resolutions, else nothing."""
+    if space.resolutions is None:
+        return ""
+    return ", at " + "/".join(str(r) for r in space.resolutions) + " px"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -109,7 +116,7 @@ def _execute(plan: Plan) -> int:
             shutil.rmtree(plan.out, ignore_errors=True)
         print(f"error: {one_line(str(e))}", file=sys.stderr)
         return 2
-    space = SearchSpace({n: a.num_blocks for n, a in plan.anchors.items()})
+    space = SearchSpace({n: a.num_blocks for n, a in plan.anchors.items()}, plan.study.resolutions)
     rule = plan.study.pruning_rule
     state = RunState()
     interrupted: str | None = None
@@ -157,7 +164,8 @@ def _execute(plan: Plan) -> int:
                     log(f"failed {len(stale)} trial(s) left RUNNING by a stopped driver: {stale}")
                 log(
                     f"study {plan.study.name!r}: {len(space)} candidates "
-                    f"({len(space.pairs())} ordered pairs, {len(plan.anchors)} anchors), "
+                    f"({len(space.pairs())} ordered pairs, {len(plan.anchors)} anchors"
+                    f"{_at_resolutions(space)}), "
                     f"{len(evaluated_trials(study))}/{plan.trials} evaluated, "
                     f"{newly} pruned points recorded, {len(others)} other driver(s) running, "
                     f"storage {storage.masked_url(plan.storage_url)}"

@@ -502,7 +502,7 @@ def open_study(
             study is ``search.promotion.rung1_study_name(definition.name)``.
 
     Raises:
-        InputError: The stored study has other objectives.
+        InputError: The stored study has other objectives, or other ``resolutions``.
     """
     objectives = list(definition.objectives)
     name = definition.name if name is None else name
@@ -530,6 +530,15 @@ def open_study(
             f"study {name!r} in the storage has objectives {names}, not "
             f"{objectives}; use another study name or --out"
         )
+    stored = study.user_attrs.get(StudyAttr.DEFINITION)
+    if isinstance(stored, dict):
+        theirs = stored.get("resolutions")
+        if theirs != definition.resolutions:
+            raise InputError(
+                f"study {name!r} in the storage searches resolutions {theirs} (null: the "
+                f"anchors' native sizes), not {definition.resolutions}; use another study "
+                "name or --out"
+            )
     return study, False
 
 

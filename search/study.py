@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -223,6 +223,9 @@ class Study(_Strict):
             always measured).
         trial_timeout_s: Seconds after which a trial is stopped and recorded as failed.
         max_retries: Retries of a trial whose worker process died.
+        resolutions: Input sizes in pixels (square images) to search: each candidate runs
+            at one of them, both anchors on the same images resized to it. ``None`` (the
+            default): every candidate runs at its front anchor's native size.
     """
 
     name: str = Field(default="default", min_length=1, max_length=200)
@@ -241,12 +244,24 @@ class Study(_Strict):
     latency_batch: int = Field(default=1, ge=1)
     trial_timeout_s: float = Field(default=600.0, gt=0)
     max_retries: int = Field(default=1, ge=0)
+    resolutions: list[Annotated[int, Field(strict=True, gt=0)]] | None = Field(
+        default=None, min_length=1
+    )
 
     @field_validator("anchors", mode="before")
     @classmethod
     def _anchor_strings(cls, value: Any) -> Any:
         if isinstance(value, list):
             return [{"name": v} if isinstance(v, str) else v for v in value]
+        return value
+
+    @field_validator("resolutions")
+    @classmethod
+    def _distinct_resolutions(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None:
+            twice = sorted({r for r in value if value.count(r) > 1})
+            if twice:
+                raise ValueError(f"lists {twice} twice; give each input size once")
         return value
 
     @field_validator("objectives", mode="before")
@@ -461,7 +476,8 @@ def load_anchors(
         The anchors by name, and the ``load_anchor`` keyword arguments of each.
 
     Raises:
-        InputError: An anchor cannot be loaded (the message names ``anchors[i]``).
+        InputError: An anchor cannot be loaded (the message names ``anchors[i]``), or cannot
+            run at one of the study's ``resolutions`` (the message names ``resolutions[i]``).
     """
     anchors: dict[str, Anchor] = {}
     kwargs: dict[str, dict[str, Any]] = {}
@@ -472,4 +488,25 @@ def load_anchors(
         except InputError as e:
             raise InputError(f"{study_path}: field 'anchors[{i}]' ({spec.name}): {e}") from None
         kwargs[spec.name] = kw
+    check_resolutions(study, anchors, study_path)
     return anchors, kwargs
+
+
+def check_resolutions(study: Study, anchors: dict[str, Anchor], study_path: Path) -> None:
+    """Checks that every anchor runs at every one of the study's ``resolutions``.
+
+    Each anchor's view at each size is built once here (:meth:`space.Anchor.at_resolution`:
+    a ViT's copy with its position embedding interpolated) and reused by the search.
+
+    Raises:
+        InputError: One line naming ``resolutions[i]``, the anchor and why.
+    """
+    for i, r in enumerate(study.resolutions or ()):
+        for anchor in anchors.values():
+            try:
+                anchor.at_resolution(r)
+            except ValueError as e:
+                raise InputError(
+                    f"{study_path}: field 'resolutions[{i}]': {e}; list sizes every anchor "
+                    "runs at (see the README's table of families)"
+                ) from None

@@ -37,6 +37,8 @@ class Attr:
     KIND = "kind"
     #: :meth:`space.Candidate.to_dict`.
     CONFIG = "config"
+    #: The input resolution in pixels the candidate ran at (studies with ``resolutions``).
+    RESOLUTION = "resolution"
     #: CKA at the stitch point (stitches only).
     CKA = "cka"
     #: Why the CKA rule, a collision or the total pruned it.
@@ -226,6 +228,8 @@ def annotation(candidate: Candidate, driver_id: str, cka: float | None) -> dict[
         Attr.KIND: "anchor" if candidate.is_anchor else "stitch",
         Attr.CONFIG: candidate.to_dict(),
     }
+    if candidate.resolution is not None:
+        attrs[Attr.RESOLUTION] = candidate.resolution
     if cka is not None:
         attrs[Attr.CKA] = round(cka, 6)
     return attrs

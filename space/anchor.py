@@ -10,6 +10,7 @@ runs the stem and blocks ``[0, k)`` and returns cut ``k``; ``forward_back(h, j)`
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import pickle
 from dataclasses import dataclass
@@ -119,6 +120,8 @@ class Anchor:
         self._input_size = tuple(input_size) if input_size is not None else None
         self._weights_sha256: str | None = None
         self._features: dict[tuple[int, int, int], list[FeatureInfo]] = {}
+        # Views of this anchor at other resolutions (shared by the views themselves).
+        self._views: dict[int, Anchor] = {}
 
     def __repr__(self) -> str:
         return (
@@ -152,6 +155,49 @@ class Anchor:
         if len(size) != 3 or not all(isinstance(v, int) and v > 0 for v in size):
             raise ValueError(f"input_size must be (C, H, W) positive integers, got {size!r}")
         self._input_size = tuple(size)
+
+    def at_resolution(self, resolution: int) -> Anchor:
+        """This anchor running on ``resolution`` x ``resolution`` images.
+
+        An anchor that differs from ``self`` only in :attr:`input_size` (``self`` itself at
+        the anchor's own size; one view per size, reused). CNN families run at any size and
+        the view shares the model; a ViT needs a multiple of its patch size, and its view
+        holds a copy whose position embedding is interpolated to that grid (timm's
+        ``set_input_size``; a ViT built with ``dynamic_img_size=True`` is shared as is).
+
+        Raises:
+            ValueError: The family cannot run at that size (the message says why).
+        """
+        c, h, w = self.input_size
+        if (h, w) == (resolution, resolution):
+            return self
+        if resolution in self._views:
+            return self._views[resolution]
+        where = f"anchor {self.name!r} ({self.family}) cannot run at {resolution} px"
+        reason = self._family.size_problem(self.model, resolution)
+        if reason is not None:
+            raise ValueError(f"{where}: {reason}")
+        try:
+            model = self._family.at_size(self.model, resolution)
+            if model is self.model:
+                view = copy.copy(self)
+            else:
+                view = Anchor(
+                    self.name,
+                    model,
+                    checkpoint=self.checkpoint,
+                    pretrained=self.pretrained,
+                    timm_kwargs=self.timm_kwargs,
+                    checkpoint_sha256=self._checkpoint_sha256,
+                )
+                view._views = self._views
+            view._input_size = (c, resolution, resolution)
+            view.features()
+        except (RuntimeError, ValueError, AssertionError, AttributeError) as e:
+            first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+            raise ValueError(f"{where}: {type(e).__name__}: {first}") from None
+        self._views[resolution] = view
+        return view
 
     @property
     def num_classes(self) -> int:

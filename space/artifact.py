@@ -75,7 +75,11 @@ class LoadedExport:
 
     @property
     def input_size(self) -> tuple[int, int, int]:
-        """The ``(C, H, W)`` images the model takes (the front anchor's input)."""
+        """The ``(C, H, W)`` images the model takes.
+
+        The candidate's resolution when the export records one (``candidate.resolution``),
+        else the front anchor's native input.
+        """
         return tuple(self.anchors["front"].input_size)
 
     @property
@@ -116,6 +120,12 @@ def read_export(path: str | Path) -> LoadedExport:
             anchors[rec.role] = loaded[rec.name]
             continue
         anchors[rec.role] = loaded[rec.name] = anchor_from_record(path, i, rec)
+    resolution = manifest.candidate.resolution
+    if resolution is not None:
+        try:
+            anchors = {role: a.at_resolution(resolution) for role, a in anchors.items()}
+        except ValueError as e:
+            raise ExportError(path, str(e), field="candidate.resolution") from None
     if manifest.candidate.is_anchor:
         model = anchors["front"].model.eval()
         return LoadedExport(path, doc, model, anchors, None, manifest)

@@ -125,27 +125,62 @@ CANDIDATE_FIELDS: dict[str, frozenset[str]] = {
     "stitch": frozenset({"kind", "front", "back", "front_block", "back_block"}),
 }
 
+#: Fields either kind may have: ``resolution``, the input size in pixels the candidate runs
+#: at (absent: the front anchor's native size, as before resolutions were searched).
+CANDIDATE_OPTIONAL_FIELDS: frozenset[str] = frozenset({"resolution"})
+
+
+def check_resolution(value: object, where: str = "resolution") -> int:
+    """Validates an input resolution (square images of ``value`` pixels a side).
+
+    Args:
+        value: The value to check.
+        where: The field's name, for the message.
+
+    Returns:
+        The resolution.
+
+    Raises:
+        ValueError: Not an integer, or not positive.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(
+            f"{where} must be a positive integer number of pixels (e.g. 32), got {value!r}"
+        )
+    return value
+
 
 @dataclass(frozen=True, order=True)
 class Candidate:
-    """One point of a search space: a bare anchor or a stitched network.
+    """One point of a search space: a bare anchor or a stitched network, at one resolution.
 
     Attributes:
         front: Front anchor name (the anchor itself when ``back == front``).
         back: Back anchor name.
         front_block: ``k`` (``None`` for a bare anchor).
         back_block: ``j`` (``None`` for a bare anchor).
+        resolution: The input size in pixels (``H = W``) both anchors run at; ``None``: the
+            front anchor's native input size. Part of the candidate's identity (:attr:`key`).
     """
 
     front: str
     back: str
     front_block: int | None = None
     back_block: int | None = None
+    resolution: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.resolution is not None:
+            check_resolution(self.resolution)
 
     @classmethod
-    def anchor(cls, name: str) -> Candidate:
-        """The bare anchor ``name``."""
-        return cls(name, name)
+    def anchor(cls, name: str, resolution: int | None = None) -> Candidate:
+        """The bare anchor ``name`` (at ``resolution``, or its native size)."""
+        return cls(name, name, resolution=resolution)
+
+    def at(self, resolution: int | None) -> Candidate:
+        """The same configuration at another resolution (``None``: native)."""
+        return Candidate(self.front, self.back, self.front_block, self.back_block, resolution)
 
     @property
     def is_anchor(self) -> bool:
@@ -161,23 +196,26 @@ class Candidate:
 
     @property
     def key(self) -> str:
-        """A stable string key (for de-duplication in the storage)."""
+        """A stable string key (for de-duplication in the storage); includes the resolution."""
+        at = "" if self.resolution is None else f"|{self.resolution}px"
         if self.is_anchor:
-            return f"anchor|{self.front}"
-        return f"stitch|{self.front}|{self.front_block}|{self.back}|{self.back_block}"
+            return f"anchor|{self.front}{at}"
+        return f"stitch|{self.front}|{self.front_block}|{self.back}|{self.back_block}{at}"
 
     @property
     def label(self) -> str:
         """Human-readable form."""
+        at = "" if self.resolution is None else f" @{self.resolution}px"
         if self.is_anchor:
-            return f"{self.front} (anchor)"
-        return f"{self.front}[:{self.front_block}] -> {self.back}[{self.back_block}:]"
+            return f"{self.front} (anchor){at}"
+        return f"{self.front}[:{self.front_block}] -> {self.back}[{self.back_block}:]{at}"
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON form (see the module docstring)."""
+        """JSON form (see the module docstring); ``resolution`` only when set."""
+        at = {} if self.resolution is None else {"resolution": self.resolution}
         if self.is_anchor:
-            return {"kind": "anchor", "anchor": self.front}
-        return {"kind": "stitch", **self.config.to_dict()}
+            return {"kind": "anchor", "anchor": self.front, **at}
+        return {"kind": "stitch", **self.config.to_dict(), **at}
 
     @classmethod
     def from_dict(cls, d: Any) -> Candidate:
@@ -193,19 +231,25 @@ class Candidate:
         if kind not in CANDIDATE_FIELDS:
             raise ValueError(f"field 'kind' must be 'anchor' or 'stitch', got {kind!r}")
         missing = sorted(CANDIDATE_FIELDS[kind] - d.keys())
-        unknown = sorted(d.keys() - CANDIDATE_FIELDS[kind])
+        unknown = sorted(d.keys() - CANDIDATE_FIELDS[kind] - CANDIDATE_OPTIONAL_FIELDS)
         if missing or unknown:
             raise ValueError(
                 f"bad {kind} candidate {d!r}: missing fields {missing}, unknown fields "
-                f"{unknown}; expected exactly {sorted(CANDIDATE_FIELDS[kind])}"
+                f"{unknown}; expected exactly {sorted(CANDIDATE_FIELDS[kind])} (optionally "
+                f"{sorted(CANDIDATE_OPTIONAL_FIELDS)})"
             )
+        resolution = d.get("resolution")
+        if resolution is not None:
+            check_resolution(resolution, "field 'resolution'")
         if kind == "anchor":
             name = d["anchor"]
             if not isinstance(name, str) or not name:
                 raise ValueError(f"field 'anchor' must be a non-empty anchor name, got {name!r}")
-            return cls.anchor(name)
-        config = StitchConfig.from_dict({k: v for k, v in d.items() if k != "kind"})
-        return cls(config.front, config.back, config.front_block, config.back_block)
+            return cls.anchor(name, resolution)
+        config = StitchConfig.from_dict(
+            {k: v for k, v in d.items() if k not in ("kind", "resolution")}
+        )
+        return cls(config.front, config.back, config.front_block, config.back_block, resolution)
 
     def to_json(self) -> str:
         """The JSON form as a string."""

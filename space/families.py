@@ -26,6 +26,7 @@ as soon as :mod:`space` is imported.
 from __future__ import annotations
 
 import abc
+from copy import deepcopy
 from typing import ClassVar, Literal
 
 import torch
@@ -78,6 +79,21 @@ class FamilyAdapter(abc.ABC):
     def token_grid(self, model: nn.Module) -> tuple[int, int] | None:
         """The patch-token grid ``(H, W)``, or None to infer a square grid from the count."""
         return getattr(getattr(model, "patch_embed", None), "grid_size", None)
+
+    def at_size(self, model: nn.Module, size: int) -> nn.Module:
+        """``model`` running on ``size`` x ``size`` images (``size`` passed :meth:`size_problem`).
+
+        CNN families run at any size as built: the model itself (the default). Families with a
+        fixed input size return a copy adapted to ``size``.
+        """
+        return model
+
+    def size_problem(self, model: nn.Module, size: int) -> str | None:
+        """Why ``model`` cannot run on ``size`` x ``size`` images (``None``: it can).
+
+        Only static checks (a patch size); the caller also runs the model once at that size.
+        """
+        return None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, kind={self.kind!r})"
@@ -175,6 +191,30 @@ class ViTFamily(FamilyAdapter):
 
     def head(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return model.forward_head(model.norm(x))
+
+    def at_size(self, model: nn.Module, size: int) -> nn.Module:
+        """A copy of the ViT at ``size`` px: its position embedding interpolated once.
+
+        timm's ``set_input_size`` resamples the position embedding to the new patch grid
+        with ``resample_abs_pos_embed`` (what ``dynamic_img_size=True`` does on every forward
+        pass), so the copy runs, measures and exports (ONNX) as a plain fixed-size ViT.
+        """
+        if getattr(model, "dynamic_img_size", False):
+            return model
+        copy = deepcopy(model)
+        copy.set_input_size(img_size=(size, size))
+        return copy.eval()
+
+    def size_problem(self, model: nn.Module, size: int) -> str | None:
+        pe = model.patch_embed
+        ph, pw = pe.patch_size
+        if getattr(pe, "dynamic_img_pad", False):
+            return None if size >= max(ph, pw) else f"it is smaller than the patch size {ph}"
+        if size < max(ph, pw):
+            return f"it is smaller than the patch size {ph}"
+        if size % ph or size % pw:
+            return f"it is not a multiple of the patch size {ph}"
+        return None
 
 
 class StageEntry(nn.Module):

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from space.config import CANDIDATE_FIELDS, Candidate
+from space.config import CANDIDATE_FIELDS, CANDIDATE_OPTIONAL_FIELDS, Candidate
 from space.manifest._format import (
     DATA_FIELDS,
     DATA_OPTIONAL,
@@ -296,8 +296,9 @@ def candidate_from(path: Path, cand: Any) -> Candidate:
         raise ExportError(
             path, f"must be 'anchor' or 'stitch', got {kind!r}", field="candidate.kind"
         )
-    check_fields(path, cand, CANDIDATE_FIELDS[kind], "candidate")
+    check_fields(path, cand, CANDIDATE_FIELDS[kind], "candidate", CANDIDATE_OPTIONAL_FIELDS)
     try:
         return Candidate.from_dict(dict(cand))
     except ValueError as e:
-        raise ExportError(path, str(e), field="candidate") from None
+        field = "candidate.resolution" if "'resolution'" in str(e) else "candidate"
+        raise ExportError(path, str(e), field=field) from None

@@ -338,6 +338,24 @@ CASES: dict[str, Case] = {
     "yaml-pruning-and-old-cka-rule": _yaml(
         "trial_timeout_s: 120", "trial_timeout_s: 120\npruning: {signal: kl}", "cka.threshold"
     ),
+    # input resolutions (issue 14, item 2): the tiny ViT has 8-px patches
+    "yaml-resolution-zero": _yaml("seed: 0", "seed: 0\nresolutions: [32, 0]", "'resolutions[1]'"),
+    "yaml-resolution-negative": _yaml("seed: 0", "seed: 0\nresolutions: [-32]", "'resolutions[0]'"),
+    "yaml-resolution-float": _yaml("seed: 0", "seed: 0\nresolutions: [40.5]", "'resolutions[0]'"),
+    "yaml-resolution-string": _yaml(
+        "seed: 0", "seed: 0\nresolutions: ['48']", "field 'resolutions[0]'"
+    ),
+    "yaml-resolution-not-list": _yaml("seed: 0", "seed: 0\nresolutions: 48", "'resolutions'"),
+    "yaml-resolution-empty": _yaml("seed: 0", "seed: 0\nresolutions: []", "'resolutions'"),
+    "yaml-resolution-twice": _yaml(
+        "seed: 0", "seed: 0\nresolutions: [48, 48]", "field 'resolutions': lists [48] twice"
+    ),
+    "yaml-resolution-below-patch": _yaml(
+        "seed: 0", "seed: 0\nresolutions: [32, 4]", "'resolutions[1]': anchor 'vit_tiny"
+    ),
+    "yaml-resolution-not-patch-multiple": _yaml(
+        "seed: 0", "seed: 0\nresolutions: [44]", "not a multiple of the patch size 8"
+    ),
     # checkpoints
     "ckpt-missing": _checkpoint(lambda x, w: x.root / "nope.safetensors", "nope.safetensors"),
     "ckpt-truncated": _checkpoint(_truncated, "trunc.safetensors"),

@@ -60,3 +60,35 @@ def test_pruning_rule_threshold_and_top_k() -> None:
 def test_space_needs_two_anchors() -> None:
     with pytest.raises(ValueError, match="at least two anchors"):
         SearchSpace({"a": 3})
+
+
+def test_resolutions_multiply_the_space_and_enter_the_encoding() -> None:
+    native = SearchSpace(DEPTHS)
+    space = SearchSpace(DEPTHS, [32, 48])
+    assert len(space) == 2 * len(native)
+    cands = space.all_candidates()
+    assert cands[:6] == space.anchors() and {c.resolution for c in cands[:6]} == {32, 48}
+    assert len({c.key for c in cands}) == len(cands)  # resolution is part of the identity
+    dists = space.distributions()
+    assert set(dists) == {"front", "back", "front_cut", "back_cut", "resolution"}
+    assert list(dists["resolution"].choices) == [32, 48]
+    for c in cands:
+        params = space.encode(c)
+        assert params["resolution"] == c.resolution
+        assert space.decode(params) == c
+    # Without resolutions nothing changes: four parameters, native candidates.
+    assert "resolution" not in native.distributions()
+    assert all(c.resolution is None for c in native.all_candidates())
+    assert space.signal_keys()[: len(native.pairs())] == [(a, b, 32) for a, b in native.pairs()]
+    assert native.signal_keys() == native.pairs()
+
+
+def test_pruning_reads_each_resolutions_own_signal() -> None:
+    space = SearchSpace({"a": 2, "b": 3}, [32, 48])
+    rule = PruningRule(threshold=0.5)
+    good, bad = np.full((3, 4), 0.9), np.full((3, 4), 0.1)  # a -> b: cuts 0..2 x 0..3
+    matrices = {("a", "b", 32): good, ("a", "b", 48): bad}
+    matrices |= {("b", "a", r): np.full((4, 3), 0.9) for r in (32, 48)}
+    kept = rule.kept(space.all_candidates(), matrices)
+    pruned = set(space.all_candidates()) - set(kept)
+    assert pruned == set(space.stitches("a", "b", 48))

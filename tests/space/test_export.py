@@ -60,7 +60,13 @@ def make_export(
     """Evaluates a candidate as the search does (test included) and writes its export."""
     loaded = {n: a for n, (a, _) in anchors.items()}
     result = evaluate_candidate(
-        candidate.config, loaded, data, measure_latency=False, test=True, threads=1
+        candidate.config,
+        loaded,
+        data,
+        measure_latency=False,
+        test=True,
+        threads=1,
+        resolution=candidate.resolution,
     )
     attrs = {
         "config": candidate.to_dict(),
