@@ -15,7 +15,9 @@ import optuna
 import pytest
 import yaml
 
+from evaluators import count_macs
 from search.export import main as export_main
+from search.plan import build_parser, prepare
 from search.promotion import rung1_study_name, rung1_trials
 from search.run import main
 from search.study import StudyError, load_study, parse_study
@@ -194,3 +196,24 @@ def test_check_measures_agreement_without_the_teacher(label_free_run, capsys) ->
     assert f"label-free: top-1/top-5 are agreement with {TEACHER}" in text
     assert f"OK: the artifact reproduces its manifest (agreement with {TEACHER})" in text
     assert "accuracy" not in text.replace("not accuracy", "")
+
+
+def test_default_teacher_is_the_anchor_with_the_most_macs(tmp_path) -> None:
+    write_pngs(tmp_path / "imgs", 56)
+    doc = _tiny()
+    del doc["data"]["teacher"]
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(doc))
+    (tmp_path / "devices.csv").write_text(DEVICES)
+    argv = [
+        "--budget-table",
+        str(tmp_path / "devices.csv"),
+        "--study",
+        str(tmp_path / "study.yaml"),
+    ]
+    plan = prepare(build_parser().parse_args([*argv, "--out", str(tmp_path / "out")]))
+    macs = {n: count_macs(a.model, a.input_size) for n, a in plan.anchors.items()}
+    largest = max(macs, key=macs.get)
+    assert plan.study.teacher == largest and plan.study.finetune.teacher == largest
+    assert plan.measure == f"agreement with {largest}"
+    assert plan.data.recipe.teacher == largest
+    assert not (tmp_path / "out").exists()  # preparing writes nothing
