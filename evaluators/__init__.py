@@ -20,6 +20,7 @@ from evaluators.data import (
     RecipeError,
     fashion_mnist_splits,
     find_fashion_mnist,
+    image_splits,
     imagefolder_splits,
     load_fashion_mnist,
     make_splits,
@@ -71,6 +72,7 @@ from evaluators.signals import (
     stitch_points,
     stitch_signals,
 )
+from evaluators.teacher import label_by_teacher, largest_anchor, top1_predictions
 
 __all__ = [
     "CKA_MODES",
@@ -111,7 +113,10 @@ __all__ = [
     "find_fashion_mnist",
     "finetune_stitch_layer",
     "fit_stitch",
+    "image_splits",
     "imagefolder_splits",
+    "label_by_teacher",
+    "largest_anchor",
     "linear_cka",
     "load_fashion_mnist",
     "loader_identity",
@@ -131,6 +136,7 @@ __all__ = [
     "study_fingerprint",
     "synthetic_splits",
     "time_calls",
+    "top1_predictions",
     "torch_runner",
     "train_subset",
     "used_parameters",

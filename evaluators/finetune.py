@@ -73,7 +73,8 @@ class FinetuneSettings:
         warmup: Fraction of the steps spent warming up (``0 < warmup < 1``; onecycle only).
         distill: Weight of distillation to the teacher's logits (``0..1``): the loss is
             ``(1 - distill) * CE + distill * T^2 * KL(teacher || student)`` at temperature
-            ``T``; 0 is plain cross-entropy and needs no teacher.
+            ``T``; 0 is plain cross-entropy and needs no teacher; 1 is pure distillation and
+            needs no labels (label-free studies).
         temperature: Distillation temperature ``T`` (``0 < T <= 100``).
         seed: Seed of the batch order (``>= 0``).
     """
@@ -326,6 +327,7 @@ def finetune_stitch_layer(
     k, j = net.config.front_block, net.config.back_block
     in_size = tuple(net.input_size)
     use_teacher = teacher is not None and s.distill > 0
+    pure = use_teacher and s.distill >= 1.0
     teacher_module = None
     if use_teacher:
         teacher_module = teacher if isinstance(teacher, nn.Module) else teacher.model
@@ -353,7 +355,8 @@ def finetune_stitch_layer(
             with torch.no_grad():
                 h = net.front.forward_front(x, k)
             logits = net.back.forward_back(net.stitch(h), j)
-            loss = F.cross_entropy(logits, y)
+            # Pure distillation (distill 1) needs no labels: unlabelled images carry -1.
+            loss = F.cross_entropy(logits, y) if not pure else None
             if use_teacher:
                 with torch.no_grad():
                     xt = x if teacher_size is None else adapt_images(x, tuple(teacher_size))
@@ -371,7 +374,8 @@ def finetune_stitch_layer(
                     reduction="batchmean",
                     log_target=True,
                 )
-                loss = (1.0 - s.distill) * loss + s.distill * temp * temp * kl
+                kl = s.distill * temp * temp * kl
+                loss = kl if loss is None else (1.0 - s.distill) * loss + kl
             value = loss.item()
             if not math.isfinite(value):
                 raise ValueError(

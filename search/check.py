@@ -67,6 +67,8 @@ class CheckResult:
         label: The candidate.
         rows: The compared figures.
         problems: One line per figure that differs or does not fit (empty: all good).
+        measure: What top-1/top-5 measure: ``"accuracy"``, or ``"agreement with <teacher>"``
+            for a label-free export (re-measured against the teacher's recorded predictions).
     """
 
     path: Path
@@ -74,6 +76,7 @@ class CheckResult:
     label: str
     rows: list[CheckRow] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    measure: str = "accuracy"
 
     @property
     def ok(self) -> bool:
@@ -133,11 +136,13 @@ def _dataset_of(path: Path, name: Any) -> str:
         return name
     if isinstance(name, str) and name.startswith("imagefolder:"):
         return "imagefolder"
+    if isinstance(name, str) and name.startswith("images:"):
+        return "images"
     raise ExportError(
         path,
         f"unknown dataset {name!r}",
         field="data.name",
-        fix="expected 'synthetic', 'fashion-mnist' or 'imagefolder:<name>'",
+        fix="expected 'synthetic', 'fashion-mnist', 'imagefolder:<name>' or 'images:<name>'",
     )
 
 
@@ -273,7 +278,8 @@ def check_export(
 ) -> CheckResult:
     """Re-measures an export and compares it with its manifest and its device's budget.
 
-    Accuracy (test and validation, top-1 and top-5) is re-measured on the export's dataset,
+    Accuracy (test and validation, top-1 and top-5) is re-measured on the export's dataset
+    (a label-free export: agreement with the teacher's predictions its recipe records),
     MACs with :func:`evaluators.count_macs` at the front anchor's input size, parameters as
     the search counts them (the parameters the forward pass uses). Latency and memory are
     not re-measured; their recorded values are checked against the budget.
@@ -310,7 +316,10 @@ def check_export(
         params = stitched_param_counts(model)["total"]
     else:
         params = anchor_param_count(loaded.anchors["front"])
-    result = CheckResult(path=path, device=budget.device, label=str(doc["label"]))
+    measure = m.get("measure", "accuracy")
+    if splits.recipe is not None and splits.recipe.teacher is not None:
+        measure = f"agreement with {splits.recipe.teacher}"
+    result = CheckResult(path=path, device=budget.device, label=str(doc["label"]), measure=measure)
     limits = budget.limits()
 
     def compare(metric: str, expected: Any, measured: Any, tol: float, limit_key: str | None):
@@ -330,11 +339,12 @@ def check_export(
             )
         result.rows.append(CheckRow(metric, expected, measured, limit, status))
 
-    compare("test top-1 (%)", m["test"]["top1"], test.top1, tolerance, None)
-    compare("test top-5 (%)", m["test"]["top5"], test.top5, tolerance, None)
+    what = "" if measure == "accuracy" else f" {measure}"
+    compare(f"test top-1{what} (%)", m["test"]["top1"], test.top1, tolerance, None)
+    compare(f"test top-5{what} (%)", m["test"]["top5"], test.top5, tolerance, None)
     val_expected = m["validation_remeasured"]
-    compare("validation top-1 (%)", val_expected["top1"], val.top1, tolerance, None)
-    compare("validation top-5 (%)", val_expected["top5"], val.top5, tolerance, None)
+    compare(f"validation top-1{what} (%)", val_expected["top1"], val.top1, tolerance, None)
+    compare(f"validation top-5{what} (%)", val_expected["top5"], val.top5, tolerance, None)
     compare("MACs", m["macs"], macs, 0, "macs")
     compare("params", m["params"], params, 0, "params")
     for metric in ("latency_ms", "memory_mb"):

@@ -15,7 +15,7 @@ from optuna.trial import FrozenTrial
 from tqdm import tqdm
 
 from search.budgets import format_quantity
-from search.trials import Attr
+from search.trials import OBJECTIVES, Attr
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -70,7 +70,7 @@ class Progress:
         if t.values is None or not t.user_attrs.get(Attr.FEASIBLE, True):
             return
         for name, v in zip(self.objectives, t.values, strict=False):
-            better = max if name == "accuracy" else min
+            better = max if OBJECTIVES[name].direction == "maximize" else min
             self.best[name] = better(self.best.get(name, v), v)
 
     def _refresh(self) -> None:
@@ -78,9 +78,12 @@ class Progress:
         for name in self.objectives:
             if name in self.best:
                 v = self.best[name]
-                parts.append(
-                    f"acc {v:.2f}%" if name == "accuracy" else f"{name} {format_quantity(v)}"
-                )
+                if name == "accuracy":
+                    parts.append(f"acc {v:.2f}%")
+                elif name == "agreement":
+                    parts.append(f"agreement {v:.2f}%")
+                else:
+                    parts.append(f"{name} {format_quantity(v)}")
         if self.show_pruned:
             parts.append(f"pruned {self.pruned}")  # CKA-pruned points and pruned repeats
         if self.failed:

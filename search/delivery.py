@@ -35,6 +35,7 @@ from search.trials import (
     candidate_of,
     device_latency,
     evaluated_trials,
+    measure_name,
     rung_of,
 )
 from space import EXPORT_FORMAT, AnchorRecord, ExportManifest, StitchRecord
@@ -85,6 +86,7 @@ def write_export(
         anchors.append(AnchorRecord.of(plan.anchors[c.back], "back"))
     metrics = budget_metrics(trial.user_attrs, device)
     attrs = trial.user_attrs
+    teacher = plan.data.recipe.teacher if plan.data.recipe is not None else None
     manifest = ExportManifest(
         device=device.device,
         final=bool(final),
@@ -103,6 +105,8 @@ def write_export(
             "latency": latency_record(device, attrs),
             "memory_mb": attrs.get(Attr.MEMORY_MB),
             "cka": attrs.get(Attr.CKA),
+            # Label-free: top1/top5 are agreement with the teacher the data records.
+            **({"measure": measure_name(teacher)} if teacher is not None else {}),
         },
         data={
             "name": plan.data.name,
@@ -333,14 +337,15 @@ def finish(
     if not interrupted:
         shutil.rmtree(export_dir, ignore_errors=True)
         export_dir.mkdir(parents=True)
+    quality = "acc" if not plan.study.label_free else plan.measure
     rows = [
         [
             "device",
             "trial",
             "rung",
             "configuration",
-            "val acc",
-            "test acc",
+            f"val {quality}",
+            f"test {quality}",
             "MACs",
             "params",
             "latency",
@@ -422,6 +427,7 @@ def finish(
                 for b in plan.budgets
                 if (t := chosen[b.device]) is not None
             },
+            measure=plan.measure,
         )
         print(f"report: {report}", file=out)
     for p in exports:

@@ -63,14 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--check",
         action="store_true",
-        help="re-measure accuracy, MACs and params; compare with the manifest and the budget",
+        help="re-measure accuracy (label-free exports: agreement with the teacher), MACs and "
+        "params; compare with the manifest and the budget",
     )
     p.add_argument(
         "--data",
         metavar="DIR",
         default=None,
         help="dataset folder for --check: the ImageFolder root (required for imagefolder "
-        "exports) or the Fashion-MNIST IDX folder",
+        "exports), the image folder of a label-free export, or the Fashion-MNIST IDX folder",
     )
     p.add_argument(
         "--tolerance",
@@ -119,9 +120,15 @@ def _run_onnx(args: argparse.Namespace, loaded: LoadedExport) -> int:
 def _run_check(args: argparse.Namespace, loaded: LoadedExport) -> int:
     result = check_export(loaded, data_dir=args.data, tolerance=args.tolerance)
     print(f"check: {result.path} (device {result.device!r}: {result.label})")
+    if result.measure != "accuracy":
+        print(
+            f"label-free: top-1/top-5 are {result.measure} (its recorded predictions on the "
+            "same images), not accuracy"
+        )
     print(result.table())
     if result.ok:
-        print(f"OK: the artifact reproduces its manifest and fits device {result.device!r}")
+        what = "" if result.measure == "accuracy" else f" ({result.measure})"
+        print(f"OK: the artifact reproduces its manifest{what} and fits device {result.device!r}")
         return 0
     for line in result.problems:
         print(f"FAILED: {line}", file=sys.stderr)

@@ -19,7 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from evaluators import DataRecipe, DataSplits, FinetuneSettings, make_splits
+from evaluators import (
+    DataRecipe,
+    DataSplits,
+    FinetuneSettings,
+    label_by_teacher,
+    largest_anchor,
+    make_splits,
+)
 from search.budgets import DeviceBudget, load_budget_table, safe_filename
 from search.console import OneLineParser
 from search.evaluation import TrialContext
@@ -33,6 +40,7 @@ from search.storage import (
     url_without_password,
 )
 from search.study import Study, load_anchors, load_study
+from search.trials import measure_name
 from space import Anchor, InputError
 
 STUDIES_DIR = Path(__file__).resolve().parents[1] / "studies"
@@ -186,6 +194,11 @@ class Plan:
     driver_id: str
     command: str
 
+    @property
+    def measure(self) -> str:
+        """What validation and test top-1 measure: ``accuracy`` or ``agreement with <teacher>``."""
+        return measure_name(self.study.teacher)
+
     def trial_context(
         self,
         *,
@@ -277,6 +290,7 @@ def prepare(args: argparse.Namespace, argv: Sequence[str] = ()) -> Plan:
     url = storage_url(args.storage, out)
     check_storage(url)
     anchors, anchor_kwargs = load_anchors(study, study_path)
+    study = _resolve_teacher(study, anchors)
     budgets = attach_tables(
         budgets,
         budget_path,
@@ -350,6 +364,16 @@ def _ray_address(raw: str | None) -> str | None:
     return address
 
 
+def _resolve_teacher(study: Study, anchors: Mapping[str, Anchor]) -> Study:
+    """A label-free study with its teacher named: the study's, else the most MACs."""
+    if not study.label_free:
+        return study
+    teacher = study.teacher or largest_anchor(anchors)
+    data = study.data.model_copy(update={"teacher": teacher})
+    finetune = study.finetune.model_copy(update={"teacher": teacher})
+    return study.model_copy(update={"data": data, "finetune": finetune})
+
+
 def _load_data(study: Study, study_path: Path, anchors: Mapping[str, Anchor]) -> DataSplits:
     d = study.data
     sizes = {anchor.input_size for anchor in anchors.values()}
@@ -357,8 +381,8 @@ def _load_data(study: Study, study_path: Path, anchors: Mapping[str, Anchor]) ->
     root = d.root
     if root is not None and not Path(root).expanduser().is_absolute():
         root = str(study_path.parent / root)
-    if d.dataset == "imagefolder" and root is None:
-        raise InputError(f"{study_path}: field 'data.root': required for imagefolder")
+    if d.dataset in ("imagefolder", "images") and root is None:
+        raise InputError(f"{study_path}: field 'data.root': required for {d.dataset}")
     try:
         recipe = DataRecipe(
             d.dataset,
@@ -371,6 +395,9 @@ def _load_data(study: Study, study_path: Path, anchors: Mapping[str, Anchor]) ->
             num_classes=first.num_classes if d.dataset == "synthetic" else None,
         )
         data = make_splits(recipe, anchor=first)
+        if study.label_free:
+            teacher = str(study.teacher)
+            data = label_by_teacher(data, anchors[teacher], name=teacher, anchor=first)
     except InputError as e:
         raise InputError(f"{study_path}: field 'data': {e}") from None
     for name, anchor in anchors.items():

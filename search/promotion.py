@@ -110,8 +110,11 @@ def best_rung(rung0: Sequence[FrozenTrial], rung1: Iterable[FrozenTrial]) -> lis
 def teacher_of(plan: Plan, study: optuna.Study) -> str | None:
     """The anchor rung 1 distils from: the study's, else the most accurate at rung 0.
 
-    None when rung 1 does not distil.
+    A label-free study distils from its teacher (the anchor its agreement is measured
+    with). None when rung 1 does not distil.
     """
+    if plan.study.label_free:
+        return plan.study.teacher
     ft = plan.study.finetune
     if ft.distill <= 0:
         return None

@@ -160,7 +160,10 @@ def best_rung_front(trials: Sequence[Mapping[str, Any]]) -> list[Mapping[str, An
 
 
 def _add_rung1(
-    fig: go.Figure, finetuned: Sequence[Mapping[str, Any]], front: Sequence[Mapping[str, Any]]
+    fig: go.Figure,
+    finetuned: Sequence[Mapping[str, Any]],
+    front: Sequence[Mapping[str, Any]],
+    measure: str = "accuracy",
 ) -> None:
     """Fine-tuned points, an arrow from each one's least-squares point, and their front."""
     fig.add_trace(
@@ -175,7 +178,7 @@ def _add_rung1(
                 "size": 10,
                 "line": {"color": "black", "width": 1},
             },
-            hovertext=[_hover(t) for t in finetuned],
+            hovertext=[_hover_of(t, measure) for t in finetuned],
             hoverinfo="text",
         )
     )
@@ -214,11 +217,16 @@ def _add_rung1(
         )
 
 
-def _hover(trial: Mapping[str, Any]) -> str:
+def _short(measure: str) -> str:
+    """The measure as a column or hover label: ``acc``, or ``agreement with <teacher>``."""
+    return "acc" if measure == "accuracy" else measure
+
+
+def _hover_of(trial: Mapping[str, Any], measure: str = "accuracy") -> str:
     lines = [
         f"<b>{_plot_text(row_id(trial))}</b> {_plot_text(trial.get('label', ''))}",
         f"state: {_plot_text(trial.get('state', '?'))} ({_plot_text(trial.get('kind', '?'))})",
-        f"val acc: {_fmt_acc(trial.get('val_acc'))}",
+        f"val {_plot_text(_short(measure))}: {_fmt_acc(trial.get('val_acc'))}",
         f"MACs: {_fmt_count(trial.get('macs'))}",
         f"params: {_fmt_count(trial.get('params'))}",
         f"latency: {_fmt_ms(trial.get('latency_ms'))}",
@@ -254,8 +262,13 @@ def _figure(
     budgets: Sequence[DeviceBudget],
     chosen: Mapping[str, int | None],
     by_number: Mapping[int, Mapping[str, Any]],
+    measure: str = "accuracy",
 ) -> go.Figure:
     fig = go.Figure()
+
+    def _hover(trial: Mapping[str, Any]) -> str:
+        return _hover_of(trial, measure)
+
     strip, y_bottom, y_top = _y_layout(trials)
 
     def y_of(trial: Mapping[str, Any]) -> float:
@@ -280,7 +293,7 @@ def _figure(
         )
 
     if finetuned:
-        _add_rung1(fig, finetuned, best_rung_front(trials))
+        _add_rung1(fig, finetuned, best_rung_front(trials), measure)
 
     anchors = [t for t in rung0 if t.get("kind") == "anchor" and _status(t) is not None]
     if anchors:
@@ -381,7 +394,10 @@ def _figure(
         hovermode="closest",
         legend={"font": {"size": 11}},
         xaxis={"type": "log", "title": {"text": "MACs per image (log scale)"}},
-        yaxis={"title": {"text": "validation accuracy (%)"}, "range": [y_bottom, y_top]},
+        yaxis={
+            "title": {"text": f"validation {_plot_text(measure)} (%)"},
+            "range": [y_bottom, y_top],
+        },
     )
     if any(_status(t) == "pruned" for t in trials):
         fig.add_shape(
@@ -400,7 +416,7 @@ def _figure(
             xanchor="left",
             y=strip,
             yanchor="bottom",
-            text="pruned: not trained, no accuracy",
+            text=f"pruned: not trained, no {measure.split(' with ')[0]}",
             showarrow=False,
             font={"size": 10, "color": "#9467bd"},
         )
@@ -437,6 +453,7 @@ def _chosen_table(
     chosen: Mapping[str, int | str | None],
     by_number: Mapping[str, Mapping[str, Any]],
     device_latency: Mapping[str, tuple[float | None, str]],
+    measure: str = "accuracy",
 ) -> str:
     devices: list[tuple[str, DeviceBudget | None]] = [(b.device, b) for b in budgets]
     known = {b.device for b in budgets}
@@ -470,7 +487,8 @@ def _chosen_table(
             + budget_cell
             + "</tr>"
         )
-    header = ("device", "trial", "configuration", "val acc", "MACs", "params", "latency", "budgets")
+    val = f"val {_short(measure)}"
+    header = ("device", "trial", "configuration", val, "MACs", "params", "latency", "budgets")
     return _table(header, rows)
 
 
@@ -509,9 +527,11 @@ def _page(
     budgets: Sequence[DeviceBudget],
     chosen: Mapping[str, int | str | None],
     device_latency: Mapping[str, tuple[float | None, str]],
+    measure: str = "accuracy",
 ) -> str:
     by_number = {row_id(t): t for t in trials if t.get("number") is not None}
-    fig = _figure(trials, budgets, chosen, by_number)
+    fig = _figure(trials, budgets, chosen, by_number, measure)
+    plain = measure.split(" with ")[0]  # "agreement with <teacher>" -> "agreement"
     plot = fig.to_html(
         full_html=False,
         include_plotlyjs=True,
@@ -539,10 +559,10 @@ def _page(
 hide or show them. Pruned trials were not trained and sit on the strip at the bottom.</p>
 {plot}
 <h2>Chosen configuration per device</h2>
-{_chosen_table(budgets, chosen, by_number, device_latency)}
+{_chosen_table(budgets, chosen, by_number, device_latency, measure)}
 <h2>Trials by state</h2>
 {_table(("state", "trials"), state_rows)}
-<h2>Trials not on the plot (failed, running, or without MACs or accuracy)</h2>
+<h2>Trials not on the plot (failed, running, or without MACs or {_esc(plain)})</h2>
 {_unplotted_table(trials)}
 </body>
 </html>
@@ -558,6 +578,7 @@ def write_report(
     chosen: Mapping[str, int | str | None],
     title: str | None = None,
     device_latency: Mapping[str, tuple[float | None, str]] | None = None,
+    measure: str = "accuracy",
 ) -> Path:
     """Writes a self-contained HTML report of a study.
 
@@ -582,6 +603,8 @@ def write_report(
         title: The page title; defaults to one naming the study.
         device_latency: Device name -> (the chosen trial's latency on it, its source:
             ``"latency table"`` or ``"host-measured"``); by default the host's latency.
+        measure: What ``val_acc`` measures: ``"accuracy"``, or ``"agreement with <teacher>"``
+            in a label-free study (axis, hover and table labels say it).
 
     Returns:
         The path written.
@@ -594,6 +617,7 @@ def write_report(
         budgets,
         chosen,
         device_latency or {},
+        measure,
     )
     atomic_write(path, page)
     return path

@@ -170,6 +170,12 @@ def _execute(plan: Plan) -> int:
                     f"{newly} pruned points recorded, {len(others)} other driver(s) running, "
                     f"storage {storage.masked_url(plan.storage_url)}"
                 )
+                if plan.study.label_free:
+                    log(
+                        f"label-free: {plan.data.name} has no labels; the search maximises "
+                        f"{plan.measure} (top-1 agreement on {plan.data.validation.num_images} "
+                        "validation images) and rung 1 distils from it"
+                    )
                 try:
                     run_search(
                         plan,

@@ -42,7 +42,7 @@ from search.candidates import PruningRule, SearchSpace
 from search.liveness import driver_status, heartbeats
 from search.pruning import PruningSignals, record_pruned_trials
 from search.study import Study
-from search.trials import Attr, StudyAttr
+from search.trials import Attr, StudyAttr, metric_names
 from space import InputError
 
 #: Optuna's own tables: a database holding other tables but none of these belongs to
@@ -504,7 +504,8 @@ def open_study(
     Raises:
         InputError: The stored study has other objectives, or other ``resolutions``.
     """
-    objectives = list(definition.objectives)
+    # optuna-dashboard shows these names: a label-free study's "agreement with <teacher>".
+    objectives = metric_names(list(definition.objectives), definition.teacher)
     name = definition.name if name is None else name
     try:
         study = optuna.load_study(study_name=name, storage=storage)
@@ -519,7 +520,7 @@ def open_study(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names(objectives)
-        study.set_user_attr(StudyAttr.OBJECTIVES, objectives)
+        study.set_user_attr(StudyAttr.OBJECTIVES, list(definition.objectives))
         study.set_user_attr(StudyAttr.DEFINITION, json.loads(definition.model_dump_json()))
         return study, True
     existing = [d.name.lower()[:3] for d in study.directions]

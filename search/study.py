@@ -19,6 +19,9 @@ from search.trials import OBJECTIVES
 from space import Anchor, InputError, load_anchor
 
 _OBJECTIVE_ALIASES = {"latency": "latency_ms", "acc": "accuracy", "val_acc": "accuracy"}
+#: The objectives that measure how good a candidate is: accuracy (labelled data) or agreement
+#: with the teacher (a label-free study, ``data.dataset: images``).
+QUALITY_OBJECTIVES = ("accuracy", "agreement")
 
 
 class StudyError(InputError):
@@ -75,20 +78,27 @@ class DataSpec(_Strict):
     """Dataset and split sizes.
 
     Attributes:
-        dataset: ``fashion-mnist``, ``imagefolder`` or ``synthetic`` (tests).
-        root: Data directory (Fashion-MNIST IDX files, or an ImageFolder tree).
+        dataset: ``fashion-mnist``, ``imagefolder``, ``synthetic`` (tests) or ``images`` (a
+            folder of unlabelled images: a label-free study, which optimises ``agreement``
+            with ``teacher``).
+        root: Data directory (Fashion-MNIST IDX files, an ImageFolder tree, or the folder of
+            images).
         calibration: Images for least-squares stitch fitting.
         validation: Images the search optimises (carved from the training split).
         test: Test images for the final report of the chosen networks (default: all).
         batch_size: Evaluation batch size.
+        teacher: ``images`` only: the anchor whose top-1 predictions the study agrees with and
+            rung 1 distils from (default: ``finetune.teacher``, else the anchor with the most
+            MACs).
     """
 
-    dataset: Literal["fashion-mnist", "imagefolder", "synthetic"] = "fashion-mnist"
+    dataset: Literal["fashion-mnist", "imagefolder", "synthetic", "images"] = "fashion-mnist"
     root: str | None = None
     calibration: int = Field(default=256, ge=1)
     validation: int = Field(default=2000, ge=1)
     test: int | None = Field(default=None, ge=1)
     batch_size: int = Field(default=500, ge=1)
+    teacher: str | None = Field(default=None, min_length=1)
 
 
 class CkaSpec(_Strict):
@@ -206,8 +216,9 @@ class Study(_Strict):
         name: Study name in the storage.
         anchors: Two or more anchors (strings or mappings).
         data: Dataset and split sizes.
-        objectives: ``accuracy`` (maximised) and ``macs`` (minimised) at least; ``params``
-            and ``latency_ms`` optional.
+        objectives: ``accuracy`` (maximised; ``agreement`` with the teacher in a label-free
+            study, the default there) and ``macs`` (minimised) at least; ``params`` and
+            ``latency_ms`` optional.
         trials: Candidates to evaluate (pruned and repeated configurations are recorded but
             don't count).
         workers: Concurrent Ray trials.
@@ -248,6 +259,22 @@ class Study(_Strict):
         default=None, min_length=1
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _label_free_defaults(cls, value: Any) -> Any:
+        """A label-free study optimises agreement and fine-tunes by pure distillation."""
+        if not isinstance(value, dict):
+            return value
+        data = value.get("data")
+        if not isinstance(data, dict) or data.get("dataset") != "images":
+            return value
+        value = dict(value)
+        value.setdefault("objectives", ["agreement", "macs"])
+        finetune = value.get("finetune")
+        if finetune is None or isinstance(finetune, dict):
+            value["finetune"] = {"distill": 1.0, **(finetune or {})}
+        return value
+
     @field_validator("anchors", mode="before")
     @classmethod
     def _anchor_strings(cls, value: Any) -> Any:
@@ -277,8 +304,12 @@ class Study(_Strict):
             if v in out:
                 raise ValueError(f"objective {v!r} is listed twice")
             out.append(v)
-        if "accuracy" not in out or "macs" not in out:
-            raise ValueError("must include at least accuracy and macs")
+        quality = [o for o in out if o in QUALITY_OBJECTIVES]
+        if len(quality) != 1 or "macs" not in out:
+            raise ValueError(
+                "must include macs and one of accuracy (labelled data) or agreement (a "
+                "label-free study, data.dataset: images)"
+            )
         return out
 
     @model_validator(mode="after")
@@ -299,7 +330,66 @@ class Study(_Strict):
             raise ValueError(
                 f"finetune.teacher {teacher!r} is not one of the study's anchors {names}"
             )
+        self._check_label_free(names)
         return self
+
+    def _check_label_free(self, names: list[str]) -> None:
+        """A label-free study (``images``) agrees with one teacher and uses no labels."""
+        teacher = self.data.teacher
+        if not self.label_free:
+            if teacher is not None:
+                raise ValueError(
+                    f"data.teacher is for a label-free study (dataset: images), not "
+                    f"{self.data.dataset!r}; remove it (rung 1 distils from finetune.teacher)"
+                )
+            if "agreement" in self.objectives:
+                raise ValueError(
+                    f"objective 'agreement' is for a label-free study (dataset: images); the "
+                    f"{self.data.dataset!r} data has labels: optimise accuracy"
+                )
+            return
+        if teacher is not None and teacher not in names:
+            raise ValueError(
+                f"data.teacher {teacher!r} is not one of the study's anchors {names}; name one "
+                "of them, or leave it out for the anchor with the most MACs"
+            )
+        other = self.finetune.teacher
+        if teacher is not None and other is not None and other != teacher:
+            raise ValueError(
+                f"data.teacher {teacher!r} and finetune.teacher {other!r} differ; a label-free "
+                "study distils from the teacher it agrees with: give one of them"
+            )
+        if "accuracy" in self.objectives:
+            raise ValueError(
+                "objective 'accuracy' needs labels, and images data has none; optimise "
+                "agreement (with the teacher) instead: objectives: [agreement, macs]"
+            )
+        if self.finetune.distill != 1.0:
+            raise ValueError(
+                f"finetune.distill is {self.finetune.distill}, but images data has no labels: "
+                "a label-free study fine-tunes by pure distillation (1.0); remove it"
+            )
+        if self.fit.steps:
+            raise ValueError(
+                f"fit.steps is {self.fit.steps}, but fitting steps train on labels and images "
+                "data has none; remove it (rung 1 fine-tunes by distillation from the teacher)"
+            )
+
+    @property
+    def label_free(self) -> bool:
+        """Whether the data has no labels (``images``): the study measures agreement."""
+        return self.data.dataset == "images"
+
+    @property
+    def teacher(self) -> str | None:
+        """The teacher a label-free study names (``data.teacher``, else ``finetune.teacher``).
+
+        None in a labelled study, or when the study leaves the choice to the default (the
+        anchor with the most MACs, chosen when the anchors are loaded).
+        """
+        if not self.label_free:
+            return None
+        return self.data.teacher or self.finetune.teacher
 
     @property
     def legacy_cka_rule(self) -> bool:
@@ -376,7 +466,12 @@ def parse_study(data: Any, *, source: str = "<study>") -> Study:
         if err.get("type") == "extra_forbidden":
             allowed = _allowed_fields(loc[:-1])
             msg = "unknown field" + (f"; known fields: {', '.join(allowed)}" if allowed else "")
-        value = _value_at(loc, data)
+        if not loc:  # a check across fields; its message starts with the field it is about
+            about = re.match(r"^([a-z_]+(?:\.[a-z_]+)+) |^(objective) '", msg)
+            if about:
+                field = about.group(1) or "objectives"
+        # A check across fields echoes its values itself, not the whole study.
+        value = _value_at(loc, data) if loc else None
         shown = f" (got {value!r})" if value is not None and err.get("type") != "missing" else ""
         raise StudyError(f"{source}: field '{field}': {msg}{shown}") from None
 

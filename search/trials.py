@@ -207,11 +207,30 @@ OBJECTIVES: dict[str, Objective] = {
     o.name: o
     for o in (
         Objective("accuracy", "maximize", "top-1 %", Attr.VAL_ACC),
+        # A label-free study: top-1 agreement with the teacher (the labels are its top-1).
+        Objective("agreement", "maximize", "top-1 agreement %", Attr.VAL_ACC),
         Objective("macs", "minimize", "multiply-accumulates", Attr.MACS),
         Objective("params", "minimize", "parameters", Attr.PARAMS),
         Objective("latency_ms", "minimize", "milliseconds", Attr.LATENCY_MS),
     )
 }
+
+
+def measure_name(teacher: str | None) -> str:
+    """What validation and test top-1 measure: ``"accuracy"``, or agreement with a teacher.
+
+    Args:
+        teacher: The teacher of a label-free study, or None for labelled data.
+
+    Returns:
+        ``"accuracy"`` or ``"agreement with <teacher>"``.
+    """
+    return "accuracy" if teacher is None else f"agreement with {teacher}"
+
+
+def metric_names(objectives: list[str], teacher: str | None) -> list[str]:
+    """The objective names optuna-dashboard shows: ``agreement with <teacher>`` spelled out."""
+    return [measure_name(teacher) if o == "agreement" else o for o in objectives]
 
 
 def candidate_of(trial: FrozenTrial) -> Candidate:

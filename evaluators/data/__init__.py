@@ -25,6 +25,7 @@ from evaluators.data.fashion_mnist import (
     load_fashion_mnist,
 )
 from evaluators.data.imagefolder import imagefolder_splits
+from evaluators.data.images import IMAGE_SUFFIXES, UNLABELLED, ImageFiles, find_images, image_splits
 from evaluators.data.loaders import ArrayLoader, DatasetLoader, DataSplits
 from evaluators.data.recipe import DATASETS, DataError, DataRecipe, RecipeError
 from evaluators.data.synthetic import synthetic_splits
@@ -38,14 +39,19 @@ __all__ = [
     "FMNIST_MEAN",
     "FMNIST_SPLIT_SEED",
     "FMNIST_STD",
+    "IMAGE_SUFFIXES",
+    "UNLABELLED",
     "ArrayLoader",
     "DataError",
     "DataRecipe",
     "DataSplits",
     "DatasetLoader",
+    "ImageFiles",
     "RecipeError",
     "fashion_mnist_splits",
     "find_fashion_mnist",
+    "find_images",
+    "image_splits",
     "imagefolder_splits",
     "load_fashion_mnist",
     "make_splits",

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from evaluators.data.fashion_mnist import fashion_mnist_splits
 from evaluators.data.imagefolder import imagefolder_splits
+from evaluators.data.images import image_splits
 from evaluators.data.recipe import DataError, DataRecipe
 from evaluators.data.synthetic import synthetic_splits
 
@@ -25,7 +26,7 @@ def make_splits(recipe: DataRecipe, anchor: Anchor | None = None) -> DataSplits:
     Args:
         recipe: The dataset, its location and the split sizes.
         anchor: The anchor whose timm evaluation transform and head ImageFolder data go
-            through (required for ``imagefolder``; not used otherwise).
+            through (required for ``imagefolder`` and ``images``; not used otherwise).
 
     Returns:
         The splits; ``splits.recipe`` is ``recipe`` with every size filled in and an absolute
@@ -34,7 +35,7 @@ def make_splits(recipe: DataRecipe, anchor: Anchor | None = None) -> DataSplits:
     Raises:
         DataError: The data cannot be found or read, the sizes do not fit it, its class count
             differs from the anchor's head, or ``input_size`` is not the anchor's.
-        ValueError: ``imagefolder`` without an anchor.
+        ValueError: ``imagefolder`` or ``images`` without an anchor.
     """
     if recipe.dataset == "fashion-mnist":
         sizes = _given(recipe, "calibration", "validation", "test", "batch_size", "input_size")
@@ -46,6 +47,8 @@ def make_splits(recipe: DataRecipe, anchor: Anchor | None = None) -> DataSplits:
         if test is not None:
             kw["test"] = test
         return synthetic_splits(seed=recipe.seed, **kw)
+    if recipe.dataset == "images":
+        return _images(recipe, anchor)
     if recipe.root is None:
         raise DataError(
             "ImageFolder data needs a root directory; set the recipe's root to the folder "
@@ -63,6 +66,37 @@ def make_splits(recipe: DataRecipe, anchor: Anchor | None = None) -> DataSplits:
         recipe.root,
         anchor,
         seed=recipe.seed,
+        num_classes=recipe.num_classes,
+        **_given(recipe, "calibration", "validation", "test", "batch_size"),
+    )
+
+
+def _images(recipe: DataRecipe, anchor: Anchor | None) -> DataSplits:
+    """A folder of unlabelled images (with the recipe's recorded teacher labels, if any).
+
+    A recipe that records its transform rebuilds the same images whichever anchor is given.
+    """
+    if recipe.root is None:
+        raise DataError("images data needs a root directory; set the recipe's root (data.root)")
+    source: Any = recipe.transform
+    if source is None:
+        if anchor is None:
+            raise ValueError("make_splits needs the anchor whose transform images data uses")
+        if recipe.input_size is not None and tuple(anchor.input_size) != recipe.input_size:
+            raise DataError(
+                f"images data {recipe.root!r} was made at input size {recipe.input_size} but "
+                f"anchor {anchor.name!r} takes {tuple(anchor.input_size)}; rebuild it with the "
+                "anchor it was made for"
+            )
+        source = anchor
+    elif recipe.num_classes is None:
+        raise DataError("images data recorded with its transform needs num_classes")
+    return image_splits(
+        recipe.root,
+        source,
+        seed=recipe.seed,
+        teacher=recipe.teacher,
+        teacher_labels=recipe.teacher_labels,
         num_classes=recipe.num_classes,
         **_given(recipe, "calibration", "validation", "test", "batch_size"),
     )

@@ -16,7 +16,11 @@ from typing import Any
 from space import InputError
 
 #: The datasets a recipe can describe.
-DATASETS = ("fashion-mnist", "imagefolder", "synthetic")
+#: ``images`` is a folder of unlabelled images (a label-free study; see
+#: :mod:`evaluators.data.images`).
+DATASETS = ("fashion-mnist", "imagefolder", "synthetic", "images")
+#: The splits whose teacher labels a recipe records.
+LABELLED_SPLITS = ("validation", "test")
 
 _COUNTS = ("calibration", "validation", "test", "batch_size", "num_classes")
 
@@ -58,10 +62,11 @@ class DataRecipe:
     absolute ``root``, so rebuilding from it gives the same data (the same ``identity``).
 
     Attributes:
-        dataset: ``"fashion-mnist"``, ``"imagefolder"`` or ``"synthetic"``.
+        dataset: ``"fashion-mnist"``, ``"imagefolder"``, ``"synthetic"`` or ``"images"``.
         root: Data directory. Fashion-MNIST: the IDX folder (None: searched for, see
             :func:`~evaluators.find_fashion_mnist`); ImageFolder: the tree holding ``train/``
-            and ``val/`` (required); synthetic: ignored.
+            and ``val/`` (required); images: the folder of images (required); synthetic:
+            ignored.
         calibration: Calibration images.
         validation: Validation images.
         test: Test images; None: the whole test split (Fashion-MNIST, ImageFolder) or as
@@ -72,6 +77,15 @@ class DataRecipe:
             set it must match it.
         num_classes: Synthetic: number of classes. ImageFolder: the expected class count
             (None: only the anchor's head is checked). Fashion-MNIST: None or 10.
+        teacher: Images only: the anchor whose top-1 predictions label the images (a
+            label-free study measures agreement with it).
+        teacher_labels: Images only: the teacher's top-1 class of every validation and test
+            image, in split order (``{"validation": (...), "test": (...)}``), so that a
+            rebuild measures agreement without running the teacher.
+        transform: Images only: the timm data config the images were transformed with
+            (``input_size``, ``mean``, ``std``, ``interpolation``, ``crop_pct``,
+            ``crop_mode``), so that a rebuild gives the same images whichever anchor it is
+            given.
     """
 
     dataset: str
@@ -83,6 +97,9 @@ class DataRecipe:
     seed: int = 0
     input_size: tuple[int, int, int] | None = None
     num_classes: int | None = None
+    teacher: str | None = None
+    teacher_labels: Mapping[str, tuple[int, ...]] | None = None
+    transform: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS:
@@ -115,11 +132,54 @@ class DataRecipe:
                 "num_classes", f"Fashion-MNIST has 10 classes, got {self.num_classes!r}"
             )
 
+        self._check_teacher()
+
+    def _check_teacher(self) -> None:
+        if self.dataset != "images":
+            for name in ("teacher", "teacher_labels", "transform"):
+                if getattr(self, name) is not None:
+                    raise RecipeError(name, f"only images data has a teacher, not {self.dataset!r}")
+            return
+        if self.transform is not None and not isinstance(self.transform, Mapping):
+            raise RecipeError(
+                "transform", f"must be a timm data config mapping or null, got {self.transform!r}"
+            )
+        if self.teacher is not None and (not isinstance(self.teacher, str) or not self.teacher):
+            raise RecipeError("teacher", f"must be an anchor name or null, got {self.teacher!r}")
+        labels = self.teacher_labels
+        if labels is None:
+            return
+        if self.teacher is None:
+            raise RecipeError("teacher_labels", "recorded without the teacher that gave them")
+        if not isinstance(labels, Mapping) or sorted(labels) != sorted(LABELLED_SPLITS):
+            keys = sorted(labels) if isinstance(labels, Mapping) else labels
+            raise RecipeError(
+                "teacher_labels", f"must map {list(LABELLED_SPLITS)} to class lists, got {keys!r}"
+            )
+        fixed = {}
+        for split in LABELLED_SPLITS:
+            values = labels[split]
+            if isinstance(values, str | bytes | Mapping) or not all(
+                _is_int(v) and v >= 0 for v in values
+            ):
+                raise RecipeError(f"teacher_labels.{split}", "must be a list of class indices >= 0")
+            fixed[split] = tuple(values)
+        object.__setattr__(self, "teacher_labels", fixed)
+
     def to_dict(self) -> dict[str, Any]:
-        """The recipe as a JSON-compatible mapping (every field, ``input_size`` as a list)."""
+        """The recipe as a JSON-compatible mapping.
+
+        Every field (``input_size`` as a list), except ``teacher``, ``teacher_labels`` and
+        ``transform`` when they are null (recipes of labelled data read as before).
+        """
         doc = dataclasses.asdict(self)
+        for name in ("teacher", "teacher_labels", "transform"):
+            if doc[name] is None:
+                del doc[name]
         if self.input_size is not None:
             doc["input_size"] = list(self.input_size)
+        if self.teacher_labels is not None:
+            doc["teacher_labels"] = {k: list(v) for k, v in self.teacher_labels.items()}
         return doc
 
     @classmethod

@@ -76,8 +76,10 @@ METRIC_FIELDS = frozenset(
 )
 #: Optional fields of ``metrics``: ``latency`` says where ``latency_ms`` comes from
 #: (``{"source": "latency table" | "host-measured", "host_ms": ..., "table": {...}}``, the
-#: table's identity when predicted from a device latency table).
-METRIC_OPTIONAL = frozenset({"latency"})
+#: table's identity when predicted from a device latency table); ``measure`` says what
+#: ``top1``/``top5`` measure in a label-free study (``"agreement with <teacher>"``; absent:
+#: accuracy).
+METRIC_OPTIONAL = frozenset({"latency", "measure"})
 SPLIT_METRIC_FIELDS = frozenset({"top1", "top5"})
 #: Required fields of ``data``.
 DATA_FIELDS = frozenset({"name", "identity", "validation_images", "test_images", "input_size"})

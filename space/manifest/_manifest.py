@@ -248,6 +248,12 @@ class ExportManifest:
             check_fields(
                 path, m["latency"], frozenset({"source"}), "metrics.latency", _LATENCY_OPTIONAL
             )
+        if "measure" in m and not (isinstance(m["measure"], str) and m["measure"]):
+            raise ExportError(
+                path,
+                f"must be a text such as 'agreement with <teacher>', got {m['measure']!r}",
+                field="metrics.measure",
+            )
         for split in ("validation", "validation_remeasured", "test"):
             check_fields(path, m[split], SPLIT_METRIC_FIELDS, f"metrics.{split}")
             for k in ("top1", "top5"):

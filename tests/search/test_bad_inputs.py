@@ -27,6 +27,7 @@ import torch
 
 from search.export import main as export_main
 from search.run import main
+from tests.evaluators.test_images import write_pngs
 from tests.space.test_export import build_exports, copy_export
 
 STUDY = Path(__file__).resolve().parent / "data" / "tiny_study.yaml"
@@ -162,6 +163,31 @@ def _imagefolder(make: Callable[[Inputs, dict], Path] | None, needle: str) -> Ca
     def case(x: Inputs, w: dict) -> tuple[list[str], str]:
         root = make(x, w) if make else x.root / "missing-images"
         path = x.study("img.yaml", "dataset: synthetic", f"dataset: imagefolder\n  root: {root}")
+        return ["--budget-table", str(x.devices), "--study", str(path)], needle
+
+    return case
+
+
+def _image_files(x: Inputs, *, corrupt: bool) -> Path:
+    root = x.root / "photos"
+    if corrupt:
+        write_pngs(root, 3)
+        (root / "sub" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    else:
+        root.mkdir()
+        (root / "notes.txt").write_text("no pictures")
+    return root
+
+
+def _images(make: Callable[[Inputs], Path] | None, needle: str, teacher: str = "resnet10t") -> Case:
+    """A label-free study (images data) on the folder ``make`` gives."""
+
+    def case(x: Inputs, w: dict) -> tuple[list[str], str]:
+        root = make(x) if make else x.root / "photos"
+        text = STUDY.read_text().replace(
+            "dataset: synthetic", f"dataset: images\n  root: {root}\n  teacher: {teacher}", 1
+        )
+        path = x.write("lf.yaml", text.replace("[accuracy, macs]", "[agreement, macs]", 1))
         return ["--budget-table", str(x.devices), "--study", str(path)], needle
 
     return case
@@ -371,6 +397,21 @@ CASES: dict[str, Case] = {
     "imagefolder-no-root": _yaml("dataset: synthetic", "dataset: imagefolder", "data.root"),
     "imagefolder-missing": _imagefolder(None, "missing-images"),
     "imagefolder-no-images": _imagefolder(_empty_imagefolder, "has no images"),
+    # label-free studies (a folder of unlabelled images)
+    "images-no-images": _images(lambda x: _image_files(x, corrupt=False), "has no images"),
+    "images-unreadable-file": _images(
+        lambda x: _image_files(x, corrupt=True), "sub/corrupt.png' cannot be read"
+    ),
+    "images-teacher-not-an-anchor": _images(
+        lambda x: _image_files(x, corrupt=False),
+        "field 'data.teacher': data.teacher 'resnet99'",
+        teacher="resnet99",
+    ),
+    "images-accuracy-objective": _yaml(
+        "dataset: synthetic",
+        "dataset: images\n  root: photos",
+        "field 'objectives': objective 'accuracy'",
+    ),
     # storages at start-up (PostgreSQL: the server on 127.0.0.1:5432; the password is
     # never printed)
     "pg-unknown-role": _storage(
