@@ -13,6 +13,7 @@ from evaluators import (
     LatencyTable,
     LatencyTableError,
     anchor_key,
+    count_steps,
     part_keys,
     prefix_key,
     profile_parts,
@@ -31,6 +32,7 @@ def profiled():
     cnn, vit = make_tiny("resnet"), make_tiny("vit", seed=1)
     anchors = {cnn.name: cnn, vit.name: vit}
     candidates = SearchSpace({n: a.num_blocks for n, a in anchors.items()}).all_candidates()
+    steps: list[str] = []
     table = profile_parts(
         anchors,
         candidates,
@@ -41,7 +43,11 @@ def profiled():
         warmup=1,
         repeats=2,
         calibration=3,
+        on_step=steps.append,
     )
+    # The progress bar's total is every timing made: the parts, then the stitches end to end.
+    total = count_steps(anchors, candidates, runtimes=1, batch_sizes=[1], calibration=3)
+    assert len(steps) == total == len(table.runtimes["torch"]["1"]["parts"]) + 3
     return anchors, candidates, table
 
 
