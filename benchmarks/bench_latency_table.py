@@ -16,8 +16,15 @@
 The load average is recorded at the start and before each part; timings are only
 meaningful on a quiet machine.
 
+``--no-stability`` runs only part 1 (the stability runs take 30+ minutes on a loaded
+2-core host). Its results JSON then records ``"stability": null`` and its section says
+that stability was not run: stability numbers published before (with another table, or
+another table format) are neither carried over nor shown beside the new prediction
+numbers.
+
     python -m benchmarks.bench_latency_table            # full: every candidate, 30 trials
     python -m benchmarks.bench_latency_table --quick    # smoke test: a sample, 6 trials
+    python -m benchmarks.bench_latency_table --no-stability   # prediction only
 """
 
 from __future__ import annotations
@@ -173,6 +180,35 @@ def stability(
     }
 
 
+def _stability_md(stab: dict[str, Any] | None) -> list[str]:
+    """The stability part of the section (a line saying it was not run, without it)."""
+    if stab is None:
+        return [
+            "Stability: not run (`--no-stability`); run the benchmark without it for the "
+            "picks quiet and beside a CPU-bound job."
+        ]
+    return [
+        f"Stability: the same search ({stab['trials']} trials, one worker, no rung 1) "
+        f"with one device `max_latency_ms` {stab['budget_ms']:.3f} (the median predicted "
+        "latency) and this table, run quiet and beside a CPU-bound job (one busy process).",
+        md_table(
+            ["run", "load avg", "pick (trial)", "predicted ms", "host-measured ms", "s"],
+            [
+                [
+                    "CPU job beside" if r["cpu_job_beside"] else "quiet",
+                    r["load_avg_1min"],
+                    f"{r['pick']} (#{r['trial']})",
+                    f"{r['predicted_ms']:.3f}" if r["predicted_ms"] is not None else "-",
+                    f"{r['host_ms']:.3f}" if r["host_ms"] is not None else "-",
+                    r["seconds"],
+                ]
+                for r in stab["runs"]
+            ],
+        ),
+        f"Picks identical: **{'yes' if stab['identical'] else 'NO'}**.",
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = bench_parser(__doc__, "latency_table", ground_truth=False)
     parser.add_argument("--quick", action="store_true", help="smoke test: small sample, 6 trials")
@@ -182,6 +218,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sample", type=int, default=None, help="measure only N stitches")
     parser.add_argument("--trials", type=int, default=30, help="trials of each stability run")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--no-stability",
+        action="store_true",
+        help="run only the prediction part (no stability searches; none reported)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.repeats, args.calibration = 5, 4
@@ -201,7 +242,11 @@ def main(argv: list[str] | None = None) -> int:
         within = sum(e <= 10 for e in errors) / len(errors)
         tau = kendall_tau([r["predicted_ms"] for r in rows], [r["measured_ms"] for r in rows])
         budget = statistics.median(r["predicted_ms"] for r in rows)
-        stab = stability(args.study, table_path, args.trials, budget, root)
+        stab = (
+            None
+            if args.no_stability
+            else stability(args.study, table_path, args.trials, budget, root)
+        )
     entry = table.runtimes[table.predict_runtime]["1"]
     res = {
         "machine": info,
@@ -211,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
             "calibration": args.calibration,
             "sample": args.sample,
             "quick": args.quick,
+            "stability": not args.no_stability,
         },
         "profile": {
             "seconds": seconds,
@@ -232,7 +278,6 @@ def main(argv: list[str] | None = None) -> int:
         },
         "stability": stab,
     }
-    runs = stab["runs"]
     md = "\n\n".join(
         [
             "This host profiled as a device (`python -m search.profile`, "
@@ -273,24 +318,7 @@ def main(argv: list[str] | None = None) -> int:
                     ],
                 ],
             ),
-            f"Stability: the same search ({stab['trials']} trials, one worker, no rung 1) "
-            f"with one device `max_latency_ms` {stab['budget_ms']:.3f} (the median predicted "
-            "latency) and this table, run quiet and beside a CPU-bound job (one busy process).",
-            md_table(
-                ["run", "load avg", "pick (trial)", "predicted ms", "host-measured ms", "s"],
-                [
-                    [
-                        "CPU job beside" if r["cpu_job_beside"] else "quiet",
-                        r["load_avg_1min"],
-                        f"{r['pick']} (#{r['trial']})",
-                        f"{r['predicted_ms']:.3f}" if r["predicted_ms"] is not None else "-",
-                        f"{r['host_ms']:.3f}" if r["host_ms"] is not None else "-",
-                        r["seconds"],
-                    ]
-                    for r in runs
-                ],
-            ),
-            f"Picks identical: **{'yes' if stab['identical'] else 'NO'}**.",
+            *_stability_md(stab),
         ]
     )
     return publish("latency_table", res, md, args, argv)

@@ -1,35 +1,40 @@
-"""Device latency tables: every part a candidate is made of, timed once on a target device.
+"""Device latency tables: the pieces a candidate is made of, timed in context on a device.
 
 A candidate runs a front anchor's stem and blocks ``[0, k)``, a stitching layer and a back
-anchor's blocks ``[j, n)`` and head (a bare anchor: stem, every block, head). The latency
-of every such *part* is measured once on the device (:func:`profile_parts`), and a
-candidate's latency is predicted as the sum of its parts plus a per-call overhead fitted on
-networks measured end to end (:meth:`LatencyTable.predict`).
+anchor's blocks ``[j, n)`` and head (a bare anchor: the whole anchor). Tiny parts timed one
+by one misrepresent a whole forward pass (the per-call Python overhead dominates each small
+block, and a part timed alone keeps its caches warm), so the table times large contiguous
+pieces instead (:func:`profile_parts`): per anchor, every **prefix** ``front(k)`` = stem and
+blocks ``[0, k)`` that a stitch can cut at, every **suffix** ``back(j)`` = blocks ``[j, n)``
+and head, and the **bare anchor** end to end; and every stitching layer of the space. A
+stitch is predicted as ``scale * (prefix + stitch + suffix) + overhead``, a bare anchor as
+its own measurement (:meth:`LatencyTable.predict`).
 
-**Parts** are named by strings (:func:`part_keys`): ``stem|<anchor>``,
-``block|<anchor>|<i>``, ``head|<anchor>``, and ``stitch|<kind>|<src>|<dst>`` for a stitching
-layer, by its kind and the two cuts' shapes (``NCHW:64x7x7``, ``NLC:1+7x7x64`` for a
-class token and a 7x7 grid of 64-wide tokens), so stitch points with equal shapes share an
+**Parts** are named by strings (:func:`part_keys`): ``prefix|<anchor>|<k>``,
+``suffix|<anchor>|<j>``, ``anchor|<anchor>``, and ``stitch|<kind>|<src>|<dst>`` for a
+stitching layer, by its kind and the two cuts' shapes (``NCHW:64x7x7``, ``NLC:1+7x7x64`` for
+a class token and a 7x7 grid of 64-wide tokens), so stitch points with equal shapes share an
 entry. A candidate at a searched input resolution (:attr:`space.Candidate.resolution`) runs
-its anchors' parts at that size: ``stem|<anchor>@<px>``, ``block|<anchor>|<i>@<px>``,
-``head|<anchor>@<px>`` (the anchor records then hold the cut shapes at each resolution,
+its anchors at that size: ``prefix|<anchor>|<k>@<px>``, ``suffix|<anchor>|<j>@<px>``,
+``anchor|<anchor>@<px>`` (the anchor records then hold the cut shapes at each resolution,
 ``cuts_at``), so a table covers a study's resolutions only when profiled for them.
 
 **Timing** (:func:`time_calls`): after warm-up, each repeat times a loop of calls long
 enough (about :data:`REPEAT_SECONDS`) that the timer's own cost vanishes, and reports the
 mean per call; the median over repeats is the part's latency, with its inter-quartile range.
 
-**Overhead.** Timed alone, parts miss what a whole forward pass adds (Python glue between
-parts, and caches that a part timed alone keeps warm). Per runtime and batch size,
-``measured = scale * sum of parts + overhead`` is fitted by least squares over the anchors
-and a spread sample of stitched networks timed end to end (:func:`fit_overhead`), and the
-fit's errors on those networks are recorded.
+**Overhead.** A stitch's three pieces are three calls where the stitched network makes one.
+Per runtime and batch size, ``measured = scale * sum of pieces + overhead`` is fitted by
+least squares (:func:`fit_overhead`) over a spread sample of stitched networks timed end to
+end and the anchors (each as its prefix and suffix at its middle cut, :func:`split_cut`,
+against its end-to-end time), and the fit's errors on those networks are recorded.
 
-**The table** is versioned JSON (:data:`TABLE_FORMAT`): the device's name and identity
-(CPU, threads, library versions), the study it was made for (name, and a fingerprint of
-its anchors' names, weights and input sizes), when, the settings, and per runtime and batch
-size the parts and the fitted overhead. :meth:`LatencyTable.from_json` validates a file and
-raises :class:`LatencyTableError` naming the field.
+**The table** is versioned JSON (:data:`TABLE_FORMAT`; a table of another version is
+refused, to be re-profiled): the device's name and identity (CPU, threads, library
+versions), the study it was made for (name, and a fingerprint of its anchors' names, weights
+and input sizes), when, the settings, and per runtime and batch size the parts and the
+fitted overhead. :meth:`LatencyTable.from_json` validates a file and raises
+:class:`LatencyTableError` naming the field.
 """
 
 from __future__ import annotations
@@ -58,8 +63,9 @@ from space import (
     make_stitching_layer,
 )
 
-#: The format tag of a latency table; bumped when the layout changes.
-TABLE_FORMAT = "stitchsearch-latency-table/1"
+#: The format tag of a latency table; bumped when the layout changes (version 1 timed the
+#: stem, each block and the head alone; version 2 times prefixes, suffixes and anchors).
+TABLE_FORMAT = "stitchsearch-latency-table/2"
 
 #: Seconds each timed repeat runs its loop of calls for (at least one call).
 REPEAT_SECONDS = 0.002
@@ -142,8 +148,31 @@ def candidate_resolutions(candidates: Iterable[Candidate]) -> list[int]:
     return sorted({c.resolution for c in candidates if c.resolution is not None})
 
 
+def prefix_key(anchor: str, k: int, resolution: int | None = None) -> str:
+    """The part name of an anchor's stem and blocks ``[0, k)``."""
+    return f"prefix|{anchor}|{k}{_at(resolution)}"
+
+
+def suffix_key(anchor: str, j: int, resolution: int | None = None) -> str:
+    """The part name of an anchor's blocks ``[j, n)`` and head."""
+    return f"suffix|{anchor}|{j}{_at(resolution)}"
+
+
+def anchor_key(anchor: str, resolution: int | None = None) -> str:
+    """The part name of a bare anchor, end to end."""
+    return f"anchor|{anchor}{_at(resolution)}"
+
+
+def split_cut(num_blocks: int) -> int:
+    """The cut an anchor is split at (prefix and suffix) for the overhead fit: its middle."""
+    return max(1, num_blocks // 2)
+
+
 def part_keys(candidate: Candidate, anchors: Mapping[str, Mapping[str, Any]]) -> list[str]:
-    """The parts a candidate runs, in execution order.
+    """The parts a candidate's prediction is made of, in execution order.
+
+    A bare anchor: ``[anchor|<name>]``; a stitch: its front anchor's prefix up to cut ``k``,
+    the stitching layer and its back anchor's suffix from cut ``j``.
 
     Args:
         candidate: A bare anchor or a stitch.
@@ -155,23 +184,31 @@ def part_keys(candidate: Candidate, anchors: Mapping[str, Mapping[str, Any]]) ->
     """
     front = anchors[candidate.front]
     r = candidate.resolution
-    at = _at(r)
     if candidate.is_anchor:
-        name, n = candidate.front, front["num_blocks"]
-        return [
-            f"stem|{name}{at}",
-            *(f"block|{name}|{i}{at}" for i in range(n)),
-            f"head|{name}{at}",
-        ]
+        return [anchor_key(candidate.front, r)]
     back = anchors[candidate.back]
     k, j = candidate.front_block, candidate.back_block
     return [
-        f"stem|{candidate.front}{at}",
-        *(f"block|{candidate.front}|{i}{at}" for i in range(k)),
+        prefix_key(candidate.front, k, r),
         stitch_key(_cut(front, k, r), _cut(back, j, r)),
-        *(f"block|{candidate.back}|{i}{at}" for i in range(j, back["num_blocks"])),
-        f"head|{candidate.back}{at}",
+        suffix_key(candidate.back, j, r),
     ]
+
+
+def fit_keys(candidate: Candidate, anchors: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """The pieces whose sum the overhead fit relates to a network's end-to-end time.
+
+    A stitch's parts (:func:`part_keys`); a bare anchor's prefix and suffix at its
+    :func:`split_cut` (so that, like a stitch, it is pieces timed apart).
+
+    Raises:
+        KeyError: As :func:`part_keys`.
+    """
+    if not candidate.is_anchor:
+        return part_keys(candidate, anchors)
+    name, r = candidate.front, candidate.resolution
+    m = split_cut(anchors[name]["num_blocks"])
+    return [prefix_key(name, m, r), suffix_key(name, m, r)]
 
 
 def study_fingerprint(anchors: Iterable[Mapping[str, Any]]) -> str:
@@ -195,37 +232,57 @@ class _Call(nn.Module):
 def _part_modules(
     anchors: Mapping[str, Anchor], candidates: Sequence[Candidate]
 ) -> dict[str, tuple[nn.Module, tuple[int, ...]]]:
-    """Every part the candidates use: key -> (module, input shape of one image)."""
+    """Every part the candidates use: key -> (module, input shape of one image).
+
+    Per anchor and resolution of the candidates: the bare anchor and its prefix and suffix
+    at its :func:`split_cut`; each prefix and suffix a stitch cuts at; each stitching layer
+    (by kind and shapes).
+    """
     sizes = candidate_resolutions(candidates)
     records = {name: anchor_latency_record(a, sizes) for name, a in anchors.items()}
+    resized: dict[tuple[str, int | None], tuple[Anchor, list[FeatureInfo]]] = {}
+
+    def at(name: str, r: int | None) -> tuple[Anchor, list[FeatureInfo]]:
+        if (name, r) not in resized:
+            a = anchors[name] if r is None else anchors[name].at_resolution(r)
+            resized[name, r] = (a, a.features())
+        return resized[name, r]
+
     out: dict[str, tuple[nn.Module, tuple[int, ...]]] = {}
-    for r in sorted({c.resolution for c in candidates}, key=lambda v: (v is not None, v)):
-        at = _at(r)
-        for name, native in anchors.items():
-            a = native if r is None else native.at_resolution(r)
-            cuts = a.features()
-            n = a.num_blocks
-            out[f"stem|{name}{at}"] = (
-                _Call(a.model, lambda x, a=a: a.forward_stem(x)),
-                a.input_size,
-            )
-            for i, block in enumerate(a.blocks):
-                out[f"block|{name}|{i}{at}"] = (block, cuts[i].shape)
-            out[f"head|{name}{at}"] = (
-                _Call(a.model, lambda h, a=a, n=n: a.forward_back(h, n)),
-                cuts[n].shape,
-            )
+
+    def add_prefix(name: str, k: int, r: int | None) -> None:
+        key = prefix_key(name, k, r)
+        if key not in out:
+            a, _ = at(name, r)
+            out[key] = (_Call(a.model, lambda x, a=a, k=k: a.forward_front(x, k)), a.input_size)
+
+    def add_suffix(name: str, j: int, r: int | None) -> None:
+        key = suffix_key(name, j, r)
+        if key not in out:
+            a, cuts = at(name, r)
+            out[key] = (_Call(a.model, lambda h, a=a, j=j: a.forward_back(h, j)), cuts[j].shape)
+
+    for r in sizes or [None]:
+        for name in anchors:
+            a, _ = at(name, r)
+            out[anchor_key(name, r)] = (a.model, a.input_size)
+            m = split_cut(a.num_blocks)
+            add_prefix(name, m, r)
+            add_suffix(name, m, r)
     for c in candidates:
+        r = c.resolution
         if c.is_anchor:
             continue
-        src = _cut(records[c.front], c.front_block, c.resolution)
-        dst = _cut(records[c.back], c.back_block, c.resolution)
+        add_prefix(c.front, c.front_block, r)
+        src = _cut(records[c.front], c.front_block, r)
+        dst = _cut(records[c.back], c.back_block, r)
         key = stitch_key(src, dst)
         if key not in out:
             layer = make_stitching_layer(src, dst).eval()
             for p in layer.parameters():
                 p.requires_grad_(False)
             out[key] = (layer, src.shape)
+        add_suffix(c.back, c.back_block, r)
     return out
 
 
@@ -348,21 +405,24 @@ class LatencyTable:
     def parts_sum(
         self, candidate: Candidate, *, batch: int = 1, runtime: str | None = None
     ) -> float:
-        """The sum of a candidate's parts, in milliseconds per call."""
+        """The sum of a candidate's parts (:func:`part_keys`), in milliseconds per call."""
         parts = self._entry(runtime, batch)["parts"]
         return sum(parts[k]["median_ms"] for k in part_keys(candidate, self.anchors))
 
     def predict(self, candidate: Candidate, *, batch: int = 1, runtime: str | None = None) -> float:
         """Predicted latency of one call at ``batch``.
 
-        The sum of the candidate's parts, times the fitted scale, plus the fitted per-call
-        overhead (never below 0).
+        A bare anchor: its own end-to-end measurement. A stitch: the sum of its front
+        anchor's prefix, the stitching layer and its back anchor's suffix, times the fitted
+        scale, plus the fitted per-call overhead (never below 0).
 
         Raises:
             KeyError: A part or anchor the table lacks (:meth:`missing_parts` says which).
         """
         entry = self._entry(runtime, batch)
         total = self.parts_sum(candidate, batch=batch, runtime=runtime)
+        if candidate.is_anchor:
+            return total
         return max(entry.get("scale", 1.0) * total + entry["overhead_ms"], 0.0)
 
     def missing_parts(self, candidates: Iterable[Candidate], *, batch: int = 1) -> list[str]:
@@ -374,7 +434,11 @@ class LatencyTable:
             try:
                 keys = part_keys(c, anchors)
             except KeyError:  # no cut shapes at the candidate's resolution
-                keys = [f"stem|{c.front}{_at(c.resolution)}"]
+                keys = [
+                    anchor_key(c.front, c.resolution)
+                    if c.is_anchor
+                    else prefix_key(c.front, c.front_block, c.resolution)
+                ]
             for key in keys:
                 if key not in parts:
                     missing[key] = None
@@ -425,8 +489,11 @@ class LatencyTable:
         if not isinstance(doc, dict):
             raise LatencyTableError(f"must be a JSON object, got {type(doc).__name__}")
         if doc.get("format") != TABLE_FORMAT:
+            found = doc.get("format")
+            older = isinstance(found, str) and found.startswith(TABLE_FORMAT.rsplit("/", 1)[0])
+            what = "an older table format" if older else "not a latency table of this version"
             raise LatencyTableError(
-                f"is {doc.get('format')!r}, not a {TABLE_FORMAT!r} table", "format"
+                f"is {found!r} ({what}; this version reads {TABLE_FORMAT!r})", "format"
             )
         for key, kind in (
             ("device", str),
@@ -542,7 +609,12 @@ def profile_parts(
     predict_runtime: str = "torch",
     on_step: Callable[[str], None] | None = None,
 ) -> LatencyTable:
-    """Measures every part the candidates use, and fits the per-call overhead.
+    """Measures every part the candidates use in context, and fits the per-call overhead.
+
+    Times each bare anchor end to end, each prefix and suffix a stitch cuts at (and each
+    anchor's at its :func:`split_cut`), and each stitching layer; then the calibration
+    stitches end to end, and fits ``measured = scale * sum of pieces + overhead`` over them
+    and the anchors (:func:`fit_keys`).
 
     Args:
         anchors: The study's anchors by name, in the study's order (on the CPU).
@@ -570,9 +642,8 @@ def profile_parts(
     records = [anchor_latency_record(a, sizes) for a in anchors.values()]
     by_name = {r["name"]: r for r in records}
     modules = _part_modules(anchors, candidates)
-    networks = [
-        Candidate.anchor(n, r) for r in (sizes or [None]) for n in anchors
-    ] + calibration_stitches(candidates, calibration)
+    anchor_networks = [Candidate.anchor(n, r) for r in (sizes or [None]) for n in anchors]
+    networks = anchor_networks + calibration_stitches(candidates, calibration)
     table_runtimes: dict[str, dict[str, dict[str, Any]]] = {}
     for rt, factory in runtimes.items():
         table_runtimes[rt] = {}
@@ -586,16 +657,17 @@ def profile_parts(
                     on_step(f"{rt} b{batch} {key}")
             fit = []
             for c in networks:
-                net, size = _network(anchors, c)
-                measured = time_calls(
-                    factory(net, (batch, *size)),
-                    warmup=warmup,
-                    repeats=repeats,
-                )["median_ms"]
-                total = sum(parts[k]["median_ms"] for k in part_keys(c, by_name))
+                if c.is_anchor:  # timed end to end among the parts
+                    measured = parts[anchor_key(c.front, c.resolution)]["median_ms"]
+                else:
+                    net, size = _network(anchors, c)
+                    measured = time_calls(
+                        factory(net, (batch, *size)), warmup=warmup, repeats=repeats
+                    )["median_ms"]
+                    if on_step:
+                        on_step(f"{rt} b{batch} {c.label}")
+                total = sum(parts[k]["median_ms"] for k in fit_keys(c, by_name))
                 fit.append((c, measured, total))
-                if on_step:
-                    on_step(f"{rt} b{batch} {c.label}")
             scale, overhead = fit_overhead([s for _, _, s in fit], [m for _, m, _ in fit])
             errors = [abs(scale * s + overhead - m) / m * 100 for _, m, s in fit if m > 0]
             table_runtimes[rt][str(batch)] = {
@@ -667,11 +739,8 @@ def count_steps(
 ) -> int:
     """How many timings :func:`profile_parts` makes (for a progress bar's total)."""
     parts = len(_part_modules(anchors, candidates))
-    sizes = candidate_resolutions(candidates)
-    networks = len(anchors) * max(1, len(sizes)) + len(
-        calibration_stitches(candidates, calibration)
-    )
-    return runtimes * len(set(batch_sizes)) * (parts + networks)
+    stitches = len(calibration_stitches(candidates, calibration))  # anchors are parts
+    return runtimes * len(set(batch_sizes)) * (parts + stitches)
 
 
 def _network(anchors: Mapping[str, Anchor], c: Candidate) -> tuple[nn.Module, tuple[int, ...]]:

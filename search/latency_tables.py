@@ -2,8 +2,9 @@
 
 A budget row with a ``latency_table`` cell gets its table attached when the run is planned
 (:func:`attach_tables`), before anything is written. A table made for another study, for
-another checkpoint of an anchor, at another input size, or lacking a part some candidate
-of the study needs is refused with one line naming the CSV row, what does not match and the
+another checkpoint of an anchor, at another input size, of an older table format (parts
+timed alone, before prefixes and suffixes), or lacking a part some candidate of the study
+needs is refused with one line naming the CSV row, what does not match and the
 command that re-profiles the device.
 """
 
@@ -17,6 +18,7 @@ from pathlib import Path
 from evaluators import (
     LatencyTable,
     LatencyTableError,
+    anchor_key,
     anchor_latency_record,
     candidate_resolutions,
     study_fingerprint,
@@ -69,7 +71,7 @@ def check_table(
         name = rec["name"]
         theirs = recorded.get(name)
         if theirs is None:
-            return f"has no timings for anchor {name!r} (missing parts stem|{name}, ...)"
+            return f"has no timings for anchor {name!r} (missing parts {anchor_key(name)}, ...)"
         if theirs["identity"] != rec["identity"]:
             return (
                 f"was made for anchor {name!r} with other weights ({_short(theirs['identity'])}"
@@ -88,7 +90,7 @@ def check_table(
             if cuts is None:
                 return (
                     f"has no timings for anchor {name!r} at the study's resolution {r} px "
-                    f"(missing parts stem|{name}@{r}, ...)"
+                    f"(missing parts {anchor_key(name, r)}, ...)"
                 )
             if cuts != rec["cuts_at"][str(r)]:
                 return f"records other cut shapes for anchor {name!r} at {r} px"

@@ -2,10 +2,12 @@
 
 Run on the device itself, with only this package installed (no dataset, no database, no
 Ray): it loads the study's anchors, enumerates every candidate of its search space, and
-times every part they are made of (each anchor's stem, blocks and head, and every
-stitching layer by kind and shape) at batch 1 and at the study's ``latency_batch``, in
-PyTorch and, when installed, in onnxruntime (the export format), then fits the per-call
-overhead on networks measured end to end (:mod:`evaluators.latency_table`). The table is
+times the pieces they are made of, in context: each anchor end to end, each prefix (stem
+and blocks ``[0, k)``) and suffix (blocks ``[j, n)`` and head) a stitch cuts it at, and
+every stitching layer by kind and shape, at batch 1 and at the study's ``latency_batch``,
+in PyTorch and, when installed, in onnxruntime (the export format); then it fits the
+per-call overhead on stitched networks and anchors measured end to end
+(:mod:`evaluators.latency_table`). The table is
 written atomically: an interrupted run (Ctrl-C) leaves no file. Bad input prints one line
 and exits 2, writing nothing.
 
@@ -45,8 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
     p = OneLineParser(
         prog="python -m search.profile",
-        description="Time every part a study's candidates are made of on this device, and "
-        "write a latency table for the budget CSV's latency_table column.",
+        description="Time the anchors, their prefixes and suffixes at every stitch cut and "
+        "the stitching layers of a study on this device, and write a latency table for the "
+        "budget CSV's latency_table column.",
         epilog="Example: python -m search.profile --study studies/default.yaml "
         "--device raspberry-pi-4 --out tables/rpi4.json",
     )

@@ -79,14 +79,22 @@ def test_latency_table_holds_every_part_at_each_resolution(setup) -> None:
     )
     assert table.missing_parts(cands) == []
     parts = table.runtimes["torch"]["1"]["parts"]
-    for name in anchors:
-        assert f"stem|{name}@32" in parts and f"stem|{name}@48" in parts
-        assert f"stem|{name}" not in parts  # this study never runs at the native size
+    for name, a in anchors.items():
+        for r in (32, 48):
+            assert f"anchor|{name}@{r}" in parts
+            assert {f"prefix|{name}|{k}@{r}" for k in range(1, a.num_blocks + 1)} <= set(parts)
+            assert {f"suffix|{name}|{j}@{r}" for j in range(a.num_blocks)} <= set(parts)
+        assert f"anchor|{name}" not in parts  # this study never runs at the native size
+        assert f"prefix|{name}|1" not in parts
     rec = table.anchors[next(iter(anchors))]
     assert set(rec["cuts_at"]) == {"32", "48"}
     assert len(table.runtimes["torch"]["1"]["fit"]["networks"]) == 2 * 2 + 2
     at48 = [c for c in cands if c.resolution == 48]
     assert all(table.predict(c) > 0 for c in at48)
+    stitch = next(c for c in at48 if not c.is_anchor)
+    keys = table.runtimes["torch"]["1"]["parts"]
+    assert f"prefix|{stitch.front}|{stitch.front_block}@48" in keys
+    assert table.missing_parts([stitch]) == []
     # Round trip through JSON, and a native table lacks the parts of another resolution.
     again = LatencyTable.from_json(table.to_json())
     assert again.missing_parts(cands) == []

@@ -51,11 +51,25 @@ def _other_device(doc: dict) -> dict:
     return doc
 
 
+def _old_format(doc: dict) -> dict:
+    """A version-1 table: the stem, each block and the head timed alone."""
+    doc["format"] = "stitchsearch-latency-table/1"
+    for batches in doc["runtimes"].values():
+        for entry in batches.values():
+            entry["parts"] = {
+                k.replace("prefix|", "block|"): v
+                for k, v in entry["parts"].items()
+                if not k.startswith(("suffix|", "anchor|"))
+            }
+    return doc
+
+
 CASES = {
     "other-study": (_other_study, "made for study 'other', not this run's study 'tiny'"),
     "other-checkpoint": (_other_checkpoint, "with other weights (resnet10t@abababababab"),
     "missing-part": (_missing_part, "has no timing for part 'stitch|"),
     "other-device": (_other_device, "was profiled for device 'jetson', not 'dev'"),
+    "old-format": (_old_format, "'stitchsearch-latency-table/1' (an older table format"),
     "malformed": ("{not json", "not valid JSON"),
     "missing-file": (None, "no such file"),
 }
@@ -100,7 +114,8 @@ def _storage(out: Path) -> str:
 @pytest.fixture(scope="module")
 def table_run(tmp_path_factory, tiny_table, ray_cluster):
     """A 4-trial run with one device on a table and one host-measured; then a device whose
-    table makes the first pick's head very slow is added and the run resumed (re-picks)."""
+    table makes the first pick's back anchor very slow (every suffix of it, each ending in its
+    head, and the anchor itself) is added and the run resumed (re-picks)."""
     root = tmp_path_factory.mktemp("table_run")
     (root / "tables").mkdir()
     fast = _write(root / "tables" / "fast.json", _table_doc(tiny_table, "fast"))
@@ -115,8 +130,11 @@ def table_run(tmp_path_factory, tiny_table, ray_cluster):
     number = first["fast"]["study"]["trial_number"]
     pick = next(t for t in evaluated_trials(study) if t.number == number)
     slow_doc = _table_doc(tiny_table, "slow")
-    head = f"head|{candidate_of(pick).back}"
-    slow_doc["runtimes"]["torch"]["1"]["parts"][head]["median_ms"] = 10_000.0
+    back = candidate_of(pick).back
+    head = f"suffix|{back}"
+    for key, timing in slow_doc["runtimes"]["torch"]["1"]["parts"].items():
+        if key.startswith(f"suffix|{back}|") or key == f"anchor|{back}":
+            timing["median_ms"] = 10_000.0
     _write(root / "tables" / "slow.json", slow_doc)
     devices.write_text(DEVICES + "slow,1000,tables/slow.json\n")
     rc2 = main(args)

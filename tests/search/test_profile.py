@@ -12,7 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from evaluators import TABLE_FORMAT, LatencyTable
+from evaluators import (
+    TABLE_FORMAT,
+    LatencyTable,
+    anchor_key,
+    part_keys,
+    prefix_key,
+    suffix_key,
+)
 from search.candidates import SearchSpace
 from search.profile import main
 from search.study import load_anchors, load_study
@@ -44,6 +51,22 @@ def test_profile_times_every_part_of_every_candidate(profiled) -> None:
     assert table.study["name"] == "tiny"
     assert [a["name"] for a in table.study["anchors"]] == list(anchors)
     assert table.missing_parts(candidates) == []
+    for name, a in anchors.items():
+        parts = table.runtimes["torch"]["1"]["parts"]
+        assert all(prefix_key(name, k) in parts for k in range(1, a.num_blocks + 1))
+        assert all(suffix_key(name, j) in parts for j in range(a.num_blocks))
+        # A bare anchor is predicted as its own end-to-end measurement.
+        bare = next(c for c in candidates if c.is_anchor and c.front == name)
+        assert table.predict(bare) == parts[anchor_key(name)]["median_ms"]
+    # A stitch: the fitted scale and overhead on its prefix + stitching layer + suffix.
+    entry = table.runtimes["torch"]["1"]
+    for c in [c for c in candidates if not c.is_anchor][::5]:
+        keys = part_keys(c, table.anchors)
+        assert keys[0] == prefix_key(c.front, c.front_block)
+        assert keys[2] == suffix_key(c.back, c.back_block)
+        total = sum(entry["parts"][k]["median_ms"] for k in keys)
+        expected = max(entry["scale"] * total + entry["overhead_ms"], 0.0)
+        assert table.predict(c) == pytest.approx(expected)
     # Both runtimes (onnxruntime is installed with the dev extra), with spread and fit.
     assert set(table.runtimes) == {"torch", "onnxruntime"}
     for rt in table.runtimes.values():
