@@ -20,6 +20,24 @@ def _given(recipe: DataRecipe, *names: str) -> dict[str, Any]:
     return {n: getattr(recipe, n) for n in names if getattr(recipe, n) is not None}
 
 
+def _transform_anchor(recipe: DataRecipe, anchor: Anchor | None, what: str) -> Anchor:
+    """The anchor whose transform image-folder data uses, checked against the recipe's size.
+
+    Raises:
+        ValueError: No anchor was given.
+        DataError: The recipe was made at another input size than the anchor's.
+    """
+    if anchor is None:
+        raise ValueError(f"make_splits needs the anchor whose transform {what} uses")
+    if recipe.input_size is not None and tuple(anchor.input_size) != recipe.input_size:
+        raise DataError(
+            f"{what} {recipe.root!r} was made at input size {recipe.input_size} but "
+            f"anchor {anchor.name!r} takes {tuple(anchor.input_size)}; rebuild it with the "
+            "anchor it was made for"
+        )
+    return anchor
+
+
 def make_splits(recipe: DataRecipe, anchor: Anchor | None = None) -> DataSplits:
     """Builds the calibration, validation and test splits a recipe describes.
 
@@ -54,17 +72,9 @@ def make_splits(recipe: DataRecipe, anchor: Anchor | None = None) -> DataSplits:
             "ImageFolder data needs a root directory; set the recipe's root to the folder "
             "holding train/ and val/"
         )
-    if anchor is None:
-        raise ValueError("make_splits needs the anchor whose transform ImageFolder data uses")
-    if recipe.input_size is not None and tuple(anchor.input_size) != recipe.input_size:
-        raise DataError(
-            f"ImageFolder data {recipe.root!r} was made at input size {recipe.input_size} but "
-            f"anchor {anchor.name!r} takes {tuple(anchor.input_size)}; rebuild it with the "
-            "anchor it was made for"
-        )
     return imagefolder_splits(
         recipe.root,
-        anchor,
+        _transform_anchor(recipe, anchor, "ImageFolder data"),
         seed=recipe.seed,
         num_classes=recipe.num_classes,
         **_given(recipe, "calibration", "validation", "test", "batch_size"),
@@ -80,15 +90,7 @@ def _images(recipe: DataRecipe, anchor: Anchor | None) -> DataSplits:
         raise DataError("images data needs a root directory; set the recipe's root (data.root)")
     source: Any = recipe.transform
     if source is None:
-        if anchor is None:
-            raise ValueError("make_splits needs the anchor whose transform images data uses")
-        if recipe.input_size is not None and tuple(anchor.input_size) != recipe.input_size:
-            raise DataError(
-                f"images data {recipe.root!r} was made at input size {recipe.input_size} but "
-                f"anchor {anchor.name!r} takes {tuple(anchor.input_size)}; rebuild it with the "
-                "anchor it was made for"
-            )
-        source = anchor
+        source = _transform_anchor(recipe, anchor, "images data")
     elif recipe.num_classes is None:
         raise DataError("images data recorded with its transform needs num_classes")
     return image_splits(
