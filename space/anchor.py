@@ -492,6 +492,7 @@ def load_anchor(
             input_size=entry.input_size,
             seed=0,
             timm_kwargs=entry.timm_kwargs,
+            data_config={**entry.data_config, "input_size": entry.input_size},
         )
     return _create(
         name,
@@ -515,8 +516,13 @@ def _create(
     input_size: tuple[int, int, int] | None,
     seed: int | None,
     timm_kwargs: dict[str, Any],
+    data_config: dict[str, Any] | None = None,
 ) -> Anchor:
-    """Builds timm model ``name`` and wraps it as the anchor ``anchor_name``."""
+    """Builds timm model ``name`` and wraps it as the anchor ``anchor_name``.
+
+    ``data_config`` (timm data-config entries such as ``mean`` and ``std``) overrides the
+    model's ``pretrained_cfg``, which timm's ``resolve_data_config`` reads.
+    """
     base = name.split(".", 1)[0]
     if not timm.is_model(name) and not timm.is_model(base):
         raise InputError(
@@ -549,6 +555,8 @@ def _create(
         )
     if state is not None:
         _fit_state_dict(model, state, name, Path(checkpoint))
+    if data_config:
+        model.pretrained_cfg = {**(getattr(model, "pretrained_cfg", None) or {}), **data_config}
     for p in model.parameters():
         p.requires_grad_(False)
     return Anchor(

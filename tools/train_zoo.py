@@ -30,7 +30,7 @@ from evaluators.data import fashion_mnist_splits
 from evaluators.macs import count_macs, count_params
 from space import InputError, file_sha256
 from space.zoo import ZOO_DIR
-from tools.zoo_recipes import RECIPE, SPECS, ZooSpec, spec_dict
+from tools.zoo_recipes import DATA_CONFIG, RECIPE, SPECS, ZooSpec, spec_dict
 
 
 def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -151,6 +151,7 @@ def run_training(
         manifest["anchors"][name] = {
             **spec_dict(spec),
             "input_size": [1, 28, 28],
+            "data_config": DATA_CONFIG,
             "weights": weights.name,
             "sha256": file_sha256(weights),
             "macs": count_macs(model, (1, 1, 28, 28)),

@@ -97,6 +97,18 @@ RECIPE: dict[str, Any] = {
 }
 
 
+#: How a zoo anchor's inputs are prepared, as a timm data config (recorded per anchor in the
+#: manifest, so that image-folder data is normalised as in training): single-channel
+#: Fashion-MNIST statistics, the whole image (no centre crop), bilinear resizing (as the
+#: Fashion-MNIST loader adapts images to other sizes).
+DATA_CONFIG: dict[str, Any] = {
+    "mean": [0.286],
+    "std": [0.353],
+    "crop_pct": 1.0,
+    "interpolation": "bilinear",
+}
+
+
 def spec_dict(spec: ZooSpec) -> dict[str, Any]:
     """JSON-friendly form of a spec (tuples as lists)."""
     d = asdict(spec)

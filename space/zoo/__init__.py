@@ -42,6 +42,10 @@ class ZooEntry:
         input_size: ``(C, H, W)`` the anchor runs at.
         checkpoint: The weights file (``.safetensors``).
         sha256: The weights' SHA-256, checked against the file by :func:`resolve`.
+        data_config: How the anchor's inputs are prepared, as timm data-config entries
+            (``mean``, ``std``, ``crop_pct``, ``interpolation``): the training data's
+            normalisation, set as the model's ``pretrained_cfg`` so that image-folder data is
+            prepared as in training. Empty for a manifest that records none.
     """
 
     name: str
@@ -51,6 +55,7 @@ class ZooEntry:
     input_size: tuple[int, int, int]
     checkpoint: Path
     sha256: str
+    data_config: dict[str, Any]
 
 
 @lru_cache(maxsize=1)
@@ -109,4 +114,8 @@ def resolve(name: str) -> ZooEntry:
         input_size=tuple(entry["input_size"]),
         checkpoint=weights,
         sha256=digest,
+        data_config={
+            k: tuple(v) if isinstance(v, list) else v
+            for k, v in entry.get("data_config", {}).items()
+        },
     )

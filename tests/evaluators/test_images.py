@@ -105,3 +105,27 @@ def test_recipe_round_trips_teacher_labels_and_rejects_bad_ones() -> None:
         DataRecipe("images", root="/x", teacher="t", teacher_labels={**labels, "test": [-1]})
     with pytest.raises(DataError, match="only images data has a teacher"):
         DataRecipe("synthetic", teacher="t")
+
+
+def test_zoo_anchors_see_png_folders_as_the_fashion_mnist_loader_does(tmp_path) -> None:
+    """The zoo's recorded normalisation reaches image-folder data (it once got timm defaults)."""
+    import torch
+
+    from evaluators import load_fashion_mnist
+    from evaluators.data.fashion_mnist import FMNIST_MEAN, FMNIST_STD
+    from space import load_anchor
+
+    x, _ = load_fashion_mnist(split="test")
+    for i in range(64):
+        Image.fromarray(x[i].numpy()).save(tmp_path / f"{i:05d}.png")
+    small, large = load_anchor("zoo:resnet-s"), load_anchor("zoo:resnet-l")
+    data = image_splits(tmp_path, [small, large], validation=40, test=16, calibration=8)
+    got = torch.cat([batch for batch, _ in data.validation])
+    want = (x[list(data.validation.indices)].float() / 255 - FMNIST_MEAN) / FMNIST_STD
+    assert got.shape == (40, 1, 28, 28)
+    torch.testing.assert_close(got, want.unsqueeze(1), atol=2e-3, rtol=0)
+    # Two good anchors agree on such images far above chance (10%); with timm's default
+    # normalisation the small one agreed with the large one on about 10%.
+    with torch.inference_mode():
+        agree = (small.model(got).argmax(1) == large.model(got).argmax(1)).float().mean()
+    assert agree >= 0.75, float(agree)

@@ -135,3 +135,20 @@ def test_manifest_is_valid_json_with_recipe() -> None:
     recipe = data["recipe"]
     for key in ("optimizer", "schedule", "augmentation", "batch_size", "seed"):
         assert key in recipe
+
+
+def test_zoo_anchors_carry_their_training_normalisation() -> None:
+    from timm.data import resolve_data_config
+
+    from evaluators.data.fashion_mnist import FMNIST_MEAN, FMNIST_STD
+    from tools.zoo_recipes import DATA_CONFIG
+
+    for name in zoo.zoo_names():
+        assert zoo.manifest()["anchors"][name]["data_config"] == DATA_CONFIG
+        anchor = load_anchor(f"zoo:{name}")
+        for model in (anchor.model, anchor.at_resolution(32).model):
+            cfg = resolve_data_config(model=model)
+            assert cfg["mean"] == pytest.approx((FMNIST_MEAN,), abs=1e-3), name
+            assert cfg["std"] == pytest.approx((FMNIST_STD,), abs=1e-3), name
+            assert (cfg["crop_pct"], cfg["interpolation"]) == (1.0, "bilinear"), name
+        assert cfg["input_size"] == (1, 28, 28)
