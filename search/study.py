@@ -7,6 +7,7 @@ what is expected.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -60,12 +61,16 @@ class AnchorSpec(_Strict):
         return self
 
     def load_kwargs(self, base: Path | None = None) -> dict[str, Any]:
-        """Keyword arguments for :func:`space.load_anchor` (checkpoint resolved from ``base``)."""
+        """Keyword arguments for :func:`space.load_anchor` (checkpoint resolved from ``base``).
+
+        A relative checkpoint becomes an absolute path (``base / checkpoint``): the workers
+        that rebuild the anchor from these arguments run in another working directory.
+        """
         kw: dict[str, Any] = dict(self.timm_kwargs)
         if self.checkpoint:
             path = Path(self.checkpoint).expanduser()
             if not path.is_absolute() and base is not None:
-                path = base / path
+                path = Path(os.path.abspath(base / path))
             kw["checkpoint"] = str(path)
         if self.pretrained:
             kw["pretrained"] = True
