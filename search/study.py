@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from search.candidates import PruningRule
+from search.candidates import PruningRule, SearchSpace, build_space
 from search.trials import OBJECTIVES
 from space import Anchor, InputError, load_anchor
 
@@ -242,6 +243,10 @@ class Study(_Strict):
         resolutions: Input sizes in pixels (square images) to search: each candidate runs
             at one of them, both anchors on the same images resized to it. ``None`` (the
             default): every candidate runs at its front anchor's native size.
+        cuts: Which stitch points each ordered pair holds: ``all`` (default, every
+            ``(k, j)``) or ``stages`` (stage boundaries only, front cut after stage ``s``
+            and back cut after the same stage ``s``: :func:`space.stage_stitch_points`;
+            needs anchors with stages, the same number of them).
     """
 
     name: str = Field(default="default", min_length=1, max_length=200)
@@ -263,6 +268,7 @@ class Study(_Strict):
     resolutions: list[Annotated[int, Field(strict=True, gt=0)]] | None = Field(
         default=None, min_length=1
     )
+    cuts: Literal["all", "stages"] = "all"
 
     @model_validator(mode="before")
     @classmethod
@@ -589,7 +595,24 @@ def load_anchors(
             raise InputError(f"{study_path}: field 'anchors[{i}]' ({spec.name}): {e}") from None
         kwargs[spec.name] = kw
     check_resolutions(study, anchors, study_path)
+    study_space(study, anchors, study_path)
     return anchors, kwargs
+
+
+def study_space(study: Study, anchors: Mapping[str, Anchor], study_path: Path) -> SearchSpace:
+    """The study's search space over its loaded anchors (``resolutions``, ``cuts``).
+
+    Raises:
+        InputError: ``cuts: stages`` with an anchor that has no stages, or two anchors with
+            different numbers of stages; one line naming the field ``cuts`` and the fix.
+    """
+    try:
+        return build_space(anchors, study.resolutions, study.cuts)
+    except ValueError as e:
+        raise InputError(
+            f"{study_path}: field 'cuts': {e}; use cuts: all, or anchors whose stages match "
+            "(e.g. two EfficientNets)"
+        ) from None
 
 
 def check_resolutions(study: Study, anchors: dict[str, Anchor], study_path: Path) -> None:
