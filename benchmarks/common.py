@@ -139,10 +139,10 @@ def load_plan(study: Path | str = DEFAULT_STUDY, budget_table: Path | str = DEFA
 
 
 def study_space(plan) -> Any:
-    """The plan's :class:`search.candidates.SearchSpace`."""
-    from search.candidates import SearchSpace
+    """The plan's :class:`search.candidates.SearchSpace` (its ``cuts``, at native sizes)."""
+    from search.candidates import build_space
 
-    return SearchSpace({n: a.num_blocks for n, a in plan.anchors.items()})
+    return build_space(plan.anchors, cuts=plan.study.cuts)
 
 
 def study_rule(plan) -> Any:

@@ -3,7 +3,8 @@
 The search prunes stitch points before it evaluates any (``search.pruning``), so its signal
 must be computable for a whole ordered anchor pair at once and cheaply. Signals, each a
 matrix indexed like :func:`evaluators.cka_matrix` (``[front cut k, back cut j]``; entries
-outside the search space's stitch points, ``k = 0`` or ``j = n_back``, are NaN):
+outside the search space's stitch points, ``k = 0`` or ``j = n_back``, are NaN, and so are
+the points a restricted space leaves out, ``points=``; e.g. ``cuts: stages``):
 
 ``residual`` (lower is better)
     The relative residual ``1 - R^2`` of the least-squares stitching layer over its whole
@@ -69,9 +70,30 @@ FIT_SIGNALS: tuple[str, ...] = ("residual", "kl")
 SIGNALS_CACHE_VERSION = 1
 
 
-def stitch_points(front: Anchor, back: Anchor) -> list[tuple[int, int]]:
-    """The ``(k, j)`` stitch points of a pair the search space holds (``1 <= k``, ``j < n``)."""
-    return [(k, j) for k in range(1, front.num_blocks + 1) for j in range(back.num_blocks)]
+def stitch_points(
+    front: Anchor, back: Anchor, points: Sequence[tuple[int, int]] | None = None
+) -> list[tuple[int, int]]:
+    """The ``(k, j)`` stitch points of a pair (``1 <= k``, ``j < n``), or the given ``points``.
+
+    Args:
+        front: The front anchor.
+        back: The back anchor.
+        points: A subset to use instead (a search space restricted to stage boundaries).
+
+    Raises:
+        ValueError: A point of ``points`` lies outside the pair's stitch points.
+    """
+    every = [(k, j) for k in range(1, front.num_blocks + 1) for j in range(back.num_blocks)]
+    if points is None:
+        return every
+    chosen = sorted({(int(k), int(j)) for k, j in points})
+    outside = sorted(set(chosen) - set(every))
+    if outside or not chosen:
+        raise ValueError(
+            f"stitch points {outside or chosen!r} are not stitch points of {front.name!r} -> "
+            f"{back.name!r} (1 <= k <= {front.num_blocks}, 0 <= j < {back.num_blocks})"
+        )
+    return chosen
 
 
 def _images(batch: Any) -> torch.Tensor:
@@ -101,9 +123,10 @@ def signals_cache_path(
     num_images: int | None,
     batch_size: int | None,
     cache_dir: str | Path | None = None,
+    points: Sequence[tuple[int, int]] | None = None,
 ) -> Path:
     """Where :func:`stitch_signals` caches the matrices of one ordered pair."""
-    key = {
+    key: dict[str, Any] = {
         "version": SIGNALS_CACHE_VERSION,
         "front": anchor_identity(front),
         "back": anchor_identity(back),
@@ -114,6 +137,8 @@ def signals_cache_path(
         "num_images": num_images,
         "batch_size": batch_size,
     }
+    if points is not None:  # only then, so that the entries of full pairs keep their names
+        key["points"] = [list(p) for p in stitch_points(front, back, points)]
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
     directory = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     safe = [n.replace(":", "_").replace("/", "_")[:60] for n in (front.name, back.name)]
@@ -132,6 +157,7 @@ def stitch_signals(
     cache_dir: str | Path | None = None,
     use_cache: bool = True,
     data_identity: str | None = None,
+    points: Sequence[tuple[int, int]] | None = None,
 ) -> dict[str, np.ndarray]:
     """The ``residual`` and ``kl`` signals of every stitch point of an ordered pair.
 
@@ -148,18 +174,22 @@ def stitch_signals(
         use_cache: Read and write the cache.
         data_identity: Identifies the images (default: a content hash for in-memory
             loaders; without either the cache is off).
+        points: Compute only these stitch points ``(k, j)`` (a search space restricted to
+            stage boundaries; default: all of them).
 
     Returns:
         Signal name -> float64 array ``(front.num_blocks + 1, back.num_blocks + 1)``,
-        NaN outside :func:`stitch_points`.
+        NaN outside :func:`stitch_points` (outside ``points`` when given).
 
     Raises:
-        ValueError: An unknown signal, no images, or non-finite activations.
+        ValueError: An unknown signal, no images, non-finite activations, or a point
+            outside the pair's stitch points.
     """
     wanted = tuple(dict.fromkeys(signals))
     unknown = [s for s in wanted if s not in FIT_SIGNALS]
     if unknown or not wanted:
         raise ValueError(f"signals must be some of {FIT_SIGNALS}, got {list(signals)!r}")
+    chosen = stitch_points(front, back, points)
     ident = data_identity if data_identity is not None else loader_identity(loader)
     path = None
     if use_cache and ident is not None:
@@ -171,6 +201,7 @@ def stitch_signals(
             num_images=num_images,
             batch_size=getattr(loader, "batch_size", None),
             cache_dir=cache_dir,
+            points=points,
         )
         cached = _read_cache(path, wanted, (front.num_blocks + 1, back.num_blocks + 1))
         if cached is not None:
@@ -178,9 +209,8 @@ def stitch_signals(
     start = time.perf_counter()
     param = next(front.model.parameters())
     dev = torch.device(device) if device is not None else param.device
-    points = stitch_points(front, back)
     fits: dict[tuple[int, int], LeastSquares] = {}
-    for k, j in points:
+    for k, j in chosen:
         src, dst = stitch_cuts(front, back, StitchConfig(front.name, back.name, k, j))
         layer = make_stitching_layer(src, dst).to(device=dev, dtype=param.dtype)
         fits[(k, j)] = LeastSquares(layer)
@@ -229,7 +259,7 @@ def stitch_signals(
                 )
                 kl_sum[k, j] += float(kl)
         kl_mat = np.full(shape, np.nan)
-        for k, j in points:
+        for k, j in chosen:
             kl_mat[k, j] = kl_sum[k, j] / images
         out["kl"] = kl_mat
     for name, m in out.items():
@@ -270,18 +300,25 @@ def _read_cache(
 
 
 @torch.no_grad()
-def stitch_macs(front: Anchor, back: Anchor) -> np.ndarray:
+def stitch_macs(
+    front: Anchor, back: Anchor, points: Sequence[tuple[int, int]] | None = None
+) -> np.ndarray:
     """MACs of one image through every stitch point of an ordered pair.
 
     Each front part (per ``k``) and back part (per ``j``) is counted once with
     :func:`evaluators.count_macs`, and each stitching layer; the sum is
     :func:`evaluators.stitched_macs`' total for the stitched network.
 
+    Args:
+        front: The front anchor.
+        back: The back anchor.
+        points: Count only these stitch points ``(k, j)`` (default: all of them).
+
     Returns:
         An int64-valued float array ``(front.num_blocks + 1, back.num_blocks + 1)``, NaN
-        outside :func:`stitch_points`.
+        outside :func:`stitch_points` (outside ``points`` when given).
     """
-    points = stitch_points(front, back)
+    points = stitch_points(front, back, points)
     size = front.input_size
     fronts = {k: count_macs(FrontPart(front, k), (1, *size)) for k in {k for k, _ in points}}
     backs: dict[int, int] = {}

@@ -26,6 +26,12 @@ A study that lists input ``resolutions`` adds a fifth parameter every trial shar
 
 Several parameter vectors decode to one configuration; the searcher evaluates each
 configuration once and answers repeats from the stored result.
+
+**Restricted stitch points.** A study with ``cuts: stages`` holds only the stage-boundary
+stitch points of each ordered pair (:func:`space.stage_stitch_points`; :func:`build_space`).
+The encoding stays the same four (or five) parameters: a parameter vector decodes to the
+pair's allowed point nearest to its relative depths (``front_cut``, ``back_cut``), and every
+allowed point encodes to parameters that decode to it.
 """
 
 from __future__ import annotations
@@ -36,7 +42,12 @@ from dataclasses import dataclass
 import numpy as np
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
 
-from space import Candidate
+from space import Anchor, Candidate, stage_stitch_points
+
+#: The values of a study's ``cuts`` setting: every stitch point, or stage boundaries only.
+CUTS = ("all", "stages")
+#: Allowed stitch points ``(k, j)`` per ordered anchor pair ``(front, back)``.
+StitchPoints = Mapping[tuple[str, str], Sequence[tuple[int, int]]]
 
 #: What a pair's pruning signal (and CKA) matrix is keyed by: ``(front, back)`` for a study at
 #: the native sizes, ``(front, back, resolution)`` in one that searches resolutions.
@@ -65,9 +76,17 @@ class SearchSpace:
         depths: Anchor name -> number of stitchable blocks, in the study's order.
         resolutions: The input sizes (pixels) every candidate is searched at, or ``None``
             for the anchors' native sizes (no ``resolution`` parameter).
+        points: The stitch points ``(k, j)`` each ordered pair holds, or ``None`` for all
+            of them (``1 <= k <= n_front``, ``0 <= j < n_back``); every ordered pair must be
+            given at least one point.
     """
 
-    def __init__(self, depths: Mapping[str, int], resolutions: Sequence[int] | None = None) -> None:
+    def __init__(
+        self,
+        depths: Mapping[str, int],
+        resolutions: Sequence[int] | None = None,
+        points: StitchPoints | None = None,
+    ) -> None:
         if len(depths) < 2:
             raise ValueError("a search space needs at least two anchors")
         for name, n in depths.items():
@@ -80,6 +99,23 @@ class SearchSpace:
                 raise ValueError(f"resolutions must be distinct and non-empty, got {resolutions!r}")
             resolutions = [int(r) for r in resolutions]
         self.resolutions: list[int] | None = resolutions
+        self.points: dict[tuple[str, str], list[tuple[int, int]]] | None = None
+        if points is not None:
+            self.points = {}
+            for a, b in self.pairs():
+                pts = [(int(k), int(j)) for k, j in points.get((a, b), ())]
+                bad = [
+                    (k, j)
+                    for k, j in pts
+                    if not (1 <= k <= self.depths[a] and 0 <= j < self.depths[b])
+                ]
+                if not pts or bad:
+                    raise ValueError(
+                        f"stitch points of {a!r} -> {b!r} must be a non-empty list of (k, j) "
+                        f"with 1 <= k <= {self.depths[a]} and 0 <= j < {self.depths[b]}, got "
+                        f"{pts!r}"
+                    )
+                self.points[(a, b)] = sorted(set(pts))
 
     # ------------------------------------------------------------- encoding
     def distributions(self) -> dict[str, BaseDistribution]:
@@ -101,8 +137,15 @@ class SearchSpace:
         if front == back:
             return Candidate(front, front, resolution=res)
         nf, nb = self.depths[front], self.depths[back]
-        k = 1 + round(float(params["front_cut"]) * (nf - 1))
-        j = round(float(params["back_cut"]) * (nb - 1))
+        fc, bc = float(params["front_cut"]), float(params["back_cut"])
+        if self.points is not None:
+            k, j = min(
+                self.points[(front, back)],
+                key=lambda p: (_rel(p[0] - 1, nf) - fc) ** 2 + (_rel(p[1], nb) - bc) ** 2,
+            )
+            return Candidate(front, back, k, j, res)
+        k = 1 + round(fc * (nf - 1))
+        j = round(bc * (nb - 1))
         return Candidate(front, back, k, j, res)
 
     def encode(self, c: Candidate) -> dict[str, object]:
@@ -114,8 +157,8 @@ class SearchSpace:
         return {
             "front": c.front,
             "back": c.back,
-            "front_cut": (c.front_block - 1) / (nf - 1) if nf > 1 else 0.0,
-            "back_cut": c.back_block / (nb - 1) if nb > 1 else 0.0,
+            "front_cut": _rel(c.front_block - 1, nf),
+            "back_cut": _rel(c.back_block, nb),
             **at,
         }
 
@@ -136,12 +179,20 @@ class SearchSpace:
         """What pruning signals are computed for: each ordered pair at each resolution."""
         return [pair_key(a, b, r) for r in self.sizes() for a, b in self.pairs()]
 
+    def stitch_points(self, front: str, back: str) -> list[tuple[int, int]]:
+        """The stitch points ``(k, j)`` of one ordered pair the space holds."""
+        if self.points is not None:
+            return list(self.points[(front, back)])
+        return [(k, j) for k in range(1, self.depths[front] + 1) for j in range(self.depths[back])]
+
+    def restricted_points(self, front: str, back: str) -> list[tuple[int, int]] | None:
+        """The pair's stitch points when the space restricts them (``None``: all of them)."""
+        return None if self.points is None else self.stitch_points(front, back)
+
     def stitches(self, front: str, back: str, resolution: int | None = None) -> list[Candidate]:
         """Every stitch point of one ordered pair (at one resolution)."""
         return [
-            Candidate(front, back, k, j, resolution)
-            for k in range(1, self.depths[front] + 1)
-            for j in range(self.depths[back])
+            Candidate(front, back, k, j, resolution) for k, j in self.stitch_points(front, back)
         ]
 
     def all_candidates(self) -> list[Candidate]:
@@ -154,6 +205,42 @@ class SearchSpace:
 
     def __len__(self) -> int:
         return len(self.all_candidates())
+
+
+def _rel(i: int, n: int) -> float:
+    """Relative depth of cut index ``i`` among ``n`` values (``front_cut``/``back_cut``)."""
+    return i / (n - 1) if n > 1 else 0.0
+
+
+def build_space(
+    anchors: Mapping[str, Anchor],
+    resolutions: Sequence[int] | None = None,
+    cuts: str = "all",
+) -> SearchSpace:
+    """The search space of a study's anchors.
+
+    Args:
+        anchors: The anchors by name, in the study's order.
+        resolutions: The study's ``resolutions`` (``None``: native sizes).
+        cuts: ``all`` (every stitch point) or ``stages`` (stage boundaries only:
+            :func:`space.stage_stitch_points` for every ordered pair).
+
+    Raises:
+        ValueError: An unknown ``cuts``, or ``stages`` for a pair without stage-boundary
+            points (the message names the anchors).
+    """
+    if cuts not in CUTS:
+        raise ValueError(f"cuts must be one of {', '.join(CUTS)}, got {cuts!r}")
+    depths = {name: a.num_blocks for name, a in anchors.items()}
+    points = None
+    if cuts == "stages":
+        points = {
+            (a, b): stage_stitch_points(anchors[a], anchors[b])
+            for a in anchors
+            for b in anchors
+            if a != b
+        }
+    return SearchSpace(depths, resolutions, points)
 
 
 #: Pruning signals and whether higher values are better (see :mod:`evaluators.signals`).
@@ -232,10 +319,11 @@ class PruningRule:
         if self.top_k is not None:
             nb = matrix.shape[1] - 1  # valid back cuts: 0 .. nb - 1
             row = np.array([self._score(float(v)) for v in matrix[c.front_block, :nb]])
-            rank = int((row > self._score(value)).sum())
+            rank = int((row > self._score(value)).sum())  # NaN: a point the space leaves out
             if rank >= self.top_k:
                 return (
-                    f"{name} {value:.3f} ranks {rank + 1} of {nb} for front cut "
+                    f"{name} {value:.3f} ranks {rank + 1} of {int((~np.isnan(row)).sum())} "
+                    f"for front cut "
                     f"{c.front_block} (top_k={self.top_k})"
                 )
         if self.depth is not None:
@@ -283,10 +371,16 @@ def pareto_layers(matrix: np.ndarray, macs: np.ndarray, higher_is_better: bool) 
     Returns:
         An int array of ``matrix``'s shape: 0 for the stitch points no other point of the
         pair beats on both (better or equal signal and MACs, one strictly), 1 for those only
-        layer-0 points beat, and so on; -1 outside the stitch points.
+        layer-0 points beat, and so on; -1 outside the stitch points and where the signal
+        or MACs are NaN (points a restricted space does not hold, :class:`SearchSpace`).
     """
     sign = 1.0 if higher_is_better else -1.0
-    points = [(k, j) for k in range(1, matrix.shape[0]) for j in range(matrix.shape[1] - 1)]
+    points = [
+        (k, j)
+        for k in range(1, matrix.shape[0])
+        for j in range(matrix.shape[1] - 1)
+        if not (np.isnan(matrix[k, j]) or np.isnan(macs[k, j]))
+    ]
     score = np.array([sign * float(matrix[p]) for p in points])
     cost = np.array([float(macs[p]) for p in points])
     layers = np.full(matrix.shape, -1, dtype=int)

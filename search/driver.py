@@ -118,7 +118,8 @@ def pruning_signals(
     ``residual`` and ``kl`` are computed per ordered pair by :func:`evaluators.stitch_signals`
     on the first ``study.pruning_images`` calibration images (cached on disk under
     ``plan.out``); a ``depth`` rule also takes every stitch point's MACs
-    (:func:`evaluators.stitch_macs`).
+    (:func:`evaluators.stitch_macs`). A space restricted to some stitch points
+    (``cuts: stages``) gets both for those points only.
     """
     rule = plan.study.pruning_rule
     if not rule.active or (rule.signal == "cka" and rule.depth is None):
@@ -131,13 +132,16 @@ def pruning_signals(
     keys = space.signal_keys()
     for i, key in enumerate(keys, start=1):
         front, back = _pair_anchors(plan, key)
+        points = space.restricted_points(key[0], key[1])
         if rule.signal == "cka":
             values[key] = matrices[key]
         else:
-            sig = stitch_signals(front, back, loader, signals=[rule.signal], cache_dir=cache)
+            sig = stitch_signals(
+                front, back, loader, signals=[rule.signal], cache_dir=cache, points=points
+            )
             values[key] = sig[rule.signal]
         if macs is not None:
-            macs[key] = stitch_macs(front, back)
+            macs[key] = stitch_macs(front, back, points)
         log(
             f"\rpruning signal {rule.signal!r}: {i}/{len(keys)} {_pairs_word(space)} "
             f"({time.perf_counter() - t0:.1f}s)",

@@ -24,7 +24,7 @@ from evaluators import (
     study_fingerprint,
 )
 from search.budgets import TABLE_COLUMN, BudgetError, DeviceBudget
-from search.candidates import SearchSpace
+from search.candidates import build_space
 from space import Anchor, Candidate
 
 
@@ -112,6 +112,7 @@ def attach_tables(
     study_path: Path,
     anchors: Mapping[str, Anchor],
     resolutions: Sequence[int] | None = None,
+    cuts: str = "all",
 ) -> tuple[DeviceBudget, ...]:
     """Reads each device's latency table, checks it against the study, and attaches it.
 
@@ -123,6 +124,7 @@ def attach_tables(
         anchors: The study's loaded anchors, in order.
         resolutions: The study's searched input sizes (``None``: native sizes); a table
             must hold every part at each of them.
+        cuts: The study's ``cuts`` (``stages``: a table needs only the stage-boundary parts).
 
     Returns:
         The rows, those with a ``latency_table`` carrying the loaded table.
@@ -133,8 +135,7 @@ def attach_tables(
     """
     if not any(b.latency_table is not None for b in budgets):
         return tuple(budgets)
-    depths = {name: a.num_blocks for name, a in anchors.items()}
-    candidates = SearchSpace(depths, resolutions).all_candidates()
+    candidates = build_space(anchors, resolutions, cuts).all_candidates()
     out = []
     for b in budgets:
         if b.latency_table is None:

@@ -298,6 +298,7 @@ def prepare(args: argparse.Namespace, argv: Sequence[str] = ()) -> Plan:
         study_path=study_path,
         anchors=anchors,
         resolutions=study.resolutions,
+        cuts=study.cuts,
     )
     data = _load_data(study, study_path, anchors)
     return Plan(

@@ -33,10 +33,9 @@ from torch import nn
 from tqdm import tqdm
 
 from evaluators import count_steps, profile_parts, torch_runner
-from search.candidates import SearchSpace
 from search.console import OneLineParser, SignalGuard, one_line
 from search.onnx import export_onnx
-from search.study import load_anchors, load_study
+from search.study import load_anchors, load_study, study_space
 from space import InputError
 from space.files import atomic_write
 
@@ -228,8 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(threads)
     for a in anchors.values():
         a.model.cpu().eval()
-    depths = {n: a.num_blocks for n, a in anchors.items()}
-    candidates = SearchSpace(depths, study.resolutions).all_candidates()
+    candidates = study_space(study, anchors, study_path).all_candidates()
     batches = sorted({1, study.latency_batch})
     total = count_steps(
         anchors,

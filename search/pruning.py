@@ -68,13 +68,33 @@ def pruned_reasons(
     macs = signals.macs if signals is not None else None
     if not values or not rule.active:
         return out
+    masked: dict[SignalKey, tuple[np.ndarray, np.ndarray | None]] = {}
     for c in space.all_candidates():
         pair = signal_key(c)
         if c.is_anchor or pair not in values:
             continue
-        reason = rule.reason(c, values[pair], None if macs is None else macs.get(pair))
+        if pair not in masked:
+            m = None if macs is None else macs.get(pair)
+            masked[pair] = (_within(space, pair, values[pair]), _within(space, pair, m))
+        matrix, m = masked[pair]
+        reason = rule.reason(c, matrix, m)
         if reason is not None:
             out[c.key] = (c, reason)
+    return out
+
+
+def _within(space: SearchSpace, key: SignalKey, matrix: np.ndarray | None) -> np.ndarray | None:
+    """``matrix`` with NaN outside the pair's stitch points when the space restricts them.
+
+    A rule then ranks a stitch point (``top_k``, ``depth``) only among the points the space
+    holds (``cuts: stages``), not among every cut of the anchors.
+    """
+    points = space.restricted_points(key[0], key[1])
+    if matrix is None or points is None:
+        return matrix
+    out = np.full(matrix.shape, np.nan)
+    for k, j in points:
+        out[k, j] = matrix[k, j]
     return out
 
 

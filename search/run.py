@@ -43,6 +43,7 @@ from search.plan import Plan, build_parser, prepare
 from search.promotion import rung1_study_name
 from search.sampler import make_sampler
 from search.storage import StorageUnavailable
+from search.study import Study, study_space
 from search.trials import evaluated_trials
 from space import InputError
 
@@ -52,6 +53,11 @@ def _at_resolutions(space: SearchSpace) -> str:
     if space.resolutions is None:
         return ""
     return ", at " + "/".join(str(r) for r in space.resolutions) + " px"
+
+
+def _cuts(study: Study) -> str:
+    """``", stage boundaries only"`` for a study with ``cuts: stages``, else nothing."""
+    return ", stage boundaries only" if study.cuts == "stages" else ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,7 +122,7 @@ def _execute(plan: Plan) -> int:
             shutil.rmtree(plan.out, ignore_errors=True)
         print(f"error: {one_line(str(e))}", file=sys.stderr)
         return 2
-    space = SearchSpace({n: a.num_blocks for n, a in plan.anchors.items()}, plan.study.resolutions)
+    space = study_space(plan.study, plan.anchors, plan.study_path)
     rule = plan.study.pruning_rule
     state = RunState()
     interrupted: str | None = None
@@ -165,7 +171,7 @@ def _execute(plan: Plan) -> int:
                 log(
                     f"study {plan.study.name!r}: {len(space)} candidates "
                     f"({len(space.pairs())} ordered pairs, {len(plan.anchors)} anchors"
-                    f"{_at_resolutions(space)}), "
+                    f"{_at_resolutions(space)}{_cuts(plan.study)}), "
                     f"{len(evaluated_trials(study))}/{plan.trials} evaluated, "
                     f"{newly} pruned points recorded, {len(others)} other driver(s) running, "
                     f"storage {storage.masked_url(plan.storage_url)}"

@@ -7,14 +7,16 @@ what is expected.
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from search.candidates import PruningRule
+from search.candidates import PruningRule, SearchSpace, build_space
 from search.trials import OBJECTIVES
 from space import Anchor, InputError, load_anchor
 
@@ -60,12 +62,16 @@ class AnchorSpec(_Strict):
         return self
 
     def load_kwargs(self, base: Path | None = None) -> dict[str, Any]:
-        """Keyword arguments for :func:`space.load_anchor` (checkpoint resolved from ``base``)."""
+        """Keyword arguments for :func:`space.load_anchor` (checkpoint resolved from ``base``).
+
+        A relative checkpoint becomes an absolute path (``base / checkpoint``): the workers
+        that rebuild the anchor from these arguments run in another working directory.
+        """
         kw: dict[str, Any] = dict(self.timm_kwargs)
         if self.checkpoint:
             path = Path(self.checkpoint).expanduser()
             if not path.is_absolute() and base is not None:
-                path = base / path
+                path = Path(os.path.abspath(base / path))
             kw["checkpoint"] = str(path)
         if self.pretrained:
             kw["pretrained"] = True
@@ -237,6 +243,10 @@ class Study(_Strict):
         resolutions: Input sizes in pixels (square images) to search: each candidate runs
             at one of them, both anchors on the same images resized to it. ``None`` (the
             default): every candidate runs at its front anchor's native size.
+        cuts: Which stitch points each ordered pair holds: ``all`` (default, every
+            ``(k, j)``) or ``stages`` (stage boundaries only, front cut after stage ``s``
+            and back cut after the same stage ``s``: :func:`space.stage_stitch_points`;
+            needs anchors with stages, the same number of them).
     """
 
     name: str = Field(default="default", min_length=1, max_length=200)
@@ -258,6 +268,7 @@ class Study(_Strict):
     resolutions: list[Annotated[int, Field(strict=True, gt=0)]] | None = Field(
         default=None, min_length=1
     )
+    cuts: Literal["all", "stages"] = "all"
 
     @model_validator(mode="before")
     @classmethod
@@ -584,7 +595,24 @@ def load_anchors(
             raise InputError(f"{study_path}: field 'anchors[{i}]' ({spec.name}): {e}") from None
         kwargs[spec.name] = kw
     check_resolutions(study, anchors, study_path)
+    study_space(study, anchors, study_path)
     return anchors, kwargs
+
+
+def study_space(study: Study, anchors: Mapping[str, Anchor], study_path: Path) -> SearchSpace:
+    """The study's search space over its loaded anchors (``resolutions``, ``cuts``).
+
+    Raises:
+        InputError: ``cuts: stages`` with an anchor that has no stages, or two anchors with
+            different numbers of stages; one line naming the field ``cuts`` and the fix.
+    """
+    try:
+        return build_space(anchors, study.resolutions, study.cuts)
+    except ValueError as e:
+        raise InputError(
+            f"{study_path}: field 'cuts': {e}; use cuts: all, or anchors whose stages match "
+            "(e.g. two EfficientNets)"
+        ) from None
 
 
 def check_resolutions(study: Study, anchors: dict[str, Anchor], study_path: Path) -> None:

@@ -14,6 +14,7 @@ from space.manifest import (
     anchor_record,
     check_fields,
 )
+from space.stages import stage_ends, stage_stitch_points
 from space.stitched import (
     StitchedNet,
     adapt_images,
@@ -70,5 +71,7 @@ __all__ = [
     "register_family",
     "runs_at_any_size",
     "save_switchable",
+    "stage_ends",
+    "stage_stitch_points",
     "stitch_cuts",
 ]

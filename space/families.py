@@ -46,8 +46,9 @@ class FamilyAdapter(abc.ABC):
     """How to run one timm model family as ``stem -> blocks[0] -> ... -> blocks[n-1] -> head``.
 
     Subclasses set the class attributes and implement :meth:`stem`, :meth:`blocks` and
-    :meth:`head`; ``head(model, blocks(model)[-1](...(stem(model, x))))`` must equal
-    ``model(x)``. Adapters hold no state: one instance serves every model of the family.
+    :meth:`head` (and :meth:`stage_depths` for a family with stages);
+    ``head(model, blocks(model)[-1](...(stem(model, x))))`` must equal ``model(x)``. Adapters
+    hold no state: one instance serves every model of the family.
 
     Attributes:
         name: The family's name (``Anchor.family``, recorded in export manifests).
@@ -71,6 +72,16 @@ class FamilyAdapter(abc.ABC):
     @abc.abstractmethod
     def head(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Runs the layers after the last block on cut ``n``; returns logits."""
+
+    def stage_depths(self, model: nn.Module) -> list[int] | None:
+        """Blocks per stage, in order (they sum to ``len(blocks(model))``), or ``None``.
+
+        A stage is a run of blocks at one feature-map resolution and width (a ResNet's
+        ``layerN``, an EfficientNet's ``blocks[i]``); its last block's output is a *stage
+        boundary* (:func:`space.stages.stage_ends`). ``None`` (the default): the family has no
+        stages (a ViT's blocks are all alike).
+        """
+        return None
 
     def num_prefix_tokens(self, model: nn.Module) -> int:
         """Class/distillation/register tokens in front of the patch tokens (token cuts)."""
@@ -168,6 +179,9 @@ class ResNetFamily(FamilyAdapter):
             b for layer in (model.layer1, model.layer2, model.layer3, model.layer4) for b in layer
         ]
 
+    def stage_depths(self, model: nn.Module) -> list[int]:
+        return [len(layer) for layer in (model.layer1, model.layer2, model.layer3, model.layer4)]
+
     def head(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return model.forward_head(x)
 
@@ -247,6 +261,9 @@ class ConvNeXtFamily(FamilyAdapter):
                 units.append(StageEntry(stage.downsample, block) if i == 0 else block)
         return units
 
+    def stage_depths(self, model: nn.Module) -> list[int]:
+        return [len(stage.blocks) for stage in model.stages]
+
     def head(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return model.forward_head(model.norm_pre(x))
 
@@ -264,6 +281,9 @@ class EfficientNetFamily(FamilyAdapter):
 
     def blocks(self, model: nn.Module) -> list[nn.Module]:
         return [b for stage in model.blocks for b in stage]
+
+    def stage_depths(self, model: nn.Module) -> list[int]:
+        return [len(stage) for stage in model.blocks]
 
     def head(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return model.forward_head(model.bn2(model.conv_head(x)))

@@ -382,6 +382,15 @@ CASES: dict[str, Case] = {
     "yaml-resolution-not-patch-multiple": _yaml(
         "seed: 0", "seed: 0\nresolutions: [44]", "not a multiple of the patch size 8"
     ),
+    # stitch points restricted to stage boundaries (issue 14, item 5)
+    "yaml-cuts-unknown": _yaml(
+        "seed: 0", "seed: 0\ncuts: blocks", "field 'cuts': Input should be 'all' or 'stages'"
+    ),
+    "yaml-cuts-stages-without-stages": _yaml(
+        "seed: 0",
+        "seed: 0\ncuts: stages",
+        "field 'cuts': anchor 'vit_tiny_patch16_224' (vit) has no stages",
+    ),
     # checkpoints
     "ckpt-missing": _checkpoint(lambda x, w: x.root / "nope.safetensors", "nope.safetensors"),
     "ckpt-truncated": _checkpoint(_truncated, "trunc.safetensors"),

@@ -36,6 +36,15 @@ def test_anchor_mappings_and_aliases(tmp_path) -> None:
     assert kw == {"num_classes": 10, "checkpoint": str(tmp_path / "w.pth")}
 
 
+def test_a_relative_checkpoint_becomes_absolute(tmp_path, monkeypatch) -> None:
+    # Workers rebuild anchors from these arguments in another working directory (Ray Tune's
+    # trial folder): "studies/../weights/w.pth" would not be found there.
+    monkeypatch.chdir(tmp_path)
+    spec = parse_study({"anchors": [{"name": "resnet18", "checkpoint": "../w/x.pth"}, "b"]})
+    kw = spec.anchors[0].load_kwargs(Path("studies"))
+    assert kw["checkpoint"] == str(tmp_path / "w" / "x.pth")
+
+
 @pytest.mark.parametrize(
     ("data", "field", "echo"),
     [
