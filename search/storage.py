@@ -502,7 +502,8 @@ def open_study(
             study is ``search.promotion.rung1_study_name(definition.name)``.
 
     Raises:
-        InputError: The stored study has other objectives, or other ``resolutions``.
+        InputError: The stored study has other objectives, other ``resolutions`` or other
+            ``cuts``.
     """
     # optuna-dashboard shows these names: a label-free study's "agreement with <teacher>".
     objectives = metric_names(list(definition.objectives), definition.teacher)
@@ -539,6 +540,12 @@ def open_study(
                 f"study {name!r} in the storage searches resolutions {theirs} (null: the "
                 f"anchors' native sizes), not {definition.resolutions}; use another study "
                 "name or --out"
+            )
+        theirs_cuts = stored.get("cuts", "all")  # studies from before `cuts` hold every point
+        if theirs_cuts != definition.cuts:
+            raise InputError(
+                f"study {name!r} in the storage searches cuts: {theirs_cuts}, not cuts: "
+                f"{definition.cuts}; use another study name or --out"
             )
     return study, False
 

@@ -186,3 +186,18 @@ def test_load_anchors_checks_the_stages(tmp_path) -> None:
     assert "use cuts: all" in str(e.value)
     path = _tiny_study(tmp_path, "all", vit)
     load_anchors(load_study(path), path)  # every (k, j): no stages needed
+
+
+def test_a_stored_study_keeps_its_cuts() -> None:
+    import optuna
+
+    from search.storage import open_study
+
+    definition = yaml.safe_load((Path(__file__).parents[2] / "studies/default.yaml").read_text())
+    every = parse_study({**definition, "cuts": "all"})
+    stages = parse_study({**definition, "cuts": "stages"})
+    storage = optuna.storages.InMemoryStorage()
+    assert open_study(storage, every, "d1")[1] is True
+    assert open_study(storage, every, "d2")[1] is False
+    with pytest.raises(InputError, match=r"searches cuts: all, not cuts: stages"):
+        open_study(storage, stages, "d3")
