@@ -120,13 +120,20 @@ class SignalGuard:
     def __init__(self) -> None:
         self.depth = 0
         self.pending: int | None = None
+        #: The name of the last signal received (``"SIGTERM"``), or ``None``.
+        self.received: str | None = None
         self._previous: dict[int, Any] = {}
 
+    def name(self, interrupt: BaseException) -> str:
+        """The signal behind a KeyboardInterrupt (Ray Tune re-raises it without its text)."""
+        return str(interrupt) or self.received or "SIGINT"
+
     def _handler(self, signum: int, frame: Any) -> None:
+        self.received = signal.Signals(signum).name
         if self.depth:
             self.pending = signum
             return
-        raise KeyboardInterrupt(signal.Signals(signum).name)
+        raise KeyboardInterrupt(self.received)
 
     @contextlib.contextmanager
     def critical(self) -> Iterator[None]:
@@ -147,6 +154,17 @@ class SignalGuard:
                 self._previous[sig] = signal.getsignal(sig)
                 signal.signal(sig, self._handler)
         return self
+
+    def reinstall(self) -> None:
+        """Takes SIGINT and SIGTERM back after a library installed its own handlers.
+
+        ``ray.init`` installs Ray's C++ failure handler for SIGTERM, which prints a stack
+        dump and kills the driver with no summary and trials left RUNNING; call this after
+        starting or joining Ray.
+        """
+        if self._previous and threading.current_thread() is threading.main_thread():
+            for sig in self._previous:
+                signal.signal(sig, self._handler)
 
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self._previous.items():

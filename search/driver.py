@@ -241,7 +241,7 @@ def _search_round(
     signals: PruningSignals | None = None,
 ) -> StitchSearcher:
     """One Ray Tune run: trials until this driver has nothing left to start."""
-    cpus, use_gpu = _worker_share(plan, state)
+    cpus, use_gpu = _worker_share(plan, state, guard)
     job = WorkerJob.build(
         plan.trial_context(threads=cpus, use_gpu=use_gpu), plan.study.trial_timeout_s
     )
@@ -277,10 +277,17 @@ def _search_round(
     return searcher
 
 
-def _worker_share(plan: Plan, state: RunState) -> tuple[int, bool]:
-    """Starts or joins Ray; returns each trial's CPU threads and whether it gets a GPU."""
+def _worker_share(
+    plan: Plan, state: RunState, guard: SignalGuard | None = None
+) -> tuple[int, bool]:
+    """Starts or joins Ray; returns each trial's CPU threads and whether it gets a GPU.
+
+    ``guard`` takes SIGINT and SIGTERM back from the handlers ``ray.init`` installs.
+    """
     cpus = max(1, (os.cpu_count() or 1) // plan.workers)
     state.started_ray = start_ray(plan, cpus) or state.started_ray
+    if guard is not None:
+        guard.reinstall()
     if plan.ray_address:
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)) // plan.workers)
     return cpus, torch.cuda.is_available()
@@ -376,7 +383,7 @@ def run_rung1(
         + (f", {ft.max_seconds:g} s" if ft.max_seconds else "")
         + f"; {ft.steps} steps of {ft.batch_size} training images each)"
     )
-    cpus, use_gpu = _worker_share(plan, state)
+    cpus, use_gpu = _worker_share(plan, state, guard)
     context = plan.trial_context(
         threads=cpus, use_gpu=use_gpu, rung=1, teacher=teacher_of(plan, study)
     )

@@ -197,7 +197,7 @@ def _execute(plan: Plan) -> int:
                     if rung1 is not None:
                         run_rung1(plan, study, rung1, space, state=state, guard=guard, log=log)
                 except KeyboardInterrupt as e:
-                    interrupted = str(e) or "SIGINT"
+                    interrupted = guard.name(e)
                 finally:
                     with guard.ignored():
                         shutdown_ray(plan, state)
@@ -209,7 +209,7 @@ def _execute(plan: Plan) -> int:
                                 for n in storage.fail_own_trials(s, plan.driver_id, interrupted)
                             ]
         except KeyboardInterrupt as e:  # before the search started
-            interrupted = str(e) or "SIGINT"
+            interrupted = guard.name(e)
             with guard.ignored():
                 shutdown_ray(plan, state)
             log(f"interrupted ({interrupted}) before the search started; nothing was evaluated")
@@ -226,10 +226,10 @@ def _execute(plan: Plan) -> int:
             )
         except KeyboardInterrupt as e:
             log(
-                f"interrupted ({e or 'SIGINT'}) while exporting: no exports were published; "
+                f"interrupted ({guard.name(e)}) while exporting: no exports were published; "
                 f"to export, run the same command again: {plan.command}"
             )
-            return _exit_code(str(e))
+            return _exit_code(guard.name(e))
 
 
 if __name__ == "__main__":
