@@ -230,7 +230,8 @@ class Study(_Strict):
         workers: Concurrent Ray trials.
         sampler: ``tpe`` (default), ``nsga2`` or ``random``.
         seed: Seed of the sampler.
-        self_stitch: Also stitch an anchor to itself at different cuts.
+        self_stitch: Reserved: stitching an anchor to itself is not searched yet, so only
+            ``false`` is accepted (``space.build_stitched`` builds such networks directly).
         cka: CKA matrices (recorded on every stitch trial); its ``threshold`` and ``top_k``
             are the old form of a CKA pruning rule, still read when ``pruning`` is absent.
         pruning: The pruning rule (default: ``kl`` signal, ``depth`` 3).
@@ -284,6 +285,16 @@ class Study(_Strict):
         finetune = value.get("finetune")
         if finetune is None or isinstance(finetune, dict):
             value["finetune"] = {"distill": 1.0, **(finetune or {})}
+        return value
+
+    @field_validator("self_stitch")
+    @classmethod
+    def _no_self_stitch(cls, value: bool) -> bool:
+        if value:
+            raise ValueError(
+                "stitching an anchor to itself is not searched yet; remove self_stitch (or "
+                "set it to false)"
+            )
         return value
 
     @field_validator("anchors", mode="before")

@@ -349,6 +349,9 @@ CASES: dict[str, Case] = {
     ),
     "yaml-syntax": _yaml("objectives: [accuracy, macs]", "objectives: [accuracy, macs", "s.yaml:"),
     "yaml-negative-trials": _yaml("trials: 8", "trials: -3", "field 'trials'"),
+    "yaml-self-stitch": _yaml(
+        "trials: 8", "trials: 8\nself_stitch: true", "field 'self_stitch': stitching an anchor"
+    ),
     "yaml-unknown-field": _yaml("seed: 0", "seed: 0\nsead: 1", "field 'sead': unknown field"),
     "yaml-unknown-objective": _yaml(
         "objectives: [accuracy, macs]", "objectives: [accuracy, flops]", "field 'objectives'"
