@@ -341,6 +341,9 @@ def _figure(
             )
         )
 
+    macs = [float(t["macs"]) for t in trials if _status(t) in _PLOTTED and t.get("macs")]
+    # The middle of the log-scale x axis.
+    x_middle = math.sqrt(min(macs) * max(macs)) if macs else 0.0
     for i, budget in enumerate(budgets):
         colour = _DEVICE_COLOURS[i % len(_DEVICE_COLOURS)]
         group = f"device-{i}"
@@ -371,7 +374,9 @@ def _figure(
                     y=[y_of(pick)],
                     mode="markers+text",
                     text=[f"{name} → {_plot_text(row_id(pick))}"],
-                    textposition="bottom right" if i % 2 else "top left",
+                    # Towards the plot's middle, so that a label is not cut off at its edge.
+                    textposition=("bottom " if i % 2 else "top ")
+                    + ("right" if float(pick["macs"]) <= x_middle else "left"),
                     textfont={"color": colour, "size": 11},
                     marker={
                         "symbol": _DEVICE_SYMBOLS[i % len(_DEVICE_SYMBOLS)],
