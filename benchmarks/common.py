@@ -66,6 +66,7 @@ SECTIONS: tuple[tuple[str, str], ...] = (
     ("rung1", "7. Rung 1: every stitch fine-tuned, and what promotion finds"),
     ("latency_table", "8. Device latency tables: predicted against measured latency"),
     ("real_pair", "9. Real ImageNet weights: EfficientNet-Lite0 and Lite1 stitched both ways"),
+    ("real_trials", "9c. Real weights through the workers' evaluation"),
 )
 
 

@@ -42,6 +42,7 @@ STEPS = (
     ("rung1", True, True),
     ("latency_table", True, False),
     ("real_pair", False, False),
+    ("real_trials", False, False),
 )
 
 

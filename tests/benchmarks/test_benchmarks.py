@@ -257,6 +257,7 @@ def test_run_all_builds_every_command() -> None:
         "rung1",
         "latency_table",
         "real_pair",
+        "real_trials",
     ]
     gt_cmd = dict(cmds)["ground_truth"]
     assert "--rebuild" in gt_cmd and "gt.json" in gt_cmd
