@@ -41,10 +41,12 @@ def top1_predictions(
     """
     was_training = model.training
     model.eval()
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
     out: list[int] = []
     try:
         for x, _ in loader:
-            logits = model(_fit_input(x, input_size))
+            logits = model(_fit_input(x, input_size).to(device))
             if not torch.isfinite(logits).all():
                 raise ValueError("the teacher gives non-finite logits; check its weights")
             top = logits.topk(5, dim=1).indices[:, 0] if logits.shape[1] > 5 else logits.argmax(1)
