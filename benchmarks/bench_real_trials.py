@@ -16,7 +16,8 @@ through :func:`evaluators.evaluate_candidate`: rung 0 (least squares on the cali
 images) and, for the stitches, rung 1 (the stitching layer distilled from Lite1 on the
 training images, :class:`evaluators.FinetuneSettings` with ``distill=1``). Recorded per
 candidate: agreement with Lite1 (validation, test), MACs, latency and memory on the device,
-and the seconds of fitting, fine-tuning and measuring.
+and the seconds of fitting, fine-tuning and measuring. The results JSON is rewritten after
+every candidate (``"partial": true``), so a run cut short keeps what it measured.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import bench_parser, machine_info, md_table, publish
+from benchmarks.common import bench_parser, machine_info, md_table, publish, write_json
 from evaluators import (
     FinetuneSettings,
     evaluate_candidate,
@@ -100,6 +101,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             t0 = time.perf_counter()
             res = evaluate_candidate(name, anchors, data, **common)
             rows.append(_row(res, name, 0, time.perf_counter() - t0))
+            write_json(args.out, {"partial": True, "rows": rows})  # kept if cut short
             print(f"  {rows[-1]['candidate']}: {res.val_acc:.2f}%", file=sys.stderr, flush=True)
         names = list(anchors)
         for front, back in ((names[1], names[0]), (names[0], names[1])):
@@ -112,6 +114,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         cfg, anchors, data, finetune=tune, teacher=teacher.model, **common
                     )
                     rows.append(_row(res, label, rung, time.perf_counter() - t0))
+                    write_json(args.out, {"partial": True, "rows": rows})
                     print(
                         f"  {label} rung {rung}: {res.val_acc:.2f}% ({rows[-1]['seconds']:.1f} s)",
                         file=sys.stderr,
