@@ -41,6 +41,7 @@ from benchmarks.common import (
     pareto_mask,
     publish,
 )
+from search.execution import trial_data
 
 
 # --------------------------------------------------------------------------- (a)
@@ -228,7 +229,7 @@ def claim_d(args: argparse.Namespace, gt: GroundTruth) -> dict[str, Any]:
 
     torch.set_num_threads(args.threads)
     plan = load_plan_cached(args)
-    data = plan.trial_data()
+    data = trial_data(plan)
     lr = plan.study.fit.lr
     space = gt.space
     cands = sample_stitches(space, args.sample, args.seed)
@@ -325,7 +326,7 @@ def claim_d_front(args: argparse.Namespace, gt: GroundTruth) -> dict[str, Any]:
         row: dict[str, Any] = {"key": k, "label": c.label, "macs": gt.records[k]["macs"]}
         row["ground_truth"] = gt.records[k]["val_acc"]
         for n, plan in plans.items():
-            data = plan.trial_data()
+            data = trial_data(plan)
             for steps in (0, args.ft_steps):
                 torch.manual_seed(args.seed)
                 net = build_stitched(plan.anchors[c.front], plan.anchors[c.back], c.config)

@@ -42,6 +42,7 @@ from benchmarks.common import (
     study_space,
     write_json,
 )
+from search.execution import trial_data
 
 _STATE: dict[str, Any] = {}
 
@@ -69,7 +70,7 @@ def _init(study: str, budgets: str, threads: int) -> None:
     torch.set_num_threads(threads)
     plan = load_plan(study, budgets)
     _STATE["plan"] = plan
-    _STATE["data"] = plan.trial_data()
+    _STATE["data"] = trial_data(plan)
 
 
 def _evaluate(item: tuple[dict[str, Any], float | None]) -> dict[str, Any]:

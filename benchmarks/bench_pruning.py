@@ -1,7 +1,7 @@
 """CKA pruning: how much of the space each rule removes and how much front it costs.
 
 For every rule of a sweep (a CKA ``threshold``, keeping the ``top_k`` back cuts per front
-cut, and both combined) this applies :class:`search.candidates.PruningRule` to the ground truth
+cut, and both combined) this applies :class:`search.core.PruningRule` to the ground truth
 (the CKA matrices the search computes) and reports the share of stitch points removed and
 what survives: the hypervolume of the front of the kept candidates (anchors are never
 pruned) against the exhaustive front's, the share of the hypervolume beyond the anchors'
@@ -41,7 +41,7 @@ THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 20))
 
 def evaluate_rule(gt: GroundTruth, threshold: float, top_k: int | None) -> dict[str, Any]:
     """Removed fraction, kept hypervolume fraction and front points lost of one rule."""
-    from search.candidates import PruningRule
+    from search.core import PruningRule
 
     rule = PruningRule(threshold, top_k)
     space = gt.space
@@ -153,7 +153,7 @@ def _suffix(r: dict[str, Any]) -> str:
 def search_with_rules(args: argparse.Namespace, rules: list[dict[str, Any]]) -> dict[str, Any]:
     """Replays the study's sampler and random search under each rule at the study's trials."""
     from benchmarks.bench_search import MEASURES, replay_all, summarise
-    from search.study import load_study
+    from search.inputs import load_study
 
     study = load_study(args.study)
     gt = GroundTruth.load(args.ground_truth)

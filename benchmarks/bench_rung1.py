@@ -3,9 +3,9 @@
 **The rung-1 table** (``--build``): every stitch point of the study's space (the candidates
 of ``ground_truth.json``; anchors excluded, there is nothing to fine-tune) is evaluated at
 rung 1 as the search's rung-1 trials evaluate it: :func:`evaluators.evaluate_candidate` with
-the study's data (``plan.trial_data()``: the first ``finetune.train_images`` training images),
+the study's data (``trial_data(plan)``: the first ``finetune.train_images`` training images),
 least squares on the calibration images, then the study's ``finetune`` settings
-(``plan.finetune_settings()``), one torch thread per process, ``--processes`` processes;
+(``finetune_settings(plan)``), one torch thread per process, ``--processes`` processes;
 latency and memory are not re-measured (the architecture is rung 0's). Each result is cached
 in ``benchmarks/results/rung1_ground_truth.json`` under its candidate key, both anchors'
 weight hashes and a tag of the data and fine-tuning settings, so an interrupted build resumes.
@@ -21,14 +21,14 @@ Rung-0 values come from the rung-0 table (``bench_ground_truth.py``), never re-m
 - the default search at its default budget: the real searcher replayed at rung 0
   (:func:`benchmarks.bench_search.replay_all`, the study's sampler, trials, workers and
   pruning rule, e.g. ``kl`` depth 3 with its signals as ``search.run`` computes them), its
-  rung-0 trials recorded as the search records them, :func:`search.promotion.promotion_order`
+  rung-0 trials recorded as the search records them, :func:`search.strategy.promotion_order`
   with the study's rule and ``finetune.max_trials``, rung-1 values looked up in the table;
   against random promotion of as many rung-0 stitches of the same replay, an oracle
   (the same number, best at rung 1 among those the replay evaluated) and no promotion.
-  Per seed: hypervolume of every candidate at its highest rung (:func:`search.promotion.
+  Per seed: hypervolume of every candidate at its highest rung (:func:`search.strategy.promotion.
   best_rung`) over the rung-1 true front's (convention: :mod:`benchmarks.common`, over
   every value of both rungs), rung-1 true-front points found, rung-1 evaluations spent, and
-  per device (:func:`search.selection.select_per_device`) the pick against the best at rung 1;
+  per device (:func:`search.delivery.select_per_device`) the pick against the best at rung 1;
 - the issue's targets, met or not;
 - a grid of cheap alternatives to the study's promotion settings (``--grid-trials``,
   ``--grid-per-device``, ``--grid-max-trials``), scored on the same replays: the first ``T``
@@ -76,6 +76,7 @@ from benchmarks.common import (
     spearman,
     study_signals,
 )
+from search.execution import finetune_settings, trial_data
 
 DEFAULT_RUNG1 = RESULTS / "rung1_ground_truth.json"
 RUNG1_VERSION = 1
@@ -86,7 +87,7 @@ _STATE: dict[str, Any] = {}
 def finetune_tag(plan) -> str:
     """Identifies the data, rung-0 and fine-tuning settings a rung-1 entry was measured with."""
     ft = plan.study.finetune
-    settings = json.dumps(plan.finetune_settings().to_dict(), sort_keys=True)
+    settings = json.dumps(finetune_settings(plan).to_dict(), sort_keys=True)
     text = f"{data_tag(plan)}|train={ft.train_images}|teacher={ft.teacher}|finetune={settings}"
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
@@ -111,8 +112,8 @@ def _init(study: str, budgets: str, threads: int, teacher: str | None) -> None:
     torch.set_num_threads(threads)
     plan = load_plan(study, budgets)
     _STATE["plan"] = plan
-    _STATE["data"] = plan.trial_data()
-    _STATE["settings"] = plan.finetune_settings()
+    _STATE["data"] = trial_data(plan)
+    _STATE["settings"] = finetune_settings(plan)
     _STATE["threads"] = threads
     _STATE["teacher"] = None if teacher is None else plan.anchors[teacher].model
 
@@ -214,7 +215,7 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
             "data_tag": data_tag(plan),
             "rung1_tag": tag,
             "num_classes": plan.data.num_classes,
-            "finetune": plan.finetune_settings().to_dict(),
+            "finetune": finetune_settings(plan).to_dict(),
             "train_images": min(ft.train_images, plan.data.train.num_images),
             "teacher": teacher,
             "threads_per_process": args.threads,
@@ -461,14 +462,14 @@ def cost(t: Rung1Table) -> dict[str, Any]:
 def record_rung0(t: Rung1Table, order: Sequence[str], budgets, objectives: Sequence[str]):
     """A replay's rung-0 evaluations stored as the search stores them (an in-memory study).
 
-    Each trial is annotated and completed (or failed) by :class:`search.recorder.Recorder`, so
+    Each trial is annotated and completed (or failed) by :class:`search.strategy.Recorder`, so
     its user attributes, budget constraint and objective values are the search's own.
     """
     import optuna
 
     from benchmarks.bench_search import result_of
-    from search.recorder import Recorder, objective_values
-    from search.trials import OBJECTIVES
+    from search.core import OBJECTIVES
+    from search.strategy import Recorder, objective_values
     from space import Candidate
 
     study = optuna.create_study(
@@ -500,7 +501,7 @@ def finetuned_trials(t: Rung1Table, trials, promoted: Sequence[str], objectives:
     import optuna
     from optuna.trial import TrialState
 
-    from search.trials import OBJECTIVES, Attr
+    from search.core import OBJECTIVES, Attr
 
     by_key = {tr.user_attrs[Attr.KEY]: tr for tr in trials}
     acc_index = [OBJECTIVES[o].metric for o in objectives].index(Attr.VAL_ACC)
@@ -551,7 +552,7 @@ class Truth:
 
     @classmethod
     def of(cls, t: Rung1Table, budgets) -> Truth:
-        from search.trials import budget_metrics
+        from search.core import budget_metrics
 
         hv = hv_convention(t)
         front = true_front(t, 1)
@@ -596,9 +597,9 @@ def assess(
     objectives: Sequence[str],
 ) -> dict[str, Any]:
     """Scores one promotion of one replay: every candidate at its highest rung."""
-    from search.promotion import best_rung
-    from search.selection import select_per_device
-    from search.trials import Attr
+    from search.core import Attr
+    from search.delivery import select_per_device
+    from search.strategy import best_rung
 
     rung1 = finetuned_trials(t, trials, promoted, objectives)
     candidates = best_rung(trials, rung1)
@@ -665,8 +666,8 @@ def replay_promotion(args: argparse.Namespace, t: Rung1Table, plan, budgets):
         budgets: The devices.
     """
     from benchmarks.bench_search import replay_all
-    from search.promotion import promotion_order
-    from search.trials import Attr, evaluated_trials
+    from search.core import Attr, evaluated_trials
+    from search.strategy import promotion_order
 
     study_def = plan.study
     ft = study_def.finetune
@@ -751,8 +752,8 @@ def promotion_grid(args, t: Rung1Table, truth: Truth, runs, plan, budgets, grid_
     true-front stitches between the anchors fine-tuned, hypervolume, and per device the seeds
     whose pick is a stitch beating every anchor that fits.
     """
-    from search.promotion import promotion_order
-    from search.trials import Attr, evaluated_trials
+    from search.core import Attr, evaluated_trials
+    from search.strategy import promotion_order
 
     ft = plan.study.finetune
     objectives = list(plan.study.objectives)

@@ -36,7 +36,7 @@ from benchmarks.common import (
     publish,
     search_run,
 )
-from search.promotion import rung1_study_name
+from search.strategy import rung1_study_name
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

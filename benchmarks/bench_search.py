@@ -1,6 +1,6 @@
 """Search efficiency: the real searcher replayed against the ground truth, per sampler.
 
-Each run drives :class:`search.searcher.StitchSearcher` exactly as Ray Tune does
+Each run drives :class:`search.strategy.StitchSearcher` exactly as Ray Tune does
 (``suggest(trial_id)`` / ``on_trial_complete(trial_id, result)``) on an in-memory Optuna
 study with the study's directions, the anchors enqueued first, the study's pruning rule
 (``pruning`` in the YAML, e.g. ``kl`` depth 3, its signal matrices computed as ``search.run``
@@ -19,13 +19,13 @@ the largest budget are exactly a run with budget ``B``.
 Variants (``--samplers``; a suffix ``@none`` runs without pruning, ``@t0.5``, ``@k3`` or
 ``@t0.5k3`` with that CKA threshold and/or top-k rule instead of the study's):
 
-- ``default``: the study's ``sampler`` as ``search.sampler.make_sampler`` builds it;
-- ``tpe``, ``nsga2``, ``random``: ``search.sampler.make_sampler`` with that name;
+- ``default``: the study's ``sampler`` as ``search.strategy.make_sampler`` builds it;
+- ``tpe``, ``nsga2``, ``random``: ``search.strategy.make_sampler`` with that name;
 - ``tpe-independent``: TPE without ``multivariate`` (10 startup trials);
 - ``tpe-startupN``: multivariate TPE with ``N`` startup trials;
 - ``nsga2-popN``: NSGA-II with population ``N``;
 - ``uniform``: no sampler: the anchors, then unexplored unpruned candidates uniformly;
-- ``<variant>+nearest``: a proposed change to :class:`search.sampler.FilteredSampler`: when
+- ``<variant>+nearest``: a proposed change to :class:`search.strategy.FilteredSampler`: when
   the sampler's 64 draws are all explored or pruned, take the unexplored candidate nearest
   to its last draw (same anchors first, then the closest cuts) instead of a uniformly
   random one (:func:`nearest_fallback`).
@@ -67,14 +67,14 @@ _STATE: dict[str, Any] = {}
 
 
 def nearest_fallback(filtered, unexplored: Callable[[], list], seed: int):
-    """A copy of a :class:`search.sampler.FilteredSampler` with the nearest-candidate fallback.
+    """A copy of a :class:`search.strategy.FilteredSampler` with the nearest-candidate fallback.
 
     Args:
         filtered: The searcher's filtered sampler.
         unexplored: Returns the unexplored, unpruned candidates.
         seed: Seed of the tie-break between equally near candidates.
     """
-    from search.sampler import FilteredSampler
+    from search.strategy import FilteredSampler
 
     rng = random.Random(seed)
 
@@ -116,7 +116,7 @@ def variant_sampler(name: str, seed: int, study_sampler: str, n_objectives: int)
     """The Optuna sampler of a variant name (``None`` for ``uniform``)."""
     import optuna
 
-    from search.sampler import make_sampler
+    from search.strategy import make_sampler
 
     if name == "default":
         name = study_sampler
@@ -154,7 +154,7 @@ def _init(gt_path: str, budget_table: str, signals=None) -> None:
 
     import optuna
 
-    from search.budgets import load_budget_table
+    from search.inputs import load_budget_table
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.simplefilter("ignore")
@@ -168,10 +168,9 @@ def replay(job: dict[str, Any]) -> dict[str, Any]:
     """One search run against the ground truth; returns the evaluation order."""
     import optuna
 
-    from search.candidates import PruningRule
-    from search.liveness import Heartbeat
-    from search.pruning import pruned_reasons
-    from search.searcher import SearcherSettings, StitchSearcher
+    from search.core import PruningRule
+    from search.store import Heartbeat
+    from search.strategy import SearcherSettings, StitchSearcher, pruned_reasons
     from space import Candidate
 
     gt: GroundTruth = _STATE["gt"]
@@ -327,7 +326,7 @@ def replay_all(
     """Runs every variant with every seed.
 
     Args:
-        signals: The study rule's :class:`search.pruning.PruningSignals`
+        signals: The study rule's :class:`search.strategy.PruningSignals`
             (:func:`benchmarks.common.study_signals`), when the rule reads more than CKA.
 
     Returns:
@@ -414,7 +413,7 @@ def budget_counts(values: list[float], n: int) -> list[int]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """All replays and their scores."""
-    from search.study import load_study
+    from search.inputs import load_study
 
     gt = GroundTruth.load(args.ground_truth)
     study = load_study(args.study)

@@ -154,7 +154,7 @@ def _front(keys: list[str], acc: dict[str, float], gt: GroundTruth) -> set[str]:
 
 def evaluate_rules(signals, macs, gt: GroundTruth, acc1: dict[str, float]) -> list[dict]:
     """Every rule of the sweep applied to the space, with what it removes and loses."""
-    from search.candidates import PruningRule
+    from search.core import PruningRule
 
     space = gt.space
     ok = gt.ok_keys()

@@ -41,6 +41,7 @@ from benchmarks.common import (
     study_rule,
     study_space,
 )
+from search.execution import trial_data
 
 STEPS = (
     "cka_lookup",
@@ -88,7 +89,7 @@ def breakdown(plan, candidate, matrices, rule) -> dict[str, Any]:
     )
     from space import build_stitched
 
-    data = plan.trial_data()
+    data = trial_data(plan)
     study = plan.study
     t: dict[str, float] = {}
     if candidate.is_anchor:

@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from search.trials import Attr, evaluated_trials
+from search.core import Attr, evaluated_trials
 from space.files import atomic_write
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,23 +132,24 @@ def load_plan(study: Path | str = DEFAULT_STUDY, budget_table: Path | str = DEFA
     """The study's validated plan, exactly as ``python -m search.run`` prepares it.
 
     Returns:
-        A :class:`search.plan.Plan` (anchors loaded, data split).
+        A :class:`search.inputs.Plan` (anchors loaded, data split).
     """
-    from search.plan import build_parser, prepare
+    from search.inputs import prepare
+    from search.run import build_parser
 
     args = build_parser().parse_args(["--budget-table", str(budget_table), "--study", str(study)])
     return prepare(args)
 
 
 def study_space(plan) -> Any:
-    """The plan's :class:`search.candidates.SearchSpace` (its ``cuts``, at native sizes)."""
-    from search.candidates import build_space
+    """The plan's :class:`search.core.SearchSpace` (its ``cuts``, at native sizes)."""
+    from search.core import build_space
 
     return build_space(plan.anchors, cuts=plan.study.cuts)
 
 
 def study_rule(plan) -> Any:
-    """The plan's :class:`search.candidates.PruningRule`."""
+    """The plan's :class:`search.core.PruningRule`."""
     return plan.study.pruning_rule
 
 
@@ -159,7 +160,7 @@ NO_PRUNING: dict[str, Any] = {"signal": "cka", "threshold": 0.0, "top_k": None, 
 def rule_spec(study) -> dict[str, Any]:
     """The study's pruning rule as the replays record it (JSON; ``PruningRule(**spec)``).
 
-    Read from the study definition (:class:`search.study.Study`) as ``search.run`` reads it:
+    Read from the study definition (:class:`search.inputs.Study`) as ``search.run`` reads it:
     the ``pruning`` section, or the old ``cka: {threshold, top_k}`` form when only it is given.
     """
     r = study.pruning_rule
@@ -168,7 +169,7 @@ def rule_spec(study) -> dict[str, Any]:
 
 def rule_text(spec: Mapping[str, Any]) -> str:
     """Human-readable rule of a :func:`rule_spec` (``no pruning`` when it prunes nothing)."""
-    from search.candidates import PruningRule
+    from search.core import PruningRule
 
     rule = PruningRule(**spec)
     if not rule.active:
@@ -186,7 +187,7 @@ def rule_text(spec: Mapping[str, Any]) -> str:
 
 def rule_needs_signals(spec: Mapping[str, Any]) -> bool:
     """Whether a rule reads more than the CKA matrices (another signal, or MACs for ``depth``)."""
-    from search.candidates import PruningRule
+    from search.core import PruningRule
 
     rule = PruningRule(**spec)
     return rule.active and (rule.signal != "cka" or rule.depth is not None)
@@ -202,7 +203,7 @@ def study_signals(
 ):
     """What the study's pruning rule reads besides the CKA matrices, as the search computes it.
 
-    ``search.driver.pruning_signals`` on the study's plan (its calibration images), cached
+    ``search.execution.pruning_signals`` on the study's plan (its calibration images), cached
     under ``cache_root / "cache" / "signals"`` (``benchmarks.bench_signals``'s cache folder):
     about 90 s on 2 cores the first time, instant after.
 
@@ -214,13 +215,13 @@ def study_signals(
         plan: The study's plan, when already loaded.
 
     Returns:
-        A :class:`search.pruning.PruningSignals`, or ``None`` when the rule reads the CKA
+        A :class:`search.strategy.PruningSignals`, or ``None`` when the rule reads the CKA
         matrices alone.
     """
-    from search.driver import pruning_signals
+    from search.execution import pruning_signals
 
     if plan is None:
-        from search.study import load_study
+        from search.inputs import load_study
 
         if not rule_needs_signals(rule_spec(load_study(study))):
             return None
@@ -237,7 +238,7 @@ def study_cka(plan, space, cache_root: Path) -> dict[tuple[str, str], np.ndarray
         space: Its search space.
         cache_root: The cache goes under ``cache_root / "cache" / "cka"``.
     """
-    from search.driver import cka_matrices
+    from search.execution import cka_matrices
 
     return cka_matrices(
         dataclasses.replace(plan, out=Path(cache_root)), space, lambda *a, **k: None
@@ -304,7 +305,7 @@ class GroundTruth:
             )
         raw = json.loads(path.read_text())
         meta = raw["meta"]
-        from search.candidates import SearchSpace
+        from search.core import SearchSpace
 
         space = SearchSpace(meta["depths"])
         records = {}
@@ -330,8 +331,8 @@ class GroundTruth:
 
     @property
     def space(self):
-        """The :class:`search.candidates.SearchSpace`."""
-        from search.candidates import SearchSpace
+        """The :class:`search.core.SearchSpace`."""
+        from search.core import SearchSpace
 
         return SearchSpace(self.depths)
 

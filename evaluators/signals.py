@@ -1,6 +1,6 @@
 """Stitch-point signals: how promising every stitch point of an anchor pair is, before trials.
 
-The search prunes stitch points before it evaluates any (``search.pruning``), so its signal
+The search prunes stitch points before it evaluates any (``search.strategy.pruning``), so its signal
 must be computable for a whole ordered anchor pair at once and cheaply. Signals, each a
 matrix indexed like :func:`evaluators.cka_matrix` (``[front cut k, back cut j]``; entries
 outside the search space's stitch points, ``k = 0`` or ``j = n_back``, are NaN, and so are

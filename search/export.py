@@ -6,12 +6,12 @@
     python -m search.export --check runs/default/exports/edge.json [--data DIR]
 
 ``--onnx`` writes ONNX with a dynamic batch axis and checks it in onnxruntime against
-PyTorch (see :mod:`search.onnx`).
+PyTorch (see :mod:`search.delivery.onnx`).
 
 ``--check`` rebuilds the network (verifying every file by SHA-256), re-measures test and
 validation accuracy on the export's dataset, MACs and parameters, compares them with the
 manifest and the device's budget, prints expected vs measured, and exits 1 when anything
-differs or does not fit (see :mod:`search.check`). Latency and memory are not re-measured
+differs or does not fit (see :mod:`search.delivery.check`). Latency and memory are not re-measured
 (they depend on the machine): the recorded values are checked against the budget. Bad
 input (a missing file, an invalid manifest, data that cannot be found) prints one line and
 exits 2.
@@ -24,12 +24,12 @@ import math
 import sys
 import warnings
 
-from search.check import check_export
-from search.console import OneLineParser
-from search.onnx import (
+from search.core import OneLineParser
+from search.delivery import (
     DEFAULT_OPSET,
     ONNX_ATOL,
     VERIFY_BATCHES,
+    check_export,
     export_onnx,
     onnx_metadata,
     verify_onnx,

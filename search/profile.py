@@ -33,9 +33,10 @@ from torch import nn
 from tqdm import tqdm
 
 from evaluators import count_steps, profile_parts, torch_runner
-from search.console import OneLineParser, SignalGuard, one_line
-from search.onnx import export_onnx
-from search.study import load_anchors, load_study, study_space
+from search.core import OneLineParser, one_line
+from search.delivery import export_onnx
+from search.execution import SignalGuard
+from search.inputs import load_anchors, load_study, study_space
 from space import InputError
 from space.files import atomic_write
 

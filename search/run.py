@@ -1,63 +1,37 @@
 """``python -m search.run --budget-table devices.csv``: run a stitching study end to end.
 
-The top-level sequence; each stage lives in its own module:
+The run reads top to bottom, one stage per subpackage of :mod:`search`:
 
-1. :mod:`search.plan`: validate every input (flags, budget table, study YAML, anchors,
-   data) into a frozen :class:`~search.plan.Plan` before anything is written; a bad input
-   prints one line naming the file or field and exits 2.
-2. :mod:`search.storage`: open (or resume) the Optuna study in RDB storage (SQLite under
-   ``--out`` by default), enqueue the anchors, record the CKA-pruned points.
-3. :mod:`search.driver`: compute the CKA matrices, then evaluate candidates on Ray Tune
-   workers (:mod:`search.searcher`, :mod:`search.worker`) until the study holds its total
-   (rung 0, least squares); then fine-tune the promoted stitches (rung 1,
-   :mod:`search.promotion`) in a second study, ``<name>:finetuned``;
-   :mod:`search.console` shows progress and turns Ctrl-C into a clean stop;
-   :mod:`search.liveness` keeps this driver's heartbeat and fails dead drivers' trials.
-4. :mod:`search.delivery`: pick per device (:mod:`search.selection`), re-measure, write
-   ``exports/``, the HTML report (:mod:`search.report`) and the summary table.
+1. **prepare** (:mod:`search.inputs`): every input (flags, budget table, study YAML,
+   anchors, data, storage) validated into a frozen :class:`~search.inputs.Plan` before
+   anything is written; a bad input prints one line naming the file or field and exits 2.
+2. **signals** (:mod:`search.execution.pair_signals`): the CKA matrices and the pruning
+   rule's signal of every ordered anchor pair (cached under ``--out``).
+3. **session** (:class:`~search.execution.RunSession`): the study opened or resumed in its
+   RDB storage (SQLite under ``--out`` by default), with the rung-1 study beside it;
+   heartbeats, set-up (anchors enqueued, pruned points recorded), stale trials failed.
+4. **search** (:mod:`search.strategy` on :mod:`search.execution`'s Ray Tune rounds): rung 0
+   (least squares) until the study holds its total, then rung 1 (fine-tuning of the
+   promoted stitches, study ``<name>:finetuned``).
+5. **deliver** (:mod:`search.delivery`): a pick per device, re-measured with test
+   accuracy; ``exports/``, the HTML report and the summary table.
 """
 
 from __future__ import annotations
 
-import contextlib
+import argparse
 import shutil
 import sys
 
-import optuna
-
-from search import storage
-from search.candidates import SearchSpace
-from search.console import SignalGuard, one_line
-from search.delivery import clean_staging, finish
-from search.driver import (
-    RunState,
-    cka_matrices,
-    driver_seed,
-    pruning_signals,
-    run_rung1,
-    run_search,
-    shutdown_ray,
-)
-from search.liveness import Heartbeat, fail_stale_trials, live_drivers
-from search.plan import Plan, build_parser, prepare
-from search.promotion import rung1_study_name
-from search.sampler import make_sampler
-from search.storage import StorageUnavailable
-from search.study import Study, study_space
-from search.trials import evaluated_trials
+from search.core import PASSWORD_ENV, OneLineParser, one_line, positive_float, positive_int
+from search.delivery import deliver
+from search.execution import RunSession, SignalGuard, exit_code, open_storage, study_signals
+from search.inputs import DEFAULT_RETRY_S, DEFAULT_STUDY, Plan, prepare
+from search.store import StorageUnavailable
 from space import InputError
 
-
-def _at_resolutions(space: SearchSpace) -> str:
-    """``", at 40/48 px"`` for a study that searches resolutions, else nothing."""
-    if space.resolutions is None:
-        return ""
-    return ", at " + "/".join(str(r) for r in space.resolutions) + " px"
-
-
-def _cuts(study: Study) -> str:
-    """``", stage boundaries only"`` for a study with ``cuts: stages``, else nothing."""
-    return ", stage boundaries only" if study.cuts == "stages" else ""
+#: Exit code when the storage stopped answering mid-study (``EX_TEMPFAIL``: try again).
+EXIT_STORAGE_LOST = 75
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,171 +39,124 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     try:
-        plan = prepare(args, argv)
+        plan = prepare(args, argv)  # 1. prepare
     except InputError as e:
-        print(f"error: {one_line(str(e))}", file=sys.stderr)
-        return 2
+        return _input_error(e)
     return execute(plan)
 
 
-def _heartbeat(study: optuna.Study | None, driver_id: str) -> contextlib.AbstractContextManager:
-    """This driver's heartbeat in ``study`` (nothing when there is no such study)."""
-    return contextlib.nullcontext() if study is None else Heartbeat(study, driver_id)
-
-
-def _exit_code(signal_name: str) -> int:
-    return 143 if signal_name == "SIGTERM" else 130
-
-
-#: Exit code when the storage stopped answering mid-study (``EX_TEMPFAIL``: try again).
-EXIT_STORAGE_LOST = 75
-
-
 def execute(plan: Plan) -> int:
-    """Runs a validated plan: study, CKA, Ray trials, selection, exports and report.
+    """Runs a validated plan: signals, session, search, delivery (see the module docstring).
 
     A storage that stops answering mid-study is retried for ``plan.storage_retry_s``; when
     it does not come back the run stops with one line and the resume command (exit 75).
     Trials it had in flight stay RUNNING in the storage until the rerun fails them (their
     driver is gone) and evaluates them again.
     """
-    try:
-        return _execute(plan)
-    except StorageUnavailable as e:
-        with contextlib.suppress(Exception):
-            shutdown_ray(plan, RunState(started_ray=True))
-        print(
-            f"error: {e}; the run stopped (finished trials are safe in the storage). When it "
-            f"answers again, resume with: {plan.command}",
-            file=sys.stderr,
-            flush=True,
-        )
-        return EXIT_STORAGE_LOST
-
-
-def _execute(plan: Plan) -> int:
-    def log(*a, **k):
-        print(*a, **k, file=sys.stderr, flush=True)
-
-    created_out = not plan.out.exists()
-    plan.out.mkdir(parents=True, exist_ok=True)
-    try:
-        rdb = storage.make_storage(
-            plan.storage_url, retry_s=plan.storage_retry_s, on_retry=lambda m: log(f"\n{m}")
-        )
-    except InputError as e:  # it passed the plan's check, then failed to open
-        if created_out:
-            shutil.rmtree(plan.out, ignore_errors=True)
-        print(f"error: {one_line(str(e))}", file=sys.stderr)
-        return 2
-    space = study_space(plan.study, plan.anchors, plan.study_path)
-    rule = plan.study.pruning_rule
-    state = RunState()
-    interrupted: str | None = None
+    out_is_new = not plan.out.exists()
     with SignalGuard() as guard:
         try:
-            matrices = cka_matrices(plan, space, log)
-            signals = pruning_signals(plan, space, matrices, log)
-            try:
-                study, created = storage.open_study(rdb, plan.study, plan.driver_id)
-            except InputError as e:
-                print(f"error: {one_line(str(e))}", file=sys.stderr)
-                return 2
-            rung1 = None
-            if plan.study.finetune.enabled:
-                rung1, _ = storage.open_study(
-                    rdb, plan.study, plan.driver_id, name=rung1_study_name(plan.study.name)
-                )
-            with Heartbeat(study, plan.driver_id), _heartbeat(rung1, plan.driver_id):
-                newly = storage.setup_study(
-                    study,
-                    space,
-                    matrices,
-                    rule,
-                    created=created,
-                    log=log,
-                    critical=guard.critical,
-                    signals=signals,
-                )
-                state.pruned_recorded = newly
-                others = live_drivers(study) - {plan.driver_id}
-                sampler = make_sampler(
-                    plan.study.sampler, driver_seed(plan, others), len(plan.study.objectives)
-                )
-                if others and plan.storage_url.startswith("sqlite"):
-                    log(
-                        f"note: {len(others)} other driver(s) share this SQLite study: SQLite "
-                        "writes one at a time (a busy file is waited for), so for drivers on "
-                        "several machines or many at once use --storage postgresql+psycopg://..."
-                    )
-                clean_staging(plan.out, live=others)
-                stale = fail_stale_trials(study)
-                if rung1 is not None:
-                    stale += fail_stale_trials(rung1)
-                if stale:
-                    log(f"failed {len(stale)} trial(s) left RUNNING by a stopped driver: {stale}")
-                log(
-                    f"study {plan.study.name!r}: {len(space)} candidates "
-                    f"({len(space.pairs())} ordered pairs, {len(plan.anchors)} anchors"
-                    f"{_at_resolutions(space)}{_cuts(plan.study)}), "
-                    f"{len(evaluated_trials(study))}/{plan.trials} evaluated, "
-                    f"{newly} pruned points recorded, {len(others)} other driver(s) running, "
-                    f"storage {storage.masked_url(plan.storage_url)}"
-                )
-                if plan.study.label_free:
-                    log(
-                        f"label-free: {plan.data.name} has no labels; the search maximises "
-                        f"{plan.measure} (top-1 agreement on {plan.data.validation.num_images} "
-                        "validation images) and rung 1 distils from it"
-                    )
-                try:
-                    run_search(
-                        plan,
-                        study,
-                        space,
-                        matrices,
-                        state=state,
-                        sampler=sampler,
-                        guard=guard,
-                        log=log,
-                        signals=signals,
-                    )
-                    if rung1 is not None:
-                        run_rung1(plan, study, rung1, space, state=state, guard=guard, log=log)
-                except KeyboardInterrupt as e:
-                    interrupted = guard.name(e)
-                finally:
-                    with guard.ignored():
-                        shutdown_ray(plan, state)
-                        if interrupted:
-                            state.interrupted_trials = [
-                                n
-                                for s in (study, rung1)
-                                if s is not None
-                                for n in storage.fail_own_trials(s, plan.driver_id, interrupted)
-                            ]
-        except KeyboardInterrupt as e:  # before the search started
-            interrupted = guard.name(e)
-            with guard.ignored():
-                shutdown_ray(plan, state)
-            log(f"interrupted ({interrupted}) before the search started; nothing was evaluated")
-            return _exit_code(interrupted)
-        stats = state.stats()
-        if interrupted:
-            with guard.ignored():
-                finish(plan, study, stats, interrupted=True, complete=False, rung1=rung1, log=log)
-            return _exit_code(interrupted)
-        try:
-            complete = state.complete and (rung1 is None or state.rung1_complete)
-            return finish(
-                plan, study, stats, interrupted=False, complete=complete, rung1=rung1, log=log
+            plan.out.mkdir(parents=True, exist_ok=True)
+            storage = open_storage(plan, _log)
+            signals = study_signals(plan, _log)  # 2. signals
+            with RunSession(plan, storage, signals, guard=guard, log=_log) as session:  # 3.
+                session.search()  # 4. search
+            return deliver(session, guard=guard, log=_log)  # 5. deliver
+        except InputError as e:  # the storage or the stored study, after the plan's checks
+            if out_is_new:
+                shutil.rmtree(plan.out, ignore_errors=True)
+            return _input_error(e)
+        except StorageUnavailable as e:
+            _log(
+                f"error: {e}; the run stopped (finished trials are safe in the storage). "
+                f"When it answers again, resume with: {plan.command}"
             )
+            return EXIT_STORAGE_LOST
         except KeyboardInterrupt as e:
-            log(
-                f"interrupted ({guard.name(e)}) while exporting: no exports were published; "
-                f"to export, run the same command again: {plan.command}"
-            )
-            return _exit_code(guard.name(e))
+            name = guard.name(e)
+            _log(f"interrupted ({name}) before the search started; nothing was evaluated")
+            return exit_code(name)
+
+
+def _log(*args: object, **kwargs: object) -> None:
+    print(*args, **kwargs, file=sys.stderr, flush=True)
+
+
+def _input_error(e: InputError) -> int:
+    print(f"error: {one_line(str(e))}", file=sys.stderr)
+    return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface."""
+    p = OneLineParser(
+        prog="python -m search.run",
+        description="Search stitched networks for a table of target devices.",
+        epilog="Example: python -m search.run --budget-table devices.csv",
+    )
+    p.add_argument(
+        "--budget-table",
+        required=True,
+        metavar="CSV",
+        help="devices and budgets: a CSV with a 'device' column and any of max_macs, "
+        "max_params (K/M/G suffixes allowed), max_latency_ms, max_memory_mb, and an optional "
+        "latency_table (a device latency table from python -m search.profile)",
+    )
+    p.add_argument(
+        "--study",
+        default=str(DEFAULT_STUDY),
+        metavar="YAML",
+        help="study definition (default: studies/default.yaml: the shipped zoo on Fashion-MNIST)",
+    )
+    p.add_argument(
+        "--storage",
+        default=None,
+        metavar="URL",
+        help="Optuna RDB storage URL, e.g. postgresql+psycopg://user@127.0.0.1:5432/db "
+        f"(default: sqlite under --out); give a PostgreSQL password in ${PASSWORD_ENV}, "
+        "not in the URL",
+    )
+    p.add_argument(
+        "--storage-retry",
+        type=positive_float("--storage-retry"),
+        default=DEFAULT_RETRY_S,
+        metavar="SECONDS",
+        help="how long to keep retrying a storage that stops answering mid-study before "
+        f"stopping with the resume command (default: {DEFAULT_RETRY_S:g})",
+    )
+    p.add_argument(
+        "--trials",
+        type=positive_int("--trials"),
+        default=None,
+        help="total candidates to evaluate in the study, resumed runs included "
+        "(default: the study's)",
+    )
+    p.add_argument(
+        "--workers",
+        type=positive_int("--workers"),
+        default=None,
+        help="concurrent Ray trials (default: the study's)",
+    )
+    p.add_argument(
+        "--out", default=None, metavar="DIR", help="output folder (default: runs/<study name>)"
+    )
+    p.add_argument("--seed", type=int, default=None, help="sampler seed (default: the study's)")
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="ADDR",
+        help="join an existing Ray cluster ('auto' or host:port) instead of starting one",
+    )
+    p.add_argument("--onnx", action="store_true", help="also write ONNX for every exported device")
+    p.add_argument(
+        "--no-finetune",
+        action="store_true",
+        help="skip rung 1 (stitch-only fine-tuning) in this run; picks use least squares only",
+    )
+    p.add_argument(
+        "--no-report", action="store_true", help="skip the HTML report (faster in tests)"
+    )
+    return p
 
 
 if __name__ == "__main__":

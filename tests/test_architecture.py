@@ -20,9 +20,26 @@ ALLOWED = {
     "search": {"evaluators", "space"},
     "tools": {"evaluators", "space"},
 }
+#: The layers of ``search``, lowest first: a subpackage imports only those before it (and
+#: ``space`` and ``evaluators``); the commands on top (``search.run``, ``search.export``,
+#: ``search.profile``) may import any of them.
+SEARCH_LAYERS = (
+    "search.core",
+    "search.inputs",
+    "search.store",
+    "search.strategy",
+    "search.workers",
+    "search.execution",
+    "search.delivery",
+)
+SEARCH_COMMANDS = {"search.run", "search.export", "search.profile"}
+#: Modules another layer may import directly instead of through their package's face, and
+#: why: the face of ``search.workers`` stays free of torch so that Ray's worker processes
+#: do not load it; the evaluation process's module (its ``TrialContext``) is the exception.
+FACE_EXEMPT = {"search.workers.evaluation"}
 #: Optuna's storage internals; only this module may touch them.
 OPTUNA_INTERNALS = {"_storage", "_study_id", "_trial_id"}
-OPTUNA_ADAPTER = "search.optuna_access"
+OPTUNA_ADAPTER = "search.store.optuna_access"
 
 
 def _modules() -> dict[str, Path]:
@@ -80,8 +97,69 @@ GRAPH = {m: _imports(m, p) for m, p in MODULES.items()}
 
 
 def test_the_walk_sees_the_project() -> None:
-    assert {"space.anchor", "evaluators.cka", "search.run", "search.trials"} <= MODULES.keys()
-    assert any(t == "space" for t, _, _ in GRAPH["search.plan"])
+    assert {"space.anchor", "evaluators.cka", "search.run", "search.core.trials"} <= MODULES.keys()
+    assert any(t == "space" for t, _, _ in GRAPH["search.inputs.plan"])
+    assert {m for m in MODULES if m.count(".") == 1 and m.startswith("search.")} == (
+        set(SEARCH_LAYERS) | SEARCH_COMMANDS
+    ), "a search module outside the layers: put it in one (and in SEARCH_LAYERS)"
+
+
+def _face_all(face: str) -> set[str]:
+    """The names a face lists in ``__all__``."""
+    for node in ast.parse(MODULES[face].read_text()).body:
+        if isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets
+        ):
+            return set(ast.literal_eval(node.value))
+    return set()
+
+
+def _face_modules(face: str) -> set[str]:
+    """Modules a face exports as such (``from search.store import optuna_access``)."""
+    return {f"{face}.{name}" for name in _face_all(face) if f"{face}.{name}" in MODULES}
+
+
+def _layer(module: str) -> str | None:
+    """The search layer a module belongs to (``search.core.trials`` -> ``search.core``)."""
+    return next((p for p in SEARCH_LAYERS if module == p or module.startswith(p + ".")), None)
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if _layer(m)))
+def test_search_layers_import_downwards_through_faces(module: str) -> None:
+    """A layer imports lower layers only, through their faces (``search.core``)."""
+    own = _layer(module)
+    assert own is not None
+    below = set(SEARCH_LAYERS[: SEARCH_LAYERS.index(own)])
+    bad = []
+    for target, line, _ in GRAPH[module]:
+        theirs = _layer(target)
+        if target in SEARCH_COMMANDS or target == "search":
+            bad.append(f"{module}:{line} imports the command or package {target}")
+        elif theirs is None or theirs == own:
+            continue
+        elif theirs not in below:
+            bad.append(f"{module}:{line} imports {target}, a layer above or beside {own}")
+        elif target != theirs and target not in FACE_EXEMPT | _face_modules(theirs):
+            bad.append(f"{module}:{line} imports {target}; import it from its face {theirs}")
+    assert not bad, "; ".join(bad)
+
+
+def test_the_commands_are_thin() -> None:
+    """The commands import the layers' faces, never one another or a layer's modules."""
+    bad = [
+        f"{cmd}:{line} imports {target}"
+        for cmd in SEARCH_COMMANDS
+        for target, line, _ in GRAPH[cmd]
+        if target in SEARCH_COMMANDS or (_layer(target) and target != _layer(target))
+    ]
+    assert not bad, "; ".join(bad)
+
+
+def test_ray_workers_do_not_load_torch() -> None:
+    """``search.workers``' face and its Ray-side module import nothing of the project."""
+    for module in ("search", "search.workers", "search.workers.ray_worker"):
+        reached = {t for t, _, _ in GRAPH[module]} - {"search.workers.ray_worker"}
+        assert not reached, f"{module} imports {sorted(reached)}"
 
 
 @pytest.mark.parametrize("module", sorted(MODULES))
@@ -142,6 +220,25 @@ def test_only_the_adapter_touches_optuna_internals() -> None:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Attribute) and node.attr in OPTUNA_INTERNALS:
                 bad.append(f"{module}:{node.lineno} uses .{node.attr}")
+    assert not bad, "; ".join(bad)
+
+
+def test_faces_export_what_they_import() -> None:
+    """Every layer's ``__init__`` lists in ``__all__`` each name it imports."""
+    bad = []
+    for face in SEARCH_LAYERS:
+        tree = ast.parse(MODULES[face].read_text())
+        imported = {
+            a.asname or a.name
+            for node in tree.body
+            if isinstance(node, ast.ImportFrom)
+            for a in node.names
+        }
+        listed = _face_all(face)
+        if imported != listed:
+            bad.append(
+                f"{face}: imported {sorted(imported - listed)}, listed {sorted(listed - imported)}"
+            )
     assert not bad, "; ".join(bad)
 
 

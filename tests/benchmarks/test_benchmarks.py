@@ -31,7 +31,7 @@ from benchmarks.common import (
     spearman,
     update_markdown,
 )
-from search.study import load_study
+from search.inputs import load_study
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = Path(__file__).parent / "data"

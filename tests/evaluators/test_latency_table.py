@@ -21,7 +21,7 @@ from evaluators import (
     torch_runner,
 )
 from evaluators.latency_table import fit_keys, split_cut
-from search.candidates import SearchSpace
+from search.core import SearchSpace
 from space import Candidate
 from tests.conftest import make_tiny
 

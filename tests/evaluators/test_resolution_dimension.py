@@ -18,7 +18,7 @@ from evaluators import (
     synthetic_splits,
     torch_runner,
 )
-from search.candidates import SearchSpace
+from search.core import SearchSpace
 from space import Candidate, adapt_images
 from tests.conftest import make_tiny
 

@@ -12,13 +12,12 @@ from optuna.trial import TrialState
 from ray.tune.search import Searcher
 
 from evaluators import stitch_macs, stitch_signals
-from search.candidates import PruningRule, SearchSpace, build_space
-from search.pruning import PruningSignals, pruned_reasons
-from search.study import StudyError, load_anchors, load_study, parse_study, study_space
-from search.trials import evaluated_trials
+from search.core import PruningRule, SearchSpace, build_space, evaluated_trials
+from search.inputs import StudyError, load_anchors, load_study, parse_study, study_space
+from search.strategy import PruningSignals, pruned_reasons
 from space import Candidate, InputError
 from tests.conftest import make_tiny
-from tests.search.test_searcher import _run, _searcher, _study
+from tests.search.strategy.test_searcher import _run, _searcher, _study
 
 #: Stage-boundary stitch points of resnet10t (stages 1, 1, 1, 1) and the tiny ConvNeXt
 #: (depths 1, 1, 2, 1), in both orders.
@@ -191,7 +190,7 @@ def test_load_anchors_checks_the_stages(tmp_path) -> None:
 def test_a_stored_study_keeps_its_cuts() -> None:
     import optuna
 
-    from search.storage import open_study
+    from search.store import open_study
 
     definition = yaml.safe_load((Path(__file__).parents[2] / "studies/default.yaml").read_text())
     every = parse_study({**definition, "cuts": "all"})

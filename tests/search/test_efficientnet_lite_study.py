@@ -14,8 +14,7 @@ from pathlib import Path
 import timm
 from safetensors.torch import save_file
 
-from search.budgets import load_budget_table
-from search.study import load_anchors, load_study, study_space
+from search.inputs import load_anchors, load_budget_table, load_study, study_space
 
 REPO = Path(__file__).resolve().parents[2]
 STUDY = REPO / "studies" / "efficientnet_lite.yaml"

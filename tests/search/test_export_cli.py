@@ -14,10 +14,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from search.check import check_export
-from search.delivery import EXPORT_FORMAT as WRITTEN_FORMAT
+from search.delivery import DEFAULT_OPSET, ONNX_ATOL, check_export, export_onnx, write_onnx
+from search.delivery.exports import EXPORT_FORMAT as WRITTEN_FORMAT
 from search.export import main
-from search.onnx import DEFAULT_OPSET, ONNX_ATOL, export_onnx, write_onnx
 from space import EXPORT_FORMAT, ExportError, build_stitched, load_export
 from tests.space.test_export import _add, build_exports, copy_export, edit, make_export
 
@@ -250,12 +249,12 @@ def _without_recipe(path: Path, dest: Path) -> Path:
 
 
 def _no_legacy(monkeypatch) -> None:
-    import search.check
+    import search.delivery.check
 
     def fail(*_a, **_k):
         raise AssertionError("a manifest with data.recipe must not need the legacy path")
 
-    monkeypatch.setattr(search.check, "_legacy_recipe", fail)
+    monkeypatch.setattr(search.delivery.check, "_legacy_recipe", fail)
 
 
 @pytest.mark.parametrize("key", ["cnn_vit", "cnn_cnn"])
@@ -272,18 +271,18 @@ def test_check_rebuilds_the_data_from_the_recipe(exports, tmp_path, key, capsys,
 
 
 def test_check_of_an_old_export_uses_the_legacy_recipe(exports, tmp_path, monkeypatch) -> None:
-    import search.check
+    import search.delivery.check
 
     path, result, _ = exports["vit_cnn"]
     p = _without_recipe(path, tmp_path)
     calls = []
-    legacy = search.check._legacy_recipe
+    legacy = search.delivery.check._legacy_recipe
 
     def spy(*a, **k):
         calls.append(a)
         return legacy(*a, **k)
 
-    monkeypatch.setattr(search.check, "_legacy_recipe", spy)
+    monkeypatch.setattr(search.delivery.check, "_legacy_recipe", spy)
     res = check_export(p)
     assert res.ok and len(calls) == 1
     assert {r.metric: r for r in res.rows}["test top-1 (%)"].measured == result.test_acc

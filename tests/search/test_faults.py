@@ -19,9 +19,9 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from search.core import evaluated_trials
 from search.run import main
-from search.trials import evaluated_trials
-from search.worker import FAULT_DIR_ENV, FAULT_ENV
+from search.workers import FAULT_DIR_ENV, FAULT_ENV
 
 STUDY = Path(__file__).resolve().parent / "data" / "tiny_study.yaml"
 REPO = Path(__file__).resolve().parents[2]
@@ -269,7 +269,8 @@ def test_ctrl_c_stops_cleanly_with_a_summary(tmp_path, sig, code) -> None:
 
 # ------------------------------------------------------------------ building blocks
 def test_a_dead_driver_on_this_machine_is_recognised_at_once() -> None:
-    from search.liveness import _process_start, driver_identity, driver_status
+    from search.store import driver_identity, driver_status
+    from search.store.liveness import _process_start
 
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
@@ -294,7 +295,7 @@ def test_a_dead_driver_on_this_machine_is_recognised_at_once() -> None:
 
 
 def test_running_trials_without_a_driver_fail_only_when_old() -> None:
-    from search.liveness import fail_stale_trials
+    from search.store import fail_stale_trials
 
     study = optuna.create_study(directions=["maximize", "minimize"])
     young = study.ask()

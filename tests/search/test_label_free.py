@@ -16,12 +16,11 @@ import pytest
 import yaml
 
 from evaluators import count_macs
+from search.core import Attr, candidate_of, evaluated_trials
 from search.export import main as export_main
-from search.plan import build_parser, prepare
-from search.promotion import rung1_study_name, rung1_trials
-from search.run import main
-from search.study import StudyError, load_study, parse_study
-from search.trials import Attr, candidate_of, evaluated_trials
+from search.inputs import StudyError, load_study, parse_study, prepare
+from search.run import build_parser, main
+from search.strategy import rung1_study_name, rung1_trials
 from tests.evaluators.test_images import write_pngs
 
 REPO = Path(__file__).resolve().parents[2]

@@ -10,8 +10,8 @@ import optuna
 import pytest
 
 from evaluators import LatencyTable
+from search.core import candidate_of, evaluated_trials
 from search.run import main
-from search.trials import candidate_of, evaluated_trials
 
 DATA = Path(__file__).resolve().parent / "data"
 STUDY = DATA / "tiny_study.yaml"

@@ -11,7 +11,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from search.budgets import safe_filename
+from search.core import safe_filename
 from search.run import main
 from tests.search.test_scaleout import pg_url  # noqa: F401  (fixture)
 

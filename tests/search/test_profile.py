@@ -20,9 +20,9 @@ from evaluators import (
     prefix_key,
     suffix_key,
 )
-from search.candidates import SearchSpace
+from search.core import SearchSpace
+from search.inputs import load_anchors, load_study
 from search.profile import main
-from search.study import load_anchors, load_study
 
 DATA = Path(__file__).resolve().parent / "data"
 STUDY = DATA / "tiny_study.yaml"

@@ -25,8 +25,8 @@ import pytest
 from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 
+from search.core import evaluated_trials
 from search.run import EXIT_STORAGE_LOST
-from search.trials import evaluated_trials
 from tests.search.proxy import CuttableProxy
 from tests.search.test_scaleout import pg_url  # noqa: F401  (fixture)
 

@@ -16,14 +16,12 @@ import yaml
 from optuna.trial import TrialState
 
 from evaluators import LatencyTable, count_macs
-from search.candidates import SearchSpace
+from search.core import SearchSpace, candidate_of, evaluated_trials
 from search.export import main as export_main
-from search.latency_tables import check_table
+from search.inputs import check_table, load_anchors, load_study, parse_study
 from search.profile import main as profile_main
 from search.run import main
-from search.storage import open_study
-from search.study import load_anchors, load_study, parse_study
-from search.trials import candidate_of, evaluated_trials
+from search.store import open_study
 from space import InputError, read_export
 
 DATA = Path(__file__).resolve().parent / "data"

@@ -13,9 +13,9 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from search.liveness import HEARTBEAT_KEY
+from search.core import evaluated_trials
 from search.run import main
-from search.trials import evaluated_trials
+from search.store import HEARTBEAT_KEY
 
 DATA = Path(__file__).resolve().parent / "data"
 STUDY = DATA / "tiny_study.yaml"

@@ -13,11 +13,11 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from search.check import check_export
-from search.liveness import HEARTBEAT_KEY
-from search.promotion import rung1_study_name, rung1_trials
+from search.core import Attr, evaluated_trials
+from search.delivery import check_export
 from search.run import main
-from search.trials import Attr, evaluated_trials
+from search.store import HEARTBEAT_KEY
+from search.strategy import rung1_study_name, rung1_trials
 from space import Candidate, load_export
 
 STUDY = Path(__file__).resolve().parent / "data" / "tiny_study.yaml"

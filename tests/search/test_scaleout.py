@@ -26,8 +26,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from search.liveness import HEARTBEAT_KEY
-from search.trials import evaluated_trials
+from search.core import evaluated_trials
+from search.store import HEARTBEAT_KEY
 
 STUDY = Path(__file__).resolve().parent / "data" / "tiny_study.yaml"
 REPO = Path(__file__).resolve().parents[2]
@@ -222,9 +222,8 @@ def test_interleaved_searchers_neither_overshoot_nor_repeat() -> None:
     import numpy as np
     from ray.tune.search import Searcher
 
-    from search.budgets import DeviceBudget
-    from search.candidates import PruningRule, SearchSpace
-    from search.searcher import SearcherSettings, StitchSearcher
+    from search.core import DeviceBudget, PruningRule, SearchSpace
+    from search.strategy import SearcherSettings, StitchSearcher
 
     space = SearchSpace({"a": 3, "b": 4})
     study = optuna.create_study(

@@ -9,17 +9,11 @@ import time
 import optuna
 import pytest
 
+from search.core import PASSWORD_ENV, has_password, masked_url, url_without_password
 from search.delivery import dashboard_command
-from search.plan import build_parser, prepare
-from search.storage import (
-    PASSWORD_ENV,
-    ResilientRDBStorage,
-    StorageUnavailable,
-    has_password,
-    make_storage,
-    masked_url,
-    url_without_password,
-)
+from search.inputs import prepare
+from search.run import build_parser
+from search.store import ResilientRDBStorage, StorageUnavailable, make_storage
 
 SECRET = "s3cr3t-pw"
 

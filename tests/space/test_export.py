@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from evaluators import CandidateResult, DataSplits, accuracy, evaluate_candidate, synthetic_splits
-from search.budgets import DeviceBudget
+from search.core import DeviceBudget
 from search.delivery import write_export
 from space import (
     Anchor,

@@ -1,0 +1,361 @@
+"""The report's figure: accuracy against MACs, with fronts, budgets and picks.
+
+Every trial of both rungs, the Pareto fronts, each device's MACs budget and its pick.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import plotly.graph_objects as go
+
+from search.core import DeviceBudget, format_quantity
+from search.delivery.report_text import (
+    PLOTTED,
+    budget_text,
+    hover_of,
+    number,
+    plot_text,
+    row_id,
+    status,
+)
+
+#: Marker style per plotted status: (legend name, colour, symbol).
+_STATUS_STYLE: dict[str, tuple[str, str, str]] = {
+    "feasible": ("complete, fits a device", "#1f77b4", "circle"),
+    "infeasible": ("complete, fits no device", "#ff7f0e", "x"),
+    "unchecked": ("complete, budgets not checked", "#7f7f7f", "circle"),
+    "pruned": ("pruned (not trained)", "#9467bd", "triangle-down"),
+}
+
+#: Colours for devices (budget line and chosen point share one).
+_DEVICE_COLOURS = (
+    "#d62728",
+    "#2ca02c",
+    "#8c564b",
+    "#e377c2",
+    "#17becf",
+    "#bcbd22",
+    "#9467bd",
+    "#ff7f0e",
+)
+_DEVICE_SYMBOLS = ("star", "diamond", "hexagram", "square", "pentagon", "star-diamond", "bowtie")
+
+_RUNG1_COLOUR = "#b8860b"
+
+
+def best_rung_front(trials: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The Pareto front (accuracy up, MACs down) of the candidates at their highest rung.
+
+    Fine-tuned rows replace their rung-0 rows; rows that fit no device are left out.
+    """
+    tuned = {t["number"]: t for t in trials if t.get("rung") and status(t) in PLOTTED}
+    best = [
+        tuned.get(t["number"], t)
+        for t in trials
+        if not t.get("rung") and status(t) in ("feasible", "unchecked")
+    ]
+    best = [t for t in best if status(t) in ("feasible", "unchecked")]
+    front = []
+    for t in sorted(best, key=lambda t: (float(t["macs"]), -float(t["val_acc"]))):
+        if not front or float(t["val_acc"]) > float(front[-1]["val_acc"]):
+            front.append(t)
+    return front
+
+
+def _add_rung1(
+    fig: go.Figure,
+    finetuned: Sequence[Mapping[str, Any]],
+    front: Sequence[Mapping[str, Any]],
+    measure: str = "accuracy",
+) -> None:
+    """Fine-tuned points, an arrow from each one's least-squares point, and their front."""
+    fig.add_trace(
+        go.Scatter(
+            x=[float(t["macs"]) for t in finetuned],
+            y=[float(t["val_acc"]) for t in finetuned],
+            mode="markers",
+            name=f"fine-tuned, rung 1 ({len(finetuned)})",
+            marker={
+                "color": _RUNG1_COLOUR,
+                "symbol": "diamond",
+                "size": 10,
+                "line": {"color": "black", "width": 1},
+            },
+            hovertext=[hover_of(t, measure) for t in finetuned],
+            hoverinfo="text",
+        )
+    )
+    for t in finetuned:
+        before = number(t.get("rung0_val_acc"))
+        if before is None:
+            continue
+        x = math.log10(float(t["macs"]))  # annotations on a log axis take log10 positions
+        fig.add_annotation(
+            x=x,
+            y=float(t["val_acc"]),
+            ax=x,
+            ay=before,
+            xref="x",
+            yref="y",
+            axref="x",
+            ayref="y",
+            showarrow=True,
+            arrowhead=2,
+            arrowsize=1,
+            arrowwidth=1,
+            arrowcolor=_RUNG1_COLOUR,
+            opacity=0.7,
+            text="",
+        )
+    if front:
+        fig.add_trace(
+            go.Scatter(
+                x=[float(t["macs"]) for t in front],
+                y=[float(t["val_acc"]) for t in front],
+                mode="lines",
+                line={"shape": "hv", "color": _RUNG1_COLOUR, "width": 2, "dash": "dash"},
+                name=f"Pareto front after fine-tuning ({len(front)})",
+                hoverinfo="skip",
+            )
+        )
+
+
+def _y_layout(trials: Sequence[Mapping[str, Any]]) -> tuple[float, float, float]:
+    """Returns (strip y for pruned trials, axis bottom, axis top)."""
+    accs = [
+        a
+        for t in trials
+        if status(t) in ("feasible", "infeasible", "unchecked")
+        and (a := number(t.get("val_acc"))) is not None
+    ]
+    lo, hi = (min(accs), max(accs)) if accs else (0.0, 100.0)
+    span = max(hi - lo, 1.0)
+    strip = lo - 0.12 * span
+    return strip, strip - 0.06 * span, hi + 0.1 * span
+
+
+def figure(
+    trials: Sequence[Mapping[str, Any]],
+    budgets: Sequence[DeviceBudget],
+    chosen: Mapping[str, int | str | None],
+    by_number: Mapping[str, Mapping[str, Any]],
+    measure: str = "accuracy",
+) -> go.Figure:
+    """Validation accuracy (or agreement) against MACs: every trial, fronts, budgets, picks.
+
+    Args:
+        trials: The report rows (:func:`search.delivery.report.trial_rows`).
+        budgets: The devices.
+        chosen: Device name -> its pick's row id (None: nothing fits).
+        by_number: Rows by row id.
+        measure: What ``val_acc`` measures (axis and hover labels).
+    """
+    fig = go.Figure()
+    strip, y_bottom, y_top = _y_layout(trials)
+    plot = _Plot(fig, strip, measure)
+    rung0 = [t for t in trials if not t.get("rung")]
+    finetuned = [t for t in trials if t.get("rung") and status(t) in PLOTTED]
+    for state, (name, colour, symbol) in _STATUS_STYLE.items():
+        group = [t for t in rung0 if status(t) == state]
+        if group:
+            plot.points(group, f"{name} ({len(group)})", colour, symbol)
+    if finetuned:
+        _add_rung1(fig, finetuned, best_rung_front(trials), measure)
+    plot.anchors([t for t in rung0 if t.get("kind") == "anchor" and status(t) is not None])
+    _add_front(fig, rung0, tuned=bool(finetuned))
+    macs = [float(t["macs"]) for t in trials if status(t) in PLOTTED and t.get("macs")]
+    x_middle = math.sqrt(min(macs) * max(macs)) if macs else 0.0  # the log axis' middle
+    for i, budget in enumerate(budgets):
+        if budget.max_macs is not None:
+            plot.budget_line(i, budget, y_bottom, y_top)
+        picked = chosen.get(budget.device)
+        pick = by_number.get(row_id(picked)) if picked is not None else None
+        if pick is not None and status(pick) is not None:
+            plot.pick(i, budget, pick, x_middle)
+    _layout(fig, trials, strip, y_bottom, y_top, measure)
+    return fig
+
+
+class _Plot:
+    """Adds traces to the figure; pruned trials sit on the strip below the measured ones."""
+
+    def __init__(self, fig: go.Figure, strip: float, measure: str) -> None:
+        self.fig = fig
+        self.strip = strip
+        self.measure = measure
+
+    def y_of(self, trial: Mapping[str, Any]) -> float:
+        return self.strip if status(trial) == "pruned" else float(trial["val_acc"])
+
+    def hover(self, trial: Mapping[str, Any]) -> str:
+        return hover_of(trial, self.measure)
+
+    def points(
+        self, group: Sequence[Mapping[str, Any]], name: str, colour: str, symbol: str
+    ) -> None:
+        self.fig.add_trace(
+            go.Scatter(
+                x=[float(t["macs"]) for t in group],
+                y=[self.y_of(t) for t in group],
+                mode="markers",
+                name=name,
+                marker={"color": colour, "symbol": symbol, "size": 8, "opacity": 0.8},
+                hovertext=[self.hover(t) for t in group],
+                hoverinfo="text",
+            )
+        )
+
+    def anchors(self, anchors: Sequence[Mapping[str, Any]]) -> None:
+        if not anchors:
+            return
+        self.fig.add_trace(
+            go.Scatter(
+                x=[float(t["macs"]) for t in anchors],
+                y=[self.y_of(t) for t in anchors],
+                mode="markers+text",
+                name="anchors",
+                text=[plot_text(t.get("label", "")) for t in anchors],
+                textposition="top center",
+                textfont={"size": 10},
+                marker={
+                    "symbol": "circle-open",
+                    "size": 16,
+                    "color": "black",
+                    "line": {"width": 2},
+                },
+                hovertext=[self.hover(t) for t in anchors],
+                hoverinfo="text",
+                cliponaxis=False,
+            )
+        )
+
+    def budget_line(self, i: int, budget: DeviceBudget, y_bottom: float, y_top: float) -> None:
+        colour = _DEVICE_COLOURS[i % len(_DEVICE_COLOURS)]
+        name = plot_text(budget.device)
+        label_y = y_top - (0.03 + (i % 4) * 0.045) * (y_top - y_bottom)
+        self.fig.add_trace(
+            go.Scatter(
+                x=[budget.max_macs, budget.max_macs],
+                y=[y_bottom, label_y],
+                mode="lines+text",
+                text=["", f" {name}"],
+                textposition="middle right",
+                textfont={"color": colour, "size": 11},
+                line={"color": colour, "dash": "dash", "width": 1.5},
+                name=f"{name}: MACs ≤ {format_quantity(budget.max_macs)}",
+                legendgroup=f"device-{i}",
+                hovertext=f"{name}<br>{plot_text(budget_text(budget))}",
+                hoverinfo="text",
+            )
+        )
+
+    def pick(self, i: int, budget: DeviceBudget, pick: Mapping[str, Any], x_middle: float) -> None:
+        colour = _DEVICE_COLOURS[i % len(_DEVICE_COLOURS)]
+        name = plot_text(budget.device)
+        self.fig.add_trace(
+            go.Scatter(
+                x=[float(pick["macs"])],
+                y=[self.y_of(pick)],
+                mode="markers+text",
+                text=[f"{name} → {plot_text(row_id(pick))}"],
+                # Towards the plot's middle, so that a label is not cut off at its edge.
+                textposition=("bottom " if i % 2 else "top ")
+                + ("right" if float(pick["macs"]) <= x_middle else "left"),
+                textfont={"color": colour, "size": 11},
+                marker={
+                    "symbol": _DEVICE_SYMBOLS[i % len(_DEVICE_SYMBOLS)],
+                    "size": 17,
+                    "color": colour,
+                    "line": {"color": "white", "width": 1},
+                },
+                name=f"{name}: chosen {plot_text(row_id(pick))}",
+                legendgroup=f"device-{i}",
+                hovertext=f"chosen for {name}<br>{self.hover(pick)}",
+                hoverinfo="text",
+                cliponaxis=False,
+            )
+        )
+
+
+def _add_front(fig: go.Figure, rung0: Sequence[Mapping[str, Any]], *, tuned: bool) -> None:
+    """The least-squares Pareto front as a step line."""
+    front = sorted(
+        (t for t in rung0 if t.get("pareto") and status(t) in ("feasible", "unchecked")),
+        key=lambda t: float(t["macs"]),
+    )
+    if not front:  # Pareto flags may be set on trials that fit no device.
+        front = sorted(
+            (t for t in rung0 if t.get("pareto") and status(t) == "infeasible"),
+            key=lambda t: float(t["macs"]),
+        )
+    if not front:
+        return
+    fig.add_trace(
+        go.Scatter(
+            x=[float(t["macs"]) for t in front],
+            y=[float(t["val_acc"]) for t in front],
+            mode="lines",
+            line={"shape": "hv", "color": "#1f77b4", "width": 2},
+            name=f"Pareto front ({len(front)})"
+            if not tuned
+            else f"Pareto front, least squares ({len(front)})",
+            hoverinfo="skip",
+        )
+    )
+
+
+def _layout(
+    fig: go.Figure,
+    trials: Sequence[Mapping[str, Any]],
+    strip: float,
+    y_bottom: float,
+    y_top: float,
+    measure: str,
+) -> None:
+    """Axes, the strip of pruned trials, and a note when there are no trials yet."""
+    fig.update_layout(
+        height=640,
+        margin={"l": 60, "r": 30, "t": 30, "b": 60},
+        template="plotly_white",
+        hovermode="closest",
+        legend={"font": {"size": 11}},
+        xaxis={"type": "log", "title": {"text": "MACs per image (log scale)"}},
+        yaxis={
+            "title": {"text": f"validation {plot_text(measure)} (%)"},
+            "range": [y_bottom, y_top],
+        },
+    )
+    if any(status(t) == "pruned" for t in trials):
+        fig.add_shape(
+            type="line",
+            xref="paper",
+            x0=0,
+            x1=1,
+            y0=strip,
+            y1=strip,
+            line={"color": "#9467bd", "width": 1, "dash": "dot"},
+            layer="below",
+        )
+        fig.add_annotation(
+            xref="paper",
+            x=0.0,
+            xanchor="left",
+            y=strip,
+            yanchor="bottom",
+            text=f"pruned: not trained, no {measure.split(' with ')[0]}",
+            showarrow=False,
+            font={"size": 10, "color": "#9467bd"},
+        )
+    if not trials:
+        fig.add_annotation(
+            xref="paper",
+            yref="paper",
+            x=0.5,
+            y=0.5,
+            text="no trials yet",
+            showarrow=False,
+            font={"size": 16, "color": "#999"},
+        )

@@ -1,0 +1,200 @@
+"""The sections of a study definition, validated with pydantic.
+
+Anchors, data, CKA, pruning, fitting and rung 1; :class:`search.inputs.study.Study`
+assembles them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class StrictModel(BaseModel):
+    """A study section: unknown fields are errors, values are frozen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AnchorSpec(StrictModel):
+    """One anchor of the study.
+
+    Attributes:
+        name: A zoo name (``zoo:resnet-s``) or a timm model name.
+        checkpoint: Local ``.safetensors``/``.pth`` weights (relative to the study file).
+        pretrained: Use timm's pretrained weights (needs the model hub).
+        timm_kwargs: Passed to ``timm.create_model``.
+        input_size: ``[C, H, W]`` the anchor runs at, if not the model's default.
+    """
+
+    name: str = Field(min_length=1)
+    checkpoint: str | None = None
+    pretrained: bool = False
+    timm_kwargs: dict[str, Any] = Field(default_factory=dict)
+    input_size: tuple[int, int, int] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> AnchorSpec:
+        if self.name.startswith("zoo:") and (
+            self.checkpoint or self.pretrained or self.timm_kwargs or self.input_size
+        ):
+            raise ValueError(f"zoo anchor {self.name!r} takes no checkpoint/pretrained/kwargs")
+        if self.checkpoint and self.pretrained:
+            raise ValueError("give either checkpoint or pretrained: true, not both")
+        return self
+
+    def load_kwargs(self, base: Path | None = None) -> dict[str, Any]:
+        """Keyword arguments for :func:`space.load_anchor` (checkpoint resolved from ``base``).
+
+        A relative checkpoint becomes an absolute path (``base / checkpoint``): the workers
+        that rebuild the anchor from these arguments run in another working directory.
+        """
+        kw: dict[str, Any] = dict(self.timm_kwargs)
+        if self.checkpoint:
+            path = Path(self.checkpoint).expanduser()
+            if not path.is_absolute() and base is not None:
+                path = Path(os.path.abspath(base / path))
+            kw["checkpoint"] = str(path)
+        if self.pretrained:
+            kw["pretrained"] = True
+        if self.input_size:
+            kw["input_size"] = tuple(self.input_size)
+        return kw
+
+
+class DataSpec(StrictModel):
+    """Dataset and split sizes.
+
+    Attributes:
+        dataset: ``fashion-mnist``, ``imagefolder``, ``synthetic`` (tests) or ``images`` (a
+            folder of unlabelled images: a label-free study, which optimises ``agreement``
+            with ``teacher``).
+        root: Data directory (Fashion-MNIST IDX files, an ImageFolder tree, or the folder of
+            images).
+        calibration: Images for least-squares stitch fitting.
+        validation: Images the search optimises (carved from the training split).
+        test: Test images for the final report of the chosen networks (default: all).
+        batch_size: Evaluation batch size.
+        teacher: ``images`` only: the anchor whose top-1 predictions the study agrees with and
+            rung 1 distils from (default: ``finetune.teacher``, else the anchor with the most
+            MACs).
+    """
+
+    dataset: Literal["fashion-mnist", "imagefolder", "synthetic", "images"] = "fashion-mnist"
+    root: str | None = None
+    calibration: int = Field(default=256, ge=1)
+    validation: int = Field(default=2000, ge=1)
+    test: int | None = Field(default=None, ge=1)
+    batch_size: int = Field(default=500, ge=1)
+    teacher: str | None = Field(default=None, min_length=1)
+
+
+class CkaSpec(StrictModel):
+    """The CKA pruning rule.
+
+    Attributes:
+        images: Images for the CKA matrices (one matrix per ordered anchor pair).
+        threshold: Prune stitch points whose CKA is below this (0 disables).
+        top_k: Keep only the ``top_k`` back cuts with the highest CKA per front cut
+            (``null`` disables).
+    """
+
+    images: int = Field(default=512, ge=2)
+    threshold: float = Field(default=0.0, ge=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=1)
+
+
+class PruningSpec(StrictModel):
+    """The pruning rule: which stitch points a stitch-point signal removes before the search.
+
+    Attributes:
+        signal: ``kl`` (default: KL divergence of the least-squares stitched network's outputs
+            from the back anchor's on calibration images), ``residual`` (the least-squares
+            fit's relative residual) or ``cka`` (see :mod:`evaluators.signals`).
+        images: Calibration images for the signal (default: ``data.calibration``, the
+            images a rung-0 trial fits on; ``cka`` uses ``cka.images``).
+        depth: Keep the first ``depth`` Pareto layers of (signal, MACs) within each ordered
+            anchor pair (null: off).
+        threshold: Prune stitch points whose signal is worse than this (below it for
+            ``cka``, above it for ``residual`` and ``kl``; null: off).
+        top_k: Keep only the ``top_k`` back cuts with the best signal per front cut (null:
+            off).
+    """
+
+    signal: Literal["kl", "residual", "cka"] = "kl"
+    images: int | None = Field(default=None, ge=4)
+    depth: int | None = Field(default=3, ge=1)
+    threshold: float | None = Field(default=None, ge=0.0)
+    top_k: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> PruningSpec:
+        if self.signal == "cka" and self.threshold is not None and self.threshold > 1:
+            raise ValueError(f"a CKA threshold lies in [0, 1], got {self.threshold}")
+        return self
+
+
+class FitSpec(StrictModel):
+    """Stitching-layer fitting.
+
+    Attributes:
+        steps: Fine-tuning steps of the stitching layer after least squares (0: none).
+        lr: Fine-tuning learning rate.
+    """
+
+    steps: int = Field(default=0, ge=0)
+    lr: float = Field(default=1e-3, gt=0)
+
+
+class PromoteSpec(StrictModel):
+    """Which rung-0 candidates are promoted to rung 1 (stitch-only fine-tuning).
+
+    Attributes:
+        per_device: The best feasible rung-0 stitches per device (by validation accuracy).
+        front: Also promote the stitches on the rung-0 Pareto front (accuracy vs MACs).
+    """
+
+    per_device: int = Field(default=3, ge=0)
+    front: bool = True
+
+
+class FinetuneSpec(StrictModel):
+    """Rung 1: fine-tune the stitching layer alone on training images.
+
+    Attributes:
+        enabled: Run rung 1 after the rung-0 search.
+        train_images: Training images (disjoint from validation and test).
+        steps: Optimiser steps.
+        batch_size: Images per step.
+        lr: Peak learning rate (AdamW).
+        weight_decay: AdamW weight decay.
+        schedule: ``onecycle``, ``cosine`` or ``constant``.
+        warmup: Share of the steps spent warming up (``onecycle``).
+        distill: Weight of distillation from the teacher's logits (0: labels only).
+        teacher: The anchor distilled from (default: the rung-0 most accurate anchor).
+        temperature: Distillation temperature.
+        seed: Seed of the batch order.
+        promote: The promotion rule.
+        max_trials: Rung-1 evaluations the study holds at most (the rung-1 budget).
+        max_seconds: Stop promoting after this many seconds of rung 1 in one run (null:
+            no limit).
+    """
+
+    enabled: bool = False
+    train_images: int = Field(default=20000, ge=1)
+    steps: int = Field(default=78, ge=1)
+    batch_size: int = Field(default=128, ge=1)
+    lr: float = Field(default=1e-2, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
+    warmup: float = Field(default=0.3, gt=0, lt=1)
+    distill: float = Field(default=0.0, ge=0, le=1)
+    teacher: str | None = None
+    temperature: float = Field(default=2.0, gt=0)
+    seed: int = 0
+    promote: PromoteSpec = Field(default_factory=PromoteSpec)
+    max_trials: int = Field(default=16, ge=1)
+    max_seconds: float | None = Field(default=None, gt=0)
