@@ -8,7 +8,6 @@ from evaluators.cka import (
     cka_features,
     cka_matrix,
     linear_cka,
-    loader_identity,
     minibatch_cka,
 )
 from evaluators.data import (
@@ -67,6 +66,7 @@ from evaluators.macs import (
     stitched_parameters,
     used_parameters,
 )
+from evaluators.pair_cache import anchor_identity, loader_identity
 from evaluators.signals import (
     FIT_SIGNALS,
     SIGNALS,
@@ -100,6 +100,7 @@ __all__ = [
     "MinibatchCKA",
     "RecipeError",
     "accuracy",
+    "anchor_identity",
     "anchor_key",
     "anchor_latency_record",
     "anchor_param_count",
