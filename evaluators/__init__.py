@@ -40,22 +40,17 @@ from evaluators.fit import (
     fit_stitch,
 )
 from evaluators.latency import LatencyResult, MemoryResult, measure_latency, measure_memory
-from evaluators.latency_table import (
-    TABLE_FORMAT,
-    LatencyTable,
-    LatencyTableError,
+from evaluators.latency_parts import (
     anchor_key,
     anchor_latency_record,
     candidate_resolutions,
-    count_steps,
     part_keys,
     prefix_key,
-    profile_parts,
     study_fingerprint,
     suffix_key,
-    time_calls,
-    torch_runner,
 )
+from evaluators.latency_profile import count_steps, profile_parts, time_calls, torch_runner
+from evaluators.latency_table import TABLE_FORMAT, LatencyTable, LatencyTableError
 from evaluators.macs import (
     anchor_param_count,
     anchor_used_parameters,
