@@ -37,9 +37,16 @@ from evaluators.fit import (
     FitResult,
     accuracy,
     evaluate_accuracy,
+    finetune_stitch,
     fit_stitch,
 )
-from evaluators.latency import LatencyResult, MemoryResult, measure_latency, measure_memory
+from evaluators.latency import (
+    LatencyResult,
+    LiveBytes,
+    MemoryResult,
+    measure_latency,
+    measure_memory,
+)
 from evaluators.latency_parts import (
     anchor_key,
     anchor_latency_record,
@@ -91,6 +98,7 @@ __all__ = [
     "LatencyResult",
     "LatencyTable",
     "LatencyTableError",
+    "LiveBytes",
     "MemoryResult",
     "MinibatchCKA",
     "RecipeError",
@@ -111,6 +119,7 @@ __all__ = [
     "evaluate_candidate",
     "fashion_mnist_splits",
     "find_fashion_mnist",
+    "finetune_stitch",
     "finetune_stitch_layer",
     "fit_stitch",
     "image_splits",
