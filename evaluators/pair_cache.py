@@ -65,27 +65,13 @@ _IDENTITIES: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
 
 
 def anchor_identity(anchor: Anchor) -> str:
-    """:attr:`space.Anchor.identity`, with a fallback hash for weights it cannot hash.
+    """:attr:`space.Anchor.identity` (name and checkpoint or weights SHA-256), kept per anchor.
 
-    ``Anchor.weights_sha256`` fails on 0-dim tensors of another element size than a byte
-    (e.g. BatchNorm's ``num_batches_tracked``); this hashes such weights the same way but
-    flattened first. The result is cached per anchor object.
+    Hashing an anchor's weights takes a while; the result is cached per anchor object.
     """
-    if anchor in _IDENTITIES:
-        return _IDENTITIES[anchor]
-    try:
-        ident = anchor.identity
-    except RuntimeError:
-        h = hashlib.sha256()
-        for key, value in sorted(anchor.model.state_dict().items()):
-            t = value.detach().cpu().contiguous()
-            h.update(key.encode())
-            h.update(str(tuple(t.shape)).encode())
-            h.update(str(t.dtype).encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-        ident = f"{anchor.name}@{anchor.checkpoint_sha256 or h.hexdigest()}"
-    _IDENTITIES[anchor] = ident
-    return ident
+    if anchor not in _IDENTITIES:
+        _IDENTITIES[anchor] = anchor.identity
+    return _IDENTITIES[anchor]
 
 
 def cached_data_identity(

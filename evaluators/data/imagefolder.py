@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from evaluators.data.loaders import DataSplits
-from evaluators.data.recipe import DataError, DataRecipe
+from evaluators.data.recipe import DataError
 from evaluators.data.splits import (
     PILLoader,
     data_config,
@@ -112,35 +112,23 @@ def imagefolder_splits(
         validation=validation,
         test=n_test,
     )
-    input_size = tuple(int(v) for v in cfg["input_size"])
-    # Anchors give the transform back on a rebuild; a bare data config mapping does not.
-    recipe = None
-    if anchors:
-        recipe = DataRecipe(
-            "imagefolder",
-            root=os.path.abspath(root),
-            calibration=calibration,
-            validation=validation,
-            test=n_test,
-            batch_size=batch_size,
-            seed=seed,
-            input_size=input_size,
-            num_classes=n_cls,
-        )
     return dataset_splits(
-        f"imagefolder:{root.name}",
+        "imagefolder",
+        root,
         train_set=train_ds,
         test_set=test_ds,
         validation=val_idx,
         test=range(n_test),
         remainder=rest,
         calibration=calibration,
+        seed=seed,
         identity=identity,
         num_classes=n_cls,
-        input_size=input_size,
+        input_size=tuple(int(v) for v in cfg["input_size"]),
         batch_size=batch_size,
         num_workers=num_workers,
-        recipe=recipe,
+        # Anchors give the transform back on a rebuild; a bare data config mapping does not.
+        recipe={} if anchors else None,
     )
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from evaluators.data.loaders import DataSplits
-from evaluators.data.recipe import DataError, DataRecipe
+from evaluators.data.recipe import DataError
 from evaluators.data.splits import (
     PILLoader,
     data_config,
@@ -223,34 +223,26 @@ def image_splits(
             raise ValueError("image_splits needs num_classes when given a data config")
         first = anchor if isinstance(anchor, Anchor) else anchor[0]
         num_classes = first.num_classes
-    recipe = DataRecipe(
-        "images",
-        root=os.path.abspath(root),
-        calibration=calibration,
-        validation=validation,
-        test=test,
-        batch_size=batch_size,
-        seed=seed,
-        input_size=input_size,
-        num_classes=num_classes,
-        teacher=teacher if labels is not None else None,
-        teacher_labels=labels,
-        transform=cfg,
-    )
     return dataset_splits(
-        f"images:{root.name}",
+        "images",
+        root,
         train_set=dataset,
         test_set=dataset,
         validation=val_idx,
         test=test_idx,
         remainder=rest,
         calibration=calibration,
+        seed=seed,
         identity=identity,
         num_classes=num_classes,
         input_size=input_size,
         batch_size=batch_size,
         num_workers=num_workers,
-        recipe=recipe,
+        recipe={
+            "teacher": teacher if labels is not None else None,
+            "teacher_labels": labels,
+            "transform": cfg,
+        },
     )
 
 

@@ -10,7 +10,9 @@ name the result by a hash of the files and the settings (:func:`split_identity`)
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -125,7 +127,8 @@ def split_identity(
 
 
 def dataset_splits(
-    name: str,
+    kind: str,
+    root: Path,
     *,
     train_set: Any,
     test_set: Any,
@@ -133,17 +136,19 @@ def dataset_splits(
     test: Sequence[int],
     remainder: Sequence[int],
     calibration: int,
+    seed: int,
     identity: str,
     num_classes: int,
     input_size: tuple[int, int, int],
     batch_size: int,
     num_workers: int,
-    recipe: DataRecipe | None,
+    recipe: Mapping[str, Any] | None,
 ) -> DataSplits:
     """The splits' loaders over two map-style datasets (the same one for a single folder).
 
     Args:
-        name: The splits' name.
+        kind: The dataset kind (``"imagefolder"`` or ``"images"``; the recipe's dataset).
+        root: The folder the images were read from (the splits are named after it).
         train_set: The dataset validation, calibration and training images come from.
         test_set: The dataset test images come from.
         validation: Validation indices into ``train_set``.
@@ -151,16 +156,32 @@ def dataset_splits(
         remainder: The rest of ``train_set``: the training split, whose first
             ``calibration`` images are the calibration split.
         calibration: Calibration images.
+        seed: The permutation's seed (recorded in the recipe).
         identity: The splits' identity; each loader's adds the split.
         num_classes: The class count.
         input_size: ``(C, H, W)`` of the images.
         batch_size: Batch size of every loader.
         num_workers: DataLoader worker processes.
-        recipe: How to rebuild the splits.
+        recipe: The recipe's fields besides the sizes (``{}``: none), or None for splits
+            that no recipe can rebuild.
     """
+    record = None
+    if recipe is not None:
+        record = DataRecipe(
+            kind,
+            root=os.path.abspath(root),
+            calibration=calibration,
+            validation=len(validation),
+            test=len(test),
+            batch_size=batch_size,
+            seed=seed,
+            input_size=input_size,
+            num_classes=num_classes,
+            **recipe,
+        )
     common = {"batch_size": batch_size, "num_workers": num_workers}
     return DataSplits(
-        name=name,
+        name=f"{kind}:{root.name}",
         calibration=DatasetLoader(
             train_set, remainder[:calibration], identity=f"{identity}-cal", **common
         ),
@@ -170,5 +191,5 @@ def dataset_splits(
         input_size=input_size,
         identity=identity,
         train=DatasetLoader(train_set, remainder, identity=f"{identity}-train", **common),
-        recipe=recipe,
+        recipe=record,
     )
