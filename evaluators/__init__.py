@@ -8,7 +8,6 @@ from evaluators.cka import (
     cka_features,
     cka_matrix,
     linear_cka,
-    loader_identity,
     minibatch_cka,
 )
 from evaluators.data import (
@@ -38,25 +37,27 @@ from evaluators.fit import (
     FitResult,
     accuracy,
     evaluate_accuracy,
+    finetune_stitch,
     fit_stitch,
 )
-from evaluators.latency import LatencyResult, MemoryResult, measure_latency, measure_memory
-from evaluators.latency_table import (
-    TABLE_FORMAT,
-    LatencyTable,
-    LatencyTableError,
+from evaluators.latency import (
+    LatencyResult,
+    LiveBytes,
+    MemoryResult,
+    measure_latency,
+    measure_memory,
+)
+from evaluators.latency_parts import (
     anchor_key,
     anchor_latency_record,
     candidate_resolutions,
-    count_steps,
     part_keys,
     prefix_key,
-    profile_parts,
     study_fingerprint,
     suffix_key,
-    time_calls,
-    torch_runner,
 )
+from evaluators.latency_profile import count_steps, profile_parts, time_calls, torch_runner
+from evaluators.latency_table import TABLE_FORMAT, LatencyTable, LatencyTableError
 from evaluators.macs import (
     anchor_param_count,
     anchor_used_parameters,
@@ -67,6 +68,7 @@ from evaluators.macs import (
     stitched_parameters,
     used_parameters,
 )
+from evaluators.pair_cache import anchor_identity, loader_identity
 from evaluators.signals import (
     FIT_SIGNALS,
     SIGNALS,
@@ -96,10 +98,12 @@ __all__ = [
     "LatencyResult",
     "LatencyTable",
     "LatencyTableError",
+    "LiveBytes",
     "MemoryResult",
     "MinibatchCKA",
     "RecipeError",
     "accuracy",
+    "anchor_identity",
     "anchor_key",
     "anchor_latency_record",
     "anchor_param_count",
@@ -115,6 +119,7 @@ __all__ = [
     "evaluate_candidate",
     "fashion_mnist_splits",
     "find_fashion_mnist",
+    "finetune_stitch",
     "finetune_stitch_layer",
     "fit_stitch",
     "image_splits",

@@ -23,10 +23,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from evaluators.cka import anchor_identity
 from evaluators.data import DataSplits
 from evaluators.finetune import FinetuneSettings, finetune_stitch_layer
-from evaluators.fit import accuracy, fit_stitch
+from evaluators.fit import FitResult, accuracy, fit_stitch
 from evaluators.latency import measure_latency, measure_memory
 from evaluators.macs import (
     anchor_used_parameters,
@@ -34,7 +33,8 @@ from evaluators.macs import (
     stitched_param_counts,
     stitched_parameters,
 )
-from space import Anchor, StitchConfig, build_stitched
+from evaluators.pair_cache import anchor_identity
+from space import Anchor, StitchConfig, StitchedNet, build_stitched
 
 
 @dataclass
@@ -240,18 +240,16 @@ def evaluate_candidate(
     if isinstance(latency_batch, bool) or not isinstance(latency_batch, int) or latency_batch < 1:
         raise ValueError(f"latency_batch must be a positive integer, got {latency_batch!r}")
     with _num_threads(threads) as n_threads:
+        run = _Run(
+            device=dev,
+            threads=n_threads,
+            test=test,
+            latency=measure_latency,
+            latency_batch=latency_batch,
+            latency_seconds=latency_seconds,
+        )
         if isinstance(candidate, str):
-            return _evaluate_anchor(
-                candidate,
-                anchors,
-                data,
-                latency_batch,
-                measure_latency,
-                test,
-                dev,
-                n_threads,
-                latency_seconds,
-            )
+            return _evaluate_anchor(candidate, anchors, data, run)
         if not isinstance(candidate, StitchConfig):
             raise ValueError(
                 f"a candidate is a StitchConfig or an anchor name, got {type(candidate).__name__}"
@@ -260,60 +258,27 @@ def evaluate_candidate(
         _check_classes(back, data)
         cka_value = _cka_at(candidate, cka, cka_matrix)
         for a in (front, back):
-            _to_device(a, dev)
+            _to_device(a, run.device)
         t0 = time.perf_counter()
         net = build_stitched(front, back, candidate)
-        fit = fit_stitch(net, data.calibration, steps=fit_steps, lr=fit_lr, device=dev)
+        fit = fit_stitch(net, data.calibration, steps=fit_steps, lr=fit_lr, device=run.device)
         fit_seconds = time.perf_counter() - t0
         tuned = None
         if finetune is not None:
-            if data.train is None:
-                raise ValueError(
-                    f"fine-tuning needs training images, but the {data.name!r} splits have none"
-                )
-            result = finetune_stitch_layer(net, data.train, finetune, teacher=teacher, device=dev)
-            tuned = {"settings": finetune.to_dict(), **result.to_dict()}
-        t1 = time.perf_counter()
-        val = accuracy(net, data.validation, device=dev, input_size=net.input_size)
-        tst = accuracy(net, data.test, device=dev, input_size=net.input_size) if test else None
-        key = (
-            anchor_identity(front),
-            anchor_identity(back),
-            candidate.front_block,
-            candidate.back_block,
-        )
-        key += (tuple(front.input_size), tuple(back.input_size))
-        macs = _macs(key, net, net.input_size)
-        counts = stitched_param_counts(net)
-        used = stitched_parameters(net)
-        cost = _cost(
-            net, net.input_size, used, latency_batch, measure_latency, dev, latency_seconds
-        )
-        return CandidateResult(
-            kind="stitch",
-            config=candidate.to_dict(),
-            anchors=[front.name, back.name],
-            val_acc=val.top1,
-            val_top5=val.top5,
-            test_acc=None if tst is None else tst.top1,
-            test_top5=None if tst is None else tst.top5,
-            macs=macs,
-            params=counts["total"],
-            stitch_params=counts["stitch"],
-            **cost,
-            cka=cka_value,
-            fit_residual={k: float(v) for k, v in fit.residual.items()},
-            fit_steps=fit.steps,
-            fit_seconds=fit_seconds,
-            eval_seconds=time.perf_counter() - t1,
-            val_images=val.num_images,
-            device=str(dev),
-            threads=n_threads,
-            finetune=tuned,
-            residual=fit.total_residual,
-            input_size=list(net.input_size),
-            net=net,
-        )
+            tuned = _finetune(net, data, finetune, teacher, run.device)
+        return _measure_stitch(net, data, run, cka_value, fit, fit_seconds, tuned)
+
+
+@dataclass(frozen=True)
+class _Run:
+    """How :func:`evaluate_candidate` measures: where, on how many threads, and what."""
+
+    device: torch.device
+    threads: int
+    test: bool
+    latency: bool
+    latency_batch: int
+    latency_seconds: float
 
 
 def _check_classes(anchor: Anchor, data: DataSplits) -> None:
@@ -325,32 +290,100 @@ def _check_classes(anchor: Anchor, data: DataSplits) -> None:
         )
 
 
-def _cost(
-    model: nn.Module,
-    input_size: tuple[int, ...],
-    used: list[nn.Parameter],
-    latency_batch: int,
-    enabled: bool,
+def _finetune(
+    net: StitchedNet,
+    data: DataSplits,
+    settings: FinetuneSettings,
+    teacher: nn.Module | None,
     dev: torch.device,
-    seconds: float,
+) -> dict[str, Any]:
+    """Rung 1 on the training split: the settings and the :class:`FinetuneResult`, as a dict."""
+    if data.train is None:
+        raise ValueError(
+            f"fine-tuning needs training images, but the {data.name!r} splits have none"
+        )
+    result = finetune_stitch_layer(net, data.train, settings, teacher=teacher, device=dev)
+    return {"settings": settings.to_dict(), **result.to_dict()}
+
+
+def _measure_stitch(
+    net: StitchedNet,
+    data: DataSplits,
+    run: _Run,
+    cka: float | None,
+    fit: FitResult,
+    fit_seconds: float,
+    tuned: dict[str, Any] | None,
+) -> CandidateResult:
+    """Accuracy and cost of a fitted stitched network, with how it was fitted."""
+    t1 = time.perf_counter()
+    scores = _scores(net, data, run, net.input_size)
+    front, back, config = net.front, net.back, net.config
+    key = (anchor_identity(front), anchor_identity(back), config.front_block, config.back_block)
+    key += (tuple(front.input_size), tuple(back.input_size))
+    macs = _macs(key, net, net.input_size)
+    counts = stitched_param_counts(net)
+    used = stitched_parameters(net)
+    cost = _cost(net, net.input_size, used, run)
+    return CandidateResult(
+        kind="stitch",
+        config=config.to_dict(),
+        anchors=[front.name, back.name],
+        **scores,
+        macs=macs,
+        params=counts["total"],
+        stitch_params=counts["stitch"],
+        **cost,
+        cka=cka,
+        fit_residual={k: float(v) for k, v in fit.residual.items()},
+        fit_steps=fit.steps,
+        fit_seconds=fit_seconds,
+        eval_seconds=time.perf_counter() - t1,
+        device=str(run.device),
+        threads=run.threads,
+        finetune=tuned,
+        residual=fit.total_residual,
+        input_size=list(net.input_size),
+        net=net,
+    )
+
+
+def _scores(
+    model: nn.Module, data: DataSplits, run: _Run, input_size: tuple[int, ...]
+) -> dict[str, Any]:
+    """Validation (and, when asked, test) accuracy as :class:`CandidateResult` fields."""
+    val = accuracy(model, data.validation, device=run.device, input_size=input_size)
+    tst = accuracy(model, data.test, device=run.device, input_size=input_size) if run.test else None
+    return {
+        "val_acc": val.top1,
+        "val_top5": val.top5,
+        "test_acc": None if tst is None else tst.top1,
+        "test_top5": None if tst is None else tst.top5,
+        "val_images": val.num_images,
+    }
+
+
+def _cost(
+    model: nn.Module, input_size: tuple[int, ...], used: list[nn.Parameter], run: _Run
 ) -> dict[str, Any]:
     out: dict[str, Any] = {
         "latency_ms": None,
         "latency_spread_ms": None,
-        "latency_batch": latency_batch,
+        "latency_batch": run.latency_batch,
         "latency_batch_ms": None,
         "memory_mb": None,
         "activation_mb": None,
     }
-    if not enabled:
+    if not run.latency:
         return out
+    dev, seconds = run.device, run.latency_seconds
     lat = measure_latency(model, input_size, batch_size=1, device=dev, max_seconds=seconds)
     out["latency_ms"] = lat.median_ms
     out["latency_spread_ms"] = lat.iqr_ms
     out["latency_batch_ms"] = lat.median_ms
-    if latency_batch != 1:
+    if run.latency_batch != 1:
         lat_b = measure_latency(
-            model, input_size, batch_size=latency_batch, device=dev, max_seconds=seconds
+            model, input_size, batch_size=run.latency_batch, device=dev, max_seconds=seconds
         )
         out["latency_batch_ms"] = lat_b.median_ms
     mem = measure_memory(model, input_size, batch_size=1, device=dev, parameters=used)
@@ -360,38 +393,26 @@ def _cost(
 
 
 def _evaluate_anchor(
-    name: str,
-    anchors: Mapping[str, Anchor],
-    data: DataSplits,
-    latency_batch: int,
-    enabled: bool,
-    test: bool,
-    dev: torch.device,
-    threads: int,
-    latency_seconds: float,
+    name: str, anchors: Mapping[str, Anchor], data: DataSplits, run: _Run
 ) -> CandidateResult:
     anchor = _anchor(anchors, name)
     _check_classes(anchor, data)
-    _to_device(anchor, dev)
+    _to_device(anchor, run.device)
     model = anchor.model
     t1 = time.perf_counter()
-    val = accuracy(model, data.validation, device=dev, input_size=anchor.input_size)
-    tst = accuracy(model, data.test, device=dev, input_size=anchor.input_size) if test else None
+    scores = _scores(model, data, run, anchor.input_size)
     macs = _macs(
         (anchor_identity(anchor), None, None, None, tuple(anchor.input_size), None),
         model,
         anchor.input_size,
     )
     used = anchor_used_parameters(anchor)
-    cost = _cost(model, anchor.input_size, used, latency_batch, enabled, dev, latency_seconds)
+    cost = _cost(model, anchor.input_size, used, run)
     return CandidateResult(
         kind="anchor",
         config=None,
         anchors=[anchor.name],
-        val_acc=val.top1,
-        val_top5=val.top5,
-        test_acc=None if tst is None else tst.top1,
-        test_top5=None if tst is None else tst.top5,
+        **scores,
         macs=macs,
         params=sum(p.numel() for p in used),
         stitch_params=0,
@@ -401,9 +422,8 @@ def _evaluate_anchor(
         fit_steps=0,
         fit_seconds=0.0,
         eval_seconds=time.perf_counter() - t1,
-        val_images=val.num_images,
-        device=str(dev),
-        threads=threads,
+        device=str(run.device),
+        threads=run.threads,
         input_size=list(anchor.input_size),
         net=model,
     )

@@ -33,22 +33,18 @@ grid or layout; each activation only has to become one feature vector per image.
 Prefix tokens (class, distillation, register) are excluded in both modes: they have no
 spatial position and no CNN counterpart.
 
-**Cache.** Matrices are cached on disk (``.npy`` plus a ``.json`` sidecar, both written
-atomically) under a key made of both anchors' identities (name and checkpoint or weight
-SHA-256), their input sizes, the data identity, the batch size, the mode and the number of
-images, so a search computes each ordered pair once.
+**Cache.** Matrices are cached on disk (:mod:`evaluators.pair_cache`: ``.npy`` plus a
+``.json`` sidecar, both written atomically) under a key made of both anchors' identities
+(name and checkpoint or weight SHA-256), their input sizes, the data identity, the batch
+size, the mode and the number of images, so a search computes each ordered pair once.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
 import re
 import time
 import warnings
-import weakref
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -56,20 +52,23 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+# anchor_identity was defined here before evaluators.pair_cache; benchmarks import it from here.
+from evaluators.pair_cache import anchor_identity as anchor_identity
+from evaluators.pair_cache import (
+    cached_data_identity,
+    entry_meta,
+    entry_path,
+    pair_key,
+    read_entry,
+    write_entry,
+)
 from space import Anchor, FeatureInfo, adapt_images, back_input_size
-from space.files import atomic_path, atomic_write
 
 CKAMode = Literal["pooled", "flatten"]
 CKA_MODES: tuple[str, ...] = ("pooled", "flatten")
 #: Bumped whenever the estimator changes, so stale cache entries are never read.
 CKA_CACHE_VERSION = 1
 _MIN_BATCH = 4  # the unbiased HSIC estimator needs n >= 4
-
-
-def default_cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/stitchsearch/cka`` (``~/.cache/stitchsearch/cka`` by default)."""
-    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return base / "stitchsearch" / "cka"
 
 
 def _as_matrix(x: torch.Tensor | np.ndarray, what: str) -> torch.Tensor:
@@ -302,54 +301,6 @@ def _images(batch: Any) -> torch.Tensor:
     return batch[0] if isinstance(batch, tuple | list) else batch
 
 
-def loader_identity(loader: Any) -> str | None:
-    """A content hash of an in-memory loader (images, labels, settings), else its ``identity``.
-
-    Returns ``None`` when the loader can be identified by neither (caching is then off).
-    """
-    ident = getattr(loader, "identity", None)
-    if isinstance(ident, str):
-        return ident
-    images = getattr(loader, "images", None)
-    if not isinstance(images, torch.Tensor):
-        return None
-    h = hashlib.sha256()
-    for t in (images, getattr(loader, "labels", torch.zeros(0))):
-        t = t.detach().cpu().contiguous()
-        h.update(str((tuple(t.shape), str(t.dtype))).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    for attr in ("mean", "std", "input_size", "batch_size", "shuffle"):
-        h.update(f"{attr}={getattr(loader, attr, None)!r}".encode())
-    return "arrays-" + h.hexdigest()[:24]
-
-
-_IDENTITIES: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
-
-
-def anchor_identity(anchor: Anchor) -> str:
-    """:attr:`space.Anchor.identity`, with a fallback hash for weights it cannot hash.
-
-    ``Anchor.weights_sha256`` fails on 0-dim tensors of another element size than a byte
-    (e.g. BatchNorm's ``num_batches_tracked``); this hashes such weights the same way but
-    flattened first. The result is cached per anchor object.
-    """
-    if anchor in _IDENTITIES:
-        return _IDENTITIES[anchor]
-    try:
-        ident = anchor.identity
-    except RuntimeError:
-        h = hashlib.sha256()
-        for key, value in sorted(anchor.model.state_dict().items()):
-            t = value.detach().cpu().contiguous()
-            h.update(key.encode())
-            h.update(str(tuple(t.shape)).encode())
-            h.update(str(t.dtype).encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-        ident = f"{anchor.name}@{anchor.checkpoint_sha256 or h.hexdigest()}"
-    _IDENTITIES[anchor] = ident
-    return ident
-
-
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:60]
 
@@ -365,20 +316,16 @@ def cka_cache_path(
     cache_dir: str | Path | None = None,
 ) -> Path:
     """Where :func:`cka_matrix` caches the matrix of one ordered pair (see its arguments)."""
-    key = {
-        "version": CKA_CACHE_VERSION,
-        "front": anchor_identity(front),
-        "back": anchor_identity(back),
-        "front_input": list(front.input_size),
-        "back_input": list(back_input_size(front, back)),
-        "data": data_identity,
-        "mode": mode,
-        "num_images": num_images,
-        "batch_size": batch_size,
-    }
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-    directory = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    return directory / f"{_safe(front.name)}--{_safe(back.name)}--{mode}--{digest}.npy"
+    key = pair_key(
+        front,
+        back,
+        version=CKA_CACHE_VERSION,
+        data_identity=data_identity,
+        num_images=num_images,
+        batch_size=batch_size,
+        mode=mode,
+    )
+    return entry_path(cache_dir, [_safe(front.name), _safe(back.name), mode], key, ".npy")
 
 
 @torch.no_grad()
@@ -410,7 +357,7 @@ def cka_matrix(
         mode: ``"pooled"`` (default) or ``"flatten"``; see the module docstring.
         num_images: Use only the first ``num_images`` images (default: all).
         device: Where the anchors run (default: where their weights are).
-        cache_dir: Cache directory (default :func:`default_cache_dir`).
+        cache_dir: Cache directory (default :func:`evaluators.pair_cache.default_cache_dir`).
         use_cache: Read and write the cache.
         data_identity: Identifies the images (e.g. ``DataSplits.identity`` plus the split).
             Default: a content hash for in-memory loaders; without either the cache is off.
@@ -427,9 +374,9 @@ def cka_matrix(
     if num_images is not None and (isinstance(num_images, bool) or num_images < _MIN_BATCH):
         raise ValueError(f"num_images must be an integer >= {_MIN_BATCH}, got {num_images!r}")
     shape = (front.num_blocks + 1, back.num_blocks + 1)
-    ident = data_identity if data_identity is not None else loader_identity(loader)
+    ident = cached_data_identity(loader, data_identity, use_cache)
     path = None
-    if use_cache and ident is not None:
+    if ident is not None:
         path = cka_cache_path(
             front,
             back,
@@ -439,21 +386,47 @@ def cka_matrix(
             batch_size=getattr(loader, "batch_size", None),
             cache_dir=cache_dir,
         )
-        if path.is_file():
-            try:
-                cached = np.load(path, allow_pickle=False)
-                if cached.shape == shape and np.isfinite(cached).all():
-                    return cached
-            except (OSError, ValueError):
-                pass  # a damaged entry is recomputed and overwritten
+        cached = read_entry(path, ("cka",), shape, finite=True)
+        if cached is not None:
+            return cached["cka"]
     start = time.perf_counter()
+    acc = _accumulate(front, back, loader, mode, num_images, device)
+    result = acc.compute()
+    if path is not None:
+        meta = entry_meta(
+            front,
+            back,
+            ident,
+            mode=mode,
+            num_images=acc.num_images,
+            batches=acc.num_batches,
+            seconds=round(time.perf_counter() - start, 3),
+            shape=list(shape),
+        )
+        write_entry(path, {"cka": result}, meta)
+    return result
+
+
+def _accumulate(
+    front: Anchor,
+    back: Anchor,
+    loader: Iterable[Any],
+    mode: CKAMode,
+    num_images: int | None,
+    device: str | torch.device | None,
+) -> MinibatchCKA:
+    """Runs both anchors on the loader's (first ``num_images``) images and streams their CKA.
+
+    Raises:
+        ValueError: Non-finite activations, or no batch of 4 or more images.
+    """
     if device is None:
         device = next(front.model.parameters()).device
     device = torch.device(device)
     back_size = back_input_size(front, back)
     f_info, b_info = front.features(), back.features(back_size)
     shared = back.model is front.model and tuple(back_size) == tuple(front.input_size)
-    acc = MinibatchCKA(shape[0], shape[1])
+    acc = MinibatchCKA(front.num_blocks + 1, back.num_blocks + 1)
     seen = 0
     for batch in loader:
         x = _images(batch)
@@ -480,22 +453,7 @@ def cka_matrix(
             f"CKA of {front.name!r} -> {back.name!r} needs at least one batch of "
             f"{_MIN_BATCH} or more images; the loader gave none"
         )
-    result = acc.compute()
-    if path is not None:
-        with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            np.save(f, result, allow_pickle=False)
-        meta = {
-            "front": anchor_identity(front),
-            "back": anchor_identity(back),
-            "data": ident,
-            "mode": mode,
-            "num_images": seen,
-            "batches": acc.num_batches,
-            "seconds": round(time.perf_counter() - start, 3),
-            "shape": list(shape),
-        }
-        atomic_write(path.with_suffix(".json"), json.dumps(meta, indent=1))
-    return result
+    return acc
 
 
 def _cut_features(

@@ -310,28 +310,12 @@ def finetune_stitch_layer(
             non-finite (the stitching layer is then restored to its state before the call).
     """
     s = settings if settings is not None else FinetuneSettings()
-    trainable_anchor = sum(p.requires_grad for p in net.anchor_parameters())
-    if trainable_anchor:
-        raise ValueError(
-            f"{trainable_anchor} anchor parameters require grad; the anchors must stay frozen "
-            "(build the network with space.build_stitched, which freezes them)"
-        )
-    params = [p for p in net.stitch.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the stitching layer has no trainable parameters")
-    if s.distill > 0 and teacher is None:
-        raise ValueError(
-            f"FinetuneSettings.distill={s.distill} needs a teacher; pass teacher= or set distill=0"
-        )
+    params = _trainable_stitch(net, s, teacher)
     dev = torch.device(device) if device is not None else params[0].device
-    k, j = net.config.front_block, net.config.back_block
-    in_size = tuple(net.input_size)
     use_teacher = teacher is not None and s.distill > 0
-    pure = use_teacher and s.distill >= 1.0
     teacher_module = None
     if use_teacher:
         teacher_module = teacher if isinstance(teacher, nn.Module) else teacher.model
-    teacher_size = getattr(teacher, "input_size", None) if use_teacher else None
     teacher_was_training = bool(getattr(teacher_module, "training", False))
 
     opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
@@ -350,32 +334,7 @@ def finetune_stitch_layer(
             x, y = next(source)
             x, y = x.to(dev), y.to(dev)
             seen += len(x)
-            if tuple(x.shape[1:]) != in_size:
-                x = adapt_images(x, in_size)
-            with torch.no_grad():
-                h = net.front.forward_front(x, k)
-            logits = net.back.forward_back(net.stitch(h), j)
-            # Pure distillation (distill 1) needs no labels: unlabelled images carry -1.
-            loss = F.cross_entropy(logits, y) if not pure else None
-            if use_teacher:
-                with torch.no_grad():
-                    xt = x if teacher_size is None else adapt_images(x, tuple(teacher_size))
-                    t_logits = teacher(xt)
-                if t_logits.shape != logits.shape:
-                    raise ValueError(
-                        f"the teacher gives logits of shape {tuple(t_logits.shape[1:])}, the "
-                        f"stitched network {tuple(logits.shape[1:])}; use a teacher of the "
-                        "same classes"
-                    )
-                temp = s.temperature
-                kl = F.kl_div(
-                    F.log_softmax(logits / temp, dim=1),
-                    F.log_softmax(t_logits / temp, dim=1),
-                    reduction="batchmean",
-                    log_target=True,
-                )
-                kl = s.distill * temp * temp * kl
-                loss = kl if loss is None else (1.0 - s.distill) * loss + kl
+            loss = _batch_loss(net, x, y, s, teacher if use_teacher else None)
             value = loss.item()
             if not math.isfinite(value):
                 raise ValueError(
@@ -409,3 +368,73 @@ def finetune_stitch_layer(
         loss_curve=_curve(losses),
         images_seen=seen,
     )
+
+
+def _trainable_stitch(
+    net: StitchedNet, settings: FinetuneSettings, teacher: nn.Module | Anchor | None
+) -> list[nn.Parameter]:
+    """The stitching layer's trainable parameters, once the anchors are checked frozen.
+
+    Raises:
+        ValueError: An anchor parameter is trainable, the stitching layer has nothing to
+            train, or distillation has no teacher.
+    """
+    trainable_anchor = sum(p.requires_grad for p in net.anchor_parameters())
+    if trainable_anchor:
+        raise ValueError(
+            f"{trainable_anchor} anchor parameters require grad; the anchors must stay frozen "
+            "(build the network with space.build_stitched, which freezes them)"
+        )
+    params = [p for p in net.stitch.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the stitching layer has no trainable parameters")
+    if settings.distill > 0 and teacher is None:
+        raise ValueError(
+            f"FinetuneSettings.distill={settings.distill} needs a teacher; pass teacher= or "
+            "set distill=0"
+        )
+    return params
+
+
+def _batch_loss(
+    net: StitchedNet,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    s: FinetuneSettings,
+    teacher: nn.Module | Anchor | None,
+) -> torch.Tensor:
+    """One batch's loss: cross-entropy, distillation from ``teacher`` (when given), or a mix.
+
+    Only the stitching layer and the back part are recorded for backpropagation.
+    """
+    k, j = net.config.front_block, net.config.back_block
+    in_size = tuple(net.input_size)
+    if tuple(x.shape[1:]) != in_size:
+        x = adapt_images(x, in_size)
+    with torch.no_grad():
+        h = net.front.forward_front(x, k)
+    logits = net.back.forward_back(net.stitch(h), j)
+    # Pure distillation (distill 1) needs no labels: unlabelled images carry -1.
+    pure = teacher is not None and s.distill >= 1.0
+    loss = F.cross_entropy(logits, y) if not pure else None
+    if teacher is not None:
+        with torch.no_grad():
+            teacher_size = getattr(teacher, "input_size", None)
+            xt = x if teacher_size is None else adapt_images(x, tuple(teacher_size))
+            t_logits = teacher(xt)
+        if t_logits.shape != logits.shape:
+            raise ValueError(
+                f"the teacher gives logits of shape {tuple(t_logits.shape[1:])}, the "
+                f"stitched network {tuple(logits.shape[1:])}; use a teacher of the "
+                "same classes"
+            )
+        temp = s.temperature
+        kl = F.kl_div(
+            F.log_softmax(logits / temp, dim=1),
+            F.log_softmax(t_logits / temp, dim=1),
+            reduction="batchmean",
+            log_target=True,
+        )
+        kl = s.distill * temp * temp * kl
+        loss = kl if loss is None else (1.0 - s.distill) * loss + kl
+    return loss

@@ -36,7 +36,8 @@ def _split(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     return batch, None
 
 
-def _fit_input(x: torch.Tensor, input_size: tuple[int, ...] | None) -> torch.Tensor:
+def fit_input(x: torch.Tensor, input_size: tuple[int, ...] | None) -> torch.Tensor:
+    """Images adapted to ``input_size`` (:func:`space.adapt_images`) when they differ from it."""
     if input_size is not None and tuple(x.shape[1:]) != tuple(input_size):
         return adapt_images(x, tuple(input_size))
     return x
@@ -95,12 +96,12 @@ def _pairs(
         x, y = _split(batch)
         # One resolution: the images adapted once to the stitched network's input, and the
         # same images for the back anchor (space.back_input_size).
-        x = _fit_input(x.to(device), net.input_size)
+        x = fit_input(x.to(device), net.input_size)
         if one_pass:  # a self-stitch: both cuts from one forward pass
             src, dst = front.forward_cuts(x, [k, j])
         else:
             src = front.forward_front(x, k)
-            dst = back.forward_front(_fit_input(x, back_size), j)
+            dst = back.forward_front(fit_input(x, back_size), j)
         counter[0] += x.shape[0]
         if keep is not None and y is not None:
             kept += src.numel() * src.element_size()
@@ -230,7 +231,7 @@ def finetune_stitch(
                 x, y = _split(batch)
                 if y is None:
                     raise ValueError("fine-tuning the stitching layer needs (images, labels)")
-                x = _fit_input(x.to(device), net.input_size)
+                x = fit_input(x.to(device), net.input_size)
                 logits = net(x)
             loss = F.cross_entropy(logits, y.to(device))
             if not torch.isfinite(loss):
@@ -322,7 +323,7 @@ def accuracy(
                 x, y = x[: num_images - seen], y[: num_images - seen]
                 if len(x) == 0:
                     break
-            x = _fit_input(x.to(dev), input_size)
+            x = fit_input(x.to(dev), input_size)
             y = y.to(dev)
             logits = model(x)
             if not torch.isfinite(logits).all():

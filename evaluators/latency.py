@@ -80,7 +80,7 @@ class LatencyResult:
         return {**asdict(self), "iqr_ms": self.iqr_ms}
 
 
-def _percentile(sorted_values: list[float], q: float) -> float:
+def percentile(sorted_values: list[float], q: float) -> float:
     """Linear-interpolation percentile (numpy's default) of sorted values."""
     if len(sorted_values) == 1:
         return sorted_values[0]
@@ -160,10 +160,10 @@ def measure_latency(
     s = sorted(times)
     return LatencyResult(
         median_ms=statistics.median(s),
-        p10_ms=_percentile(s, 0.10),
-        p25_ms=_percentile(s, 0.25),
-        p75_ms=_percentile(s, 0.75),
-        p90_ms=_percentile(s, 0.90),
+        p10_ms=percentile(s, 0.10),
+        p25_ms=percentile(s, 0.25),
+        p75_ms=percentile(s, 0.75),
+        p90_ms=percentile(s, 0.90),
         mean_ms=statistics.fmean(s),
         repeats=len(s),
         warmup=warmup,

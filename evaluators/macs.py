@@ -250,7 +250,7 @@ def stitched_macs(net: StitchedNet, *, batch_size: int = 1) -> dict[str, int]:
     dst = net.stitch.dst.shape
     parts = {
         "front": count_macs(FrontPart(net.front, k), (batch_size, *net.input_size)),
-        "stitch": count_macs(_Wrapped(net.stitch, 1 + len(src)), (batch_size, *src)),
+        "stitch": stitch_layer_macs(net.stitch, src, batch_size=batch_size),
         "back": count_macs(BackPart(net.back, j), (batch_size, *dst)),
     }
     parts["total"] = sum(parts.values())
@@ -266,6 +266,17 @@ class _Wrapped(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.module(x)
+
+
+def stitch_layer_macs(layer: nn.Module, src_shape: tuple[int, ...], *, batch_size: int = 1) -> int:
+    """MACs of a stitching layer on ``batch_size`` activations of its source cut's shape.
+
+    Args:
+        layer: The stitching layer.
+        src_shape: Its input's shape without the batch dimension (``FeatureInfo.shape``).
+        batch_size: Activations per forward pass.
+    """
+    return count_macs(_Wrapped(layer, 1 + len(src_shape)), (batch_size, *src_shape))
 
 
 def used_parameters(model: nn.Module, inputs: torch.Tensor) -> list[nn.Parameter]:

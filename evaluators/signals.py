@@ -28,7 +28,7 @@ accumulates the normal equations of every stitch point of the pair
 part on the fitted layer. Cost for a pair with ``P`` stitch points: two anchor forward
 passes per image, ``P`` Gram accumulations and pseudo-inverses of size ``C_k + 1``, and for
 ``kl`` ``P`` back-part passes per image (as many as ``P`` rung-0 fits, without validation,
-MACs or latency). Results are cached on disk like CKA matrices.
+MACs or latency). Results are cached on disk like CKA matrices (:mod:`evaluators.pair_cache`).
 
 :func:`stitch_macs` gives the MACs of every stitch point of a pair (front part, stitching
 layer and back part counted once each, as :func:`evaluators.stitched_macs`), for pruning
@@ -37,11 +37,8 @@ rules that weigh a signal against cost.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
-import zipfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +46,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from evaluators.cka import anchor_identity, default_cache_dir, loader_identity
-from evaluators.macs import BackPart, FrontPart, _Wrapped, count_macs
+from evaluators.macs import BackPart, FrontPart, count_macs, stitch_layer_macs
+from evaluators.pair_cache import (
+    cached_data_identity,
+    entry_meta,
+    entry_path,
+    pair_key,
+    read_entry,
+    write_entry,
+)
 from space import (
     Anchor,
     LeastSquares,
@@ -60,7 +64,6 @@ from space import (
     make_stitching_layer,
     stitch_cuts,
 )
-from space.files import atomic_path, atomic_write
 
 #: Every stitch-point signal and whether higher values are better.
 SIGNALS: dict[str, bool] = {"cka": True, "residual": False, "kl": False}
@@ -126,23 +129,21 @@ def signals_cache_path(
     points: Sequence[tuple[int, int]] | None = None,
 ) -> Path:
     """Where :func:`stitch_signals` caches the matrices of one ordered pair."""
-    key: dict[str, Any] = {
-        "version": SIGNALS_CACHE_VERSION,
-        "front": anchor_identity(front),
-        "back": anchor_identity(back),
-        "front_input": list(front.input_size),
-        "back_input": list(back_input_size(front, back)),
-        "data": data_identity,
-        "signals": sorted(signals),
-        "num_images": num_images,
-        "batch_size": batch_size,
-    }
+    fields: dict[str, Any] = {"signals": sorted(signals)}
     if points is not None:  # only then, so that the entries of full pairs keep their names
-        key["points"] = [list(p) for p in stitch_points(front, back, points)]
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-    directory = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+        fields["points"] = [list(p) for p in stitch_points(front, back, points)]
+    key = pair_key(
+        front,
+        back,
+        version=SIGNALS_CACHE_VERSION,
+        data_identity=data_identity,
+        num_images=num_images,
+        batch_size=batch_size,
+        **fields,
+    )
+    # Not the CKA entries' way of making names safe: entries written before keep their names.
     safe = [n.replace(":", "_").replace("/", "_")[:60] for n in (front.name, back.name)]
-    return directory / f"signals--{safe[0]}--{safe[1]}--{digest}.npz"
+    return entry_path(cache_dir, ["signals", *safe], key, ".npz")
 
 
 @torch.no_grad()
@@ -190,9 +191,10 @@ def stitch_signals(
     if unknown or not wanted:
         raise ValueError(f"signals must be some of {FIT_SIGNALS}, got {list(signals)!r}")
     chosen = stitch_points(front, back, points)
-    ident = data_identity if data_identity is not None else loader_identity(loader)
+    shape = (front.num_blocks + 1, back.num_blocks + 1)
+    ident = cached_data_identity(loader, data_identity, use_cache)
     path = None
-    if use_cache and ident is not None:
+    if ident is not None:
         path = signals_cache_path(
             front,
             back,
@@ -203,7 +205,7 @@ def stitch_signals(
             cache_dir=cache_dir,
             points=points,
         )
-        cached = _read_cache(path, wanted, (front.num_blocks + 1, back.num_blocks + 1))
+        cached = read_entry(path, wanted, shape)
         if cached is not None:
             return cached
     start = time.perf_counter()
@@ -214,6 +216,44 @@ def stitch_signals(
         src, dst = stitch_cuts(front, back, StitchConfig(front.name, back.name, k, j))
         layer = make_stitching_layer(src, dst).to(device=dev, dtype=param.dtype)
         fits[(k, j)] = LeastSquares(layer)
+    run = _pair_runner(front, back, dev)
+    images = _fit_all(run, fits, _batches(loader, num_images))
+    if images == 0:
+        raise ValueError(
+            f"stitch signals of {front.name!r} -> {back.name!r} need calibration images; "
+            "the loader gave none"
+        )
+    out: dict[str, np.ndarray] = {}
+    residual = np.full(shape, np.nan)
+    for (k, j), fit in fits.items():
+        fit.solve()
+        residual[k, j] = fit.layer.residual
+    if "residual" in wanted:
+        out["residual"] = residual
+    if "kl" in wanted:
+        kl_sum = _kl_sums(run, back, fits, _batches(loader, num_images), shape)
+        kl_mat = np.full(shape, np.nan)
+        for k, j in chosen:
+            kl_mat[k, j] = kl_sum[k, j] / images
+        out["kl"] = kl_mat
+    _check_finite(out, front, back)
+    if path is not None:
+        seconds = round(time.perf_counter() - start, 3)
+        meta = entry_meta(front, back, ident, signals=list(out), num_images=images, seconds=seconds)
+        write_entry(path, out, meta)
+    return out
+
+
+#: Runs both anchors of a pair on a batch of images: ``x -> (front cuts, back cuts)``.
+_PairRun = Callable[[torch.Tensor], tuple[list[torch.Tensor], list[torch.Tensor]]]
+
+
+def _pair_runner(front: Anchor, back: Anchor, dev: torch.device) -> _PairRun:
+    """Every cut of both anchors on the images a stitched network of the pair would see.
+
+    The images are adapted once to the front anchor's input size, and from there to the back
+    anchor's (:func:`space.back_input_size`); a self-stitch at one size runs once.
+    """
     back_size = back_input_size(front, back)
     shared = back.model is front.model and tuple(back_size) == tuple(front.input_size)
 
@@ -227,41 +267,44 @@ def stitch_signals(
         xb = x if tuple(x.shape[1:]) == tuple(back_size) else adapt_images(x, back_size)
         return acts_f, back.forward_cuts(xb)
 
+    return run
+
+
+def _fit_all(
+    run: _PairRun, fits: dict[tuple[int, int], LeastSquares], batches: Iterable[torch.Tensor]
+) -> int:
+    """Accumulates every stitch point's normal equations in one pass; returns the images."""
     images = 0
-    for x in _batches(loader, num_images):
+    for x in batches:
         acts_f, acts_b = run(x)
         for (k, j), fit in fits.items():
             fit.update(acts_f[k], acts_b[j])
         images += len(x)
-    if images == 0:
-        raise ValueError(
-            f"stitch signals of {front.name!r} -> {back.name!r} need calibration images; "
-            "the loader gave none"
-        )
-    out: dict[str, np.ndarray] = {}
-    shape = (front.num_blocks + 1, back.num_blocks + 1)
-    residual = np.full(shape, np.nan)
-    for (k, j), fit in fits.items():
-        fit.solve()
-        residual[k, j] = fit.layer.residual
-    if "residual" in wanted:
-        out["residual"] = residual
-    if "kl" in wanted:
-        kl_sum = np.zeros(shape)
-        nb = back.num_blocks
-        for x in _batches(loader, num_images):
-            acts_f, acts_b = run(x)
-            target = F.log_softmax(back.forward_back(acts_b[nb], nb).double(), dim=1)
-            for (k, j), fit in fits.items():
-                logits = back.forward_back(fit.layer(acts_f[k]), j).double()
-                kl = F.kl_div(
-                    F.log_softmax(logits, dim=1), target, log_target=True, reduction="sum"
-                )
-                kl_sum[k, j] += float(kl)
-        kl_mat = np.full(shape, np.nan)
-        for k, j in chosen:
-            kl_mat[k, j] = kl_sum[k, j] / images
-        out["kl"] = kl_mat
+    return images
+
+
+def _kl_sums(
+    run: _PairRun,
+    back: Anchor,
+    fits: dict[tuple[int, int], LeastSquares],
+    batches: Iterable[torch.Tensor],
+    shape: tuple[int, int],
+) -> np.ndarray:
+    """Summed ``KL(p_back || p_stitched)`` over the images, per fitted stitch point."""
+    kl_sum = np.zeros(shape)
+    nb = back.num_blocks
+    for x in batches:
+        acts_f, acts_b = run(x)
+        target = F.log_softmax(back.forward_back(acts_b[nb], nb).double(), dim=1)
+        for (k, j), fit in fits.items():
+            logits = back.forward_back(fit.layer(acts_f[k]), j).double()
+            kl = F.kl_div(F.log_softmax(logits, dim=1), target, log_target=True, reduction="sum")
+            kl_sum[k, j] += float(kl)
+    return kl_sum
+
+
+def _check_finite(out: dict[str, np.ndarray], front: Anchor, back: Anchor) -> None:
+    """Raises when a signal has a non-finite value at a computed (non-NaN) stitch point."""
     for name, m in out.items():
         valid = m[~np.isnan(m)]
         if not np.isfinite(valid).all():
@@ -269,34 +312,6 @@ def stitch_signals(
                 f"non-finite {name} signal for {front.name!r} -> {back.name!r}; check the "
                 "anchors' weights and the input images"
             )
-    if path is not None:
-        with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            np.savez(f, **out)
-        meta = {
-            "front": anchor_identity(front),
-            "back": anchor_identity(back),
-            "data": ident,
-            "signals": list(out),
-            "num_images": images,
-            "seconds": round(time.perf_counter() - start, 3),
-        }
-        atomic_write(path.with_suffix(".json"), json.dumps(meta, indent=1))
-    return out
-
-
-def _read_cache(
-    path: Path, wanted: Sequence[str], shape: tuple[int, int]
-) -> dict[str, np.ndarray] | None:
-    if not path.is_file():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            out = {name: np.asarray(z[name], dtype=float) for name in wanted}
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-        return None  # a damaged entry is recomputed and overwritten
-    if any(m.shape != shape for m in out.values()):
-        return None
-    return out
 
 
 @torch.no_grad()
@@ -329,6 +344,6 @@ def stitch_macs(
         if j not in backs:
             backs[j] = count_macs(BackPart(back, j), (1, *dst.shape))
         layer = make_stitching_layer(src, dst).to(device=param.device, dtype=param.dtype)
-        stitch = count_macs(_Wrapped(layer, 1 + len(src.shape)), (1, *src.shape))
+        stitch = stitch_layer_macs(layer, src.shape)
         out[k, j] = fronts[k] + stitch + backs[j]
     return out

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 import torch
 
 from evaluators.data import DataError, DatasetLoader, DataSplits, make_splits
-from evaluators.fit import _fit_input
+from evaluators.fit import fit_input
 from evaluators.macs import count_macs
 from space import Anchor
 
@@ -46,7 +46,7 @@ def top1_predictions(
     out: list[int] = []
     try:
         for x, _ in loader:
-            logits = model(_fit_input(x, input_size).to(device))
+            logits = model(fit_input(x, input_size).to(device))
             if not torch.isfinite(logits).all():
                 raise ValueError("the teacher gives non-finite logits; check its weights")
             top = logits.topk(5, dim=1).indices[:, 0] if logits.shape[1] > 5 else logits.argmax(1)

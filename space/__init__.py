@@ -1,10 +1,12 @@
 """What a candidate is: anchors, stitch configurations, stitching layers, stitched networks."""
 
-from space.anchor import SUPPORTED_FAMILIES, Anchor, FeatureInfo, file_sha256, load_anchor
+from space.anchor import SUPPORTED_FAMILIES, Anchor, FeatureInfo
 from space.artifact import LoadedExport, load_export, read_export
 from space.config import Candidate, StitchConfig
 from space.errors import InputError
 from space.families import FamilyAdapter, family_names, register_family
+from space.files import file_sha256
+from space.loading import load_anchor
 from space.manifest import (
     EXPORT_FORMAT,
     AnchorRecord,

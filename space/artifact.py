@@ -34,9 +34,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from space.anchor import Anchor, load_anchor
+from space.anchor import Anchor
 from space.config import StitchConfig
 from space.files import file_sha256
+from space.loading import load_anchor
 from space.manifest import (
     AnchorRecord,
     ExportError,

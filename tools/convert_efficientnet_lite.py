@@ -35,8 +35,8 @@ import torch
 from safetensors.torch import save_file
 
 from space import InputError
-from space.anchor import read_state_dict
 from space.files import atomic_path
+from space.loading import read_state_dict
 
 #: ``--model`` -> (PyPI distribution, timm model name, native input size).
 MODELS: dict[str, tuple[str, str, int]] = {

@@ -2,30 +2,23 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from evaluators.data.loaders import DatasetLoader, DataSplits
-from evaluators.data.recipe import DataError, DataRecipe
+from evaluators.data.loaders import DataSplits
+from evaluators.data.recipe import DataError
+from evaluators.data.splits import (
+    PILLoader,
+    data_config,
+    dataset_splits,
+    eval_transform,
+    is_split_size,
+    seeded_split,
+    split_identity,
+)
 from space import Anchor
-
-
-class _PILLoader:
-    """Opens an image file as ``"L"`` or ``"RGB"`` (a class, so that splits pickle for Ray)."""
-
-    def __init__(self, mode: str) -> None:
-        self.mode = mode
-
-    def __call__(self, path: str) -> Any:
-        from PIL import Image
-
-        with open(path, "rb") as f, Image.open(f) as img:
-            return img.convert(self.mode)
 
 
 def _image_folder(directory: Path, transform: Any, channels: int) -> Any:
@@ -36,7 +29,7 @@ def _image_folder(directory: Path, transform: Any, channels: int) -> Any:
     classes = sorted(e.name for e in os.scandir(directory) if e.is_dir())
     try:
         ds = ImageFolder(
-            str(directory), transform=transform, loader=_PILLoader("L" if channels == 1 else "RGB")
+            str(directory), transform=transform, loader=PILLoader("L" if channels == 1 else "RGB")
         )
     except FileNotFoundError as e:
         raise DataError(
@@ -49,32 +42,6 @@ def _image_folder(directory: Path, transform: Any, channels: int) -> Any:
             "folders and 0 images"
         )
     return ds
-
-
-def _data_config(
-    source: Anchor | Sequence[Anchor] | Mapping[str, Any],
-) -> tuple[dict[str, Any], list[Anchor]]:
-    from timm.data import resolve_data_config
-
-    if isinstance(source, Mapping):
-        cfg = resolve_data_config(args=dict(source))
-        return cfg, []
-    anchors = [source] if isinstance(source, Anchor) else list(source)
-    if not anchors or not all(isinstance(a, Anchor) for a in anchors):
-        raise ValueError(
-            "imagefolder_splits needs an Anchor, a list of Anchors or a timm data config "
-            f"mapping, got {source!r}"
-        )
-    first = anchors[0]
-    cfg = dict(resolve_data_config(model=first.model))
-    size = tuple(first.input_size)
-    cfg["input_size"] = size
-    for key in ("mean", "std"):
-        values = tuple(float(v) for v in cfg[key])
-        if len(values) != size[0]:  # e.g. a 1-channel anchor with an RGB default config
-            values = (sum(values) / len(values),) * size[0]
-        cfg[key] = values
-    return cfg, anchors
 
 
 def imagefolder_splits(
@@ -121,12 +88,63 @@ def imagefolder_splits(
             from the anchors' heads or between ``train/`` and ``val/``, or split sizes that do
             not fit (each message names the directory and the counts).
     """
-    from timm.data import create_transform
-
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DataError(f"ImageFolder root {str(root)!r} does not exist")
-    cfg, anchors = _data_config(anchor_or_data_config)
+    cfg, anchors = data_config(anchor_or_data_config)
+    train_dir, test_dir = _split_dirs(root)
+    transform = eval_transform(cfg)
+    train_ds, test_ds = (
+        _image_folder(d, transform, int(cfg["input_size"][0])) for d in (train_dir, test_dir)
+    )
+    n_cls = len(train_ds.classes)
+    _check_classes(train_ds, test_ds, (train_dir, test_dir), anchors, num_classes)
+    validation, calibration, n_test = _sizes(
+        (train_dir, len(train_ds)), (test_dir, len(test_ds)), calibration, validation, test
+    )
+    val_idx, rest = seeded_split(len(train_ds), seed, validation)
+    identity = split_identity(
+        "imagefolder",
+        _sample_lines(root, (train_ds, test_ds)),
+        str(sorted((k, str(v)) for k, v in cfg.items())),
+        seed=seed,
+        calibration=calibration,
+        validation=validation,
+        test=n_test,
+    )
+    return dataset_splits(
+        "imagefolder",
+        root,
+        train_set=train_ds,
+        test_set=test_ds,
+        validation=val_idx,
+        test=range(n_test),
+        remainder=rest,
+        calibration=calibration,
+        seed=seed,
+        identity=identity,
+        num_classes=n_cls,
+        input_size=tuple(int(v) for v in cfg["input_size"]),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        # Anchors give the transform back on a rebuild; a bare data config mapping does not.
+        recipe={} if anchors else None,
+    )
+
+
+def _sample_lines(root: Path, datasets: Sequence[Any]) -> Iterator[str]:
+    """``<path relative to root>:<label>`` of every image of the datasets, one a line."""
+    for ds in datasets:
+        for path, label in ds.samples:
+            yield f"{os.path.relpath(path, root)}:{label}\n"
+
+
+def _split_dirs(root: Path) -> tuple[Path, Path]:
+    """``root/train`` and ``root/val`` (or ``root/test``).
+
+    Raises:
+        DataError: Either is missing (the message lists the sub-folders found).
+    """
     train_dir = root / "train"
     test_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
     if not train_dir.is_dir() or test_dir is None:
@@ -134,18 +152,18 @@ def imagefolder_splits(
             f"ImageFolder root {str(root)!r} must hold train/ and val/ (or test/) "
             f"sub-folders; found {sorted(p.name for p in root.iterdir() if p.is_dir())}"
         )
-    transform = create_transform(
-        input_size=cfg["input_size"],
-        is_training=False,
-        interpolation=cfg.get("interpolation", "bilinear"),
-        mean=cfg["mean"],
-        std=cfg["std"],
-        crop_pct=cfg.get("crop_pct"),
-        crop_mode=cfg.get("crop_mode"),
-    )
-    channels = int(cfg["input_size"][0])
-    train_ds = _image_folder(train_dir, transform, channels)
-    test_ds = _image_folder(test_dir, transform, channels)
+    return train_dir, test_dir
+
+
+def _check_classes(
+    train_ds: Any,
+    test_ds: Any,
+    dirs: tuple[Path, Path],
+    anchors: Sequence[Anchor],
+    num_classes: int | None,
+) -> None:
+    """Raises :class:`DataError` unless both trees and every head have the same classes."""
+    train_dir, test_dir = dirs
     n_cls = len(train_ds.classes)
     if train_ds.classes != test_ds.classes:
         raise DataError(
@@ -163,59 +181,41 @@ def imagefolder_splits(
             f"{heads}; pass num_classes={n_cls} when loading the anchors or use a dataset "
             "with their classes"
         )
-    n_train = len(train_ds)
+
+
+def _sizes(
+    train: tuple[Path, int],
+    test_tree: tuple[Path, int],
+    calibration: int | None,
+    validation: int | None,
+    test: int | None,
+) -> tuple[int, int, int]:
+    """``(validation, calibration, test)`` sizes, the defaults filled in, checked.
+
+    Args:
+        train: The ``train/`` folder and its image count.
+        test_tree: The ``val/`` (or ``test/``) folder and its image count.
+        calibration: Asked calibration size (default: up to 512 of the remainder).
+        validation: Asked validation size (default: 10% of ``train/``, at most 5,000).
+        test: Asked test size (default: all of ``val/``).
+
+    Raises:
+        DataError: A size that is not an integer or does not fit its folder.
+    """
+    (train_dir, n_train), (test_dir, n_test_images) = train, test_tree
     if validation is None:
         validation = max(1, min(5000, n_train // 10))
     if calibration is None:
         calibration = max(0, min(512, n_train - validation))
-    n_test = len(test_ds) if test is None else test
+    n_test = n_test_images if test is None else test
     for what, n, top, where, available in (
         ("validation", validation, n_train - 1, train_dir, n_train),
         ("calibration", calibration, n_train - validation, train_dir, n_train),
-        ("test", n_test, len(test_ds), test_dir, len(test_ds)),
+        ("test", n_test, n_test_images, test_dir, n_test_images),
     ):
-        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= top:
+        if not is_split_size(n, top):
             raise DataError(
                 f"ImageFolder {str(where)!r} has {available} images: {what} size must be an "
                 f"integer in 1..{max(top, 0)}, got {n!r}"
             )
-    perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed)).tolist()
-    val_idx, rest = perm[:validation], perm[validation:]
-    h = hashlib.sha256()
-    for ds in (train_ds, test_ds):
-        for path, label in ds.samples:
-            h.update(f"{os.path.relpath(path, root)}:{label}\n".encode())
-    h.update(
-        f"cfg={sorted((k, str(v)) for k, v in cfg.items())}|seed={seed}|cal={calibration}|"
-        f"val={validation}|test={n_test}".encode()
-    )
-    identity = f"imagefolder-{h.hexdigest()[:16]}"
-    common = {"batch_size": batch_size, "num_workers": num_workers}
-    input_size = tuple(int(v) for v in cfg["input_size"])
-    # Anchors give the transform back on a rebuild; a bare data config mapping does not.
-    recipe = None
-    if anchors:
-        recipe = DataRecipe(
-            "imagefolder",
-            root=os.path.abspath(root),
-            calibration=calibration,
-            validation=validation,
-            test=n_test,
-            batch_size=batch_size,
-            seed=seed,
-            input_size=input_size,
-            num_classes=n_cls,
-        )
-    return DataSplits(
-        name=f"imagefolder:{root.name}",
-        calibration=DatasetLoader(
-            train_ds, rest[:calibration], identity=f"{identity}-cal", **common
-        ),
-        validation=DatasetLoader(train_ds, val_idx, identity=f"{identity}-val", **common),
-        test=DatasetLoader(test_ds, range(n_test), identity=f"{identity}-test", **common),
-        num_classes=n_cls,
-        input_size=input_size,
-        identity=identity,
-        train=DatasetLoader(train_ds, rest, identity=f"{identity}-train", **common),
-        recipe=recipe,
-    )
+    return validation, calibration, n_test

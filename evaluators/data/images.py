@@ -17,18 +17,23 @@ predictions on a rebuild, so that ``--check`` measures agreement without the tea
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from evaluators.data.imagefolder import _data_config, _PILLoader
-from evaluators.data.loaders import DatasetLoader, DataSplits
-from evaluators.data.recipe import DataError, DataRecipe
+from evaluators.data.loaders import DataSplits
+from evaluators.data.recipe import DataError
+from evaluators.data.splits import (
+    PILLoader,
+    data_config,
+    dataset_splits,
+    eval_transform,
+    is_split_size,
+    seeded_split,
+    split_identity,
+)
 from space import Anchor
 
 #: File suffixes read as images (case-insensitive); other files are ignored.
@@ -62,7 +67,7 @@ class ImageFiles:
         self.paths = list(paths)
         self.transform = transform
         self.channels = int(channels)
-        self.loader = _PILLoader("L" if self.channels == 1 else "RGB")
+        self.loader = PILLoader("L" if self.channels == 1 else "RGB")
         if labels is not None and len(labels) != len(self.paths):
             raise ValueError(f"{len(labels)} labels for {len(self.paths)} images")
         self.labels = [UNLABELLED] * len(self.paths) if labels is None else [int(v) for v in labels]
@@ -140,7 +145,7 @@ def _transform_config(source: Anchor | Sequence[Anchor] | Mapping[str, Any]) -> 
     if isinstance(source, Mapping):
         cfg = dict(source)
     else:
-        cfg, _ = _data_config(source)
+        cfg, _ = data_config(source)
     keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
     missing = [k for k in ("input_size", "mean", "std") if cfg.get(k) is None]
     if missing:
@@ -188,12 +193,67 @@ def image_splits(
         DataError: The folder is missing or has no images, an image file cannot be read, the
             sizes do not fit the image count, or ``teacher_labels`` do not fit the splits.
     """
-    from timm.data import create_transform
-
     root = Path(root).expanduser()
     paths = find_images(root)
     _check_readable(root, paths)
-    n = len(paths)
+    validation, test, calibration = _sizes(root, len(paths), validation, test, calibration)
+    cfg = _transform_config(anchor)
+    channels = int(cfg["input_size"][0])
+    val_idx, test_idx, rest = seeded_split(len(paths), seed, validation, test)
+    dataset = ImageFiles(root, paths, eval_transform(cfg), channels)
+    labels: dict[str, tuple[int, ...]] | None = None
+    if teacher_labels is not None:
+        labels = _recorded_labels(root, teacher_labels, val_idx, test_idx)
+        dataset = dataset.with_labels(
+            dict(zip(val_idx + test_idx, labels["validation"] + labels["test"], strict=True))
+        )
+    identity = split_identity(
+        "images",
+        (f"{rel}\n" for rel in paths),
+        json.dumps(cfg, sort_keys=True),
+        seed=seed,
+        calibration=calibration,
+        validation=validation,
+        test=test,
+        extra="" if labels is None else f"teacher={teacher}|labels={labels}",
+    )
+    input_size = tuple(int(v) for v in cfg["input_size"])
+    if num_classes is None:
+        if isinstance(anchor, Mapping):
+            raise ValueError("image_splits needs num_classes when given a data config")
+        first = anchor if isinstance(anchor, Anchor) else anchor[0]
+        num_classes = first.num_classes
+    return dataset_splits(
+        "images",
+        root,
+        train_set=dataset,
+        test_set=dataset,
+        validation=val_idx,
+        test=test_idx,
+        remainder=rest,
+        calibration=calibration,
+        seed=seed,
+        identity=identity,
+        num_classes=num_classes,
+        input_size=input_size,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        recipe={
+            "teacher": teacher if labels is not None else None,
+            "teacher_labels": labels,
+            "transform": cfg,
+        },
+    )
+
+
+def _sizes(
+    root: Path, n: int, validation: int | None, test: int | None, calibration: int | None
+) -> tuple[int, int, int]:
+    """``(validation, test, calibration)`` sizes for ``n`` images, defaults filled in, checked.
+
+    Raises:
+        DataError: A size that is not an integer or leaves no image for the splits after it.
+    """
     if validation is None:
         validation = max(1, min(2000, n // 10))
     if test is None:
@@ -202,7 +262,7 @@ def image_splits(
         ("validation", validation, n - 2),
         ("test", test, n - validation - 1),
     ):
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= top:
+        if not is_split_size(value, top):
             raise DataError(
                 f"image folder {str(root)!r} has {n} images: data.{what} must be an integer in "
                 f"1..{max(top, 0)} (validation and test leave at least one image for "
@@ -219,78 +279,29 @@ def image_splits(
             f"and test ({test}): calibration (the largest of data.calibration, cka.images and "
             f"pruning.images) must be in 1..{left}, got {calibration}; lower them or add images"
         )
-    cfg = _transform_config(anchor)
-    transform = create_transform(
-        input_size=cfg["input_size"],
-        is_training=False,
-        interpolation=cfg.get("interpolation", "bilinear"),
-        mean=cfg["mean"],
-        std=cfg["std"],
-        crop_pct=cfg.get("crop_pct"),
-        crop_mode=cfg.get("crop_mode"),
-    )
-    channels = int(cfg["input_size"][0])
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    val_idx, test_idx = perm[:validation], perm[validation : validation + test]
-    rest = perm[validation + test :]
-    dataset = ImageFiles(root, paths, transform, channels)
-    labels: dict[str, tuple[int, ...]] | None = None
-    if teacher_labels is not None:
-        labels = {}
-        for split, idx in (("validation", val_idx), ("test", test_idx)):
-            given = teacher_labels.get(split)
-            if given is None or len(given) != len(idx):
-                got = "none" if given is None else len(given)
-                raise DataError(
-                    f"the recorded teacher labels of the {split} split are {got}, the image "
-                    f"folder {str(root)!r} gives {len(idx)} {split} images; is it the folder "
-                    "the search ran on?"
-                )
-            labels[split] = tuple(int(v) for v in given)
-        dataset = dataset.with_labels(
-            dict(zip(val_idx + test_idx, labels["validation"] + labels["test"], strict=True))
-        )
-    h = hashlib.sha256()
-    for rel in paths:
-        h.update(f"{rel}\n".encode())
-    h.update(
-        f"cfg={json.dumps(cfg, sort_keys=True)}|seed={seed}|cal={calibration}|"
-        f"val={validation}|test={test}".encode()
-    )
-    if labels is not None:
-        h.update(f"teacher={teacher}|labels={labels}".encode())
-    identity = f"images-{h.hexdigest()[:16]}"
-    common = {"batch_size": batch_size, "num_workers": num_workers}
-    input_size = tuple(int(v) for v in cfg["input_size"])
-    if num_classes is None:
-        if isinstance(anchor, Mapping):
-            raise ValueError("image_splits needs num_classes when given a data config")
-        first = anchor if isinstance(anchor, Anchor) else anchor[0]
-        num_classes = first.num_classes
-    recipe = DataRecipe(
-        "images",
-        root=os.path.abspath(root),
-        calibration=calibration,
-        validation=validation,
-        test=test,
-        batch_size=batch_size,
-        seed=seed,
-        input_size=input_size,
-        num_classes=num_classes,
-        teacher=teacher if labels is not None else None,
-        teacher_labels=labels,
-        transform=cfg,
-    )
-    return DataSplits(
-        name=f"images:{root.name}",
-        calibration=DatasetLoader(
-            dataset, rest[:calibration], identity=f"{identity}-cal", **common
-        ),
-        validation=DatasetLoader(dataset, val_idx, identity=f"{identity}-val", **common),
-        test=DatasetLoader(dataset, test_idx, identity=f"{identity}-test", **common),
-        num_classes=num_classes,
-        input_size=input_size,
-        identity=identity,
-        train=DatasetLoader(dataset, rest, identity=f"{identity}-train", **common),
-        recipe=recipe,
-    )
+    return validation, test, calibration
+
+
+def _recorded_labels(
+    root: Path,
+    teacher_labels: Mapping[str, Sequence[int]],
+    val_idx: Sequence[int],
+    test_idx: Sequence[int],
+) -> dict[str, tuple[int, ...]]:
+    """A recipe's recorded teacher labels of the validation and test splits, checked.
+
+    Raises:
+        DataError: A split's labels are missing or not one per image of the split.
+    """
+    labels = {}
+    for split, idx in (("validation", val_idx), ("test", test_idx)):
+        given = teacher_labels.get(split)
+        if given is None or len(given) != len(idx):
+            got = "none" if given is None else len(given)
+            raise DataError(
+                f"the recorded teacher labels of the {split} split are {got}, the image "
+                f"folder {str(root)!r} gives {len(idx)} {split} images; is it the folder "
+                "the search ran on?"
+            )
+        labels[split] = tuple(int(v) for v in given)
+    return labels

@@ -20,7 +20,7 @@ from evaluators import (
     suffix_key,
     torch_runner,
 )
-from evaluators.latency_table import fit_keys, split_cut
+from evaluators.latency_parts import fit_keys, split_cut
 from search.core import SearchSpace
 from space import Candidate
 from tests.conftest import make_tiny
