@@ -223,8 +223,7 @@ def claim_d(args: argparse.Namespace, gt: GroundTruth) -> dict[str, Any]:
     import torch
 
     from benchmarks.bench_trial_cost import sample_stitches
-    from evaluators import accuracy, fit_stitch
-    from evaluators.fit import finetune_stitch
+    from evaluators import accuracy, finetune_stitch, fit_stitch
     from space import build_stitched
 
     torch.set_num_threads(args.threads)

@@ -34,6 +34,7 @@ import torch  # noqa: E402
 from evaluators import (  # noqa: E402
     ArrayLoader,
     DataSplits,
+    LiveBytes,
     accuracy,
     cka_matrix,
     count_macs,
@@ -42,7 +43,6 @@ from evaluators import (  # noqa: E402
     fit_stitch,
     synthetic_splits,
 )
-from evaluators.latency import LiveBytes  # noqa: E402
 from space import Anchor, StitchConfig, build_stitched, load_anchor  # noqa: E402
 
 ZOO = ("resnet-l", "resnet-s", "vit-l", "vit-s")

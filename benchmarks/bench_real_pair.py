@@ -59,8 +59,7 @@ from benchmarks.common import (
     real_weights_ready,
     spearman,
 )
-from evaluators import cka_features, fit_stitch, minibatch_cka
-from evaluators.fit import finetune_stitch
+from evaluators import cka_features, finetune_stitch, fit_stitch, minibatch_cka
 from space import (
     StitchConfig,
     adapt_images,

@@ -257,7 +257,7 @@ def data_tag(plan) -> str:
 
 def anchor_identities(plan) -> dict[str, str]:
     """Anchor name -> identity (name and weights SHA-256)."""
-    from evaluators.cka import anchor_identity
+    from evaluators import anchor_identity
 
     return {n: anchor_identity(a) for n, a in plan.anchors.items()}
 

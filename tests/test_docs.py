@@ -20,7 +20,7 @@ import pytest
 from pydantic import BaseModel
 
 # The study's models; the import path may move with the search/ subpackages.
-from search.study import Study
+from search.inputs import Study
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"

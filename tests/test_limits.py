@@ -20,6 +20,7 @@ LIMITS: dict[str, tuple[int, int]] = {
     "space": (500, 100),
     "evaluators": (500, 100),
     "tools": (500, 100),
+    "search": (500, 100),
 }
 #: A docstring line starting with this, then the reason, allows a longer module or function.
 MARKER = "Size:"
