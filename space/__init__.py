@@ -5,7 +5,7 @@ from space.artifact import LoadedExport, load_export, read_export
 from space.config import Candidate, StitchConfig
 from space.errors import InputError
 from space.families import FamilyAdapter, family_names, register_family
-from space.files import file_sha256
+from space.files import atomic_write, file_sha256
 from space.loading import load_anchor
 from space.manifest import (
     EXPORT_FORMAT,
@@ -60,6 +60,7 @@ __all__ = [
     "TokenToConv",
     "adapt_images",
     "anchor_record",
+    "atomic_write",
     "back_input_size",
     "build_stitched",
     "check_fields",
