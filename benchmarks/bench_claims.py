@@ -28,20 +28,27 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-from benchmarks.common import (
+from benchmarks.lib import (
     GroundTruth,
     bench_parser,
+    cka_accuracy_correlation,
+    load_plan,
     machine_info,
     md_table,
     pareto_mask,
+    plan_with_calibration,
     publish,
+    sample_stitches,
 )
+from evaluators import accuracy, finetune_stitch, fit_stitch
 from search.execution import trial_data
+from search.inputs import Plan
+from space import build_stitched
 
 
 # --------------------------------------------------------------------------- (a)
@@ -218,16 +225,8 @@ def claim_c(gt: GroundTruth, tol: float) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- (d)
-def claim_d(args: argparse.Namespace, gt: GroundTruth) -> dict[str, Any]:
+def claim_d(args: argparse.Namespace, gt: GroundTruth, plan: Plan) -> dict[str, Any]:
     """Random init, least squares, least squares + fine-tuning, random + fine-tuning."""
-    import torch
-
-    from benchmarks.bench_trial_cost import sample_stitches
-    from evaluators import accuracy, finetune_stitch, fit_stitch
-    from space import build_stitched
-
-    torch.set_num_threads(args.threads)
-    plan = load_plan_cached(args)
     data = trial_data(plan)
     lr = plan.study.fit.lr
     space = gt.space
@@ -281,41 +280,18 @@ def claim_d(args: argparse.Namespace, gt: GroundTruth) -> dict[str, Any]:
     return out
 
 
-def _plan_with_calibration(study: Path, budget_table: Path, images: int):
-    """The study's plan with ``images`` calibration images (a temporary copy of its YAML)."""
-    import tempfile
-
-    import yaml
-
-    from benchmarks.common import load_plan
-
-    raw = yaml.safe_load(Path(study).read_text())
-    raw.setdefault("data", {})["calibration"] = images
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / Path(study).name
-        path.write_text(yaml.safe_dump(raw, sort_keys=False))
-        return load_plan(path, budget_table)
-
-
-def claim_d_front(args: argparse.Namespace, gt: GroundTruth) -> dict[str, Any]:
+def claim_d_front(args: argparse.Namespace, gt: GroundTruth, base: Plan) -> dict[str, Any]:
     """What fine-tuning does to the best stitches: the stitch-only front, refitted.
 
     Each point of the ground truth's stitch-only front is fitted with least squares alone and
     with ``--ft-steps`` fine-tuning steps, on the study's calibration images and on
     ``--ft-calibration`` images, and validated as the search validates.
     """
-    import torch
-
-    from evaluators import accuracy, fit_stitch
-    from space import build_stitched
-
-    torch.set_num_threads(args.threads)
     cands = {c.key: c for c in gt.space.all_candidates()}
     keys = sorted(gt.front_keys(gt.stitch_keys()), key=lambda k: gt.records[k]["macs"])
-    base = load_plan_cached(args)
     plans = {base.study.data.calibration: base}
     if args.ft_calibration not in plans:
-        plans[args.ft_calibration] = _plan_with_calibration(
+        plans[args.ft_calibration] = plan_with_calibration(
             args.study, args.budget_table, args.ft_calibration
         )
     sizes = list(plans)
@@ -370,19 +346,6 @@ def claim_d_front(args: argparse.Namespace, gt: GroundTruth) -> dict[str, Any]:
     }
 
 
-def load_plan_cached(args: argparse.Namespace):
-    """The study's plan, loaded once per process."""
-    from benchmarks.common import load_plan
-
-    key = (str(args.study), str(args.budget_table))
-    if key not in _PLANS:
-        _PLANS[key] = load_plan(args.study, args.budget_table)
-    return _PLANS[key]
-
-
-_PLANS: dict[tuple[str, str], Any] = {}
-
-
 # --------------------------------------------------------------------------- output
 def _pp(v: float | None) -> str:
     return "-" if v is None else f"{v:+.2f} pp"
@@ -390,10 +353,19 @@ def _pp(v: float | None) -> str:
 
 def markdown(res: dict[str, Any]) -> str:
     """The BENCHMARKS.md section."""
-    a, b, c = res["a"], res["b"], res["c"]
+    lines = [*_markdown_a(res), "", *_markdown_b(res), "", *_markdown_c(res)]
+    if "d" in res:
+        lines += ["", *_markdown_d(res["d"])]
+    if "d_front" in res:
+        lines += ["", *_markdown_d_front(res["d_front"])]
+    return "\n".join(lines)
+
+
+def _markdown_a(res: dict[str, Any]) -> list[str]:
+    """(a): the gap between the anchors, over the zoo and per pair."""
+    a = res["a"]
     z = a["zoo"]
-    tol = res["macs_tol"]
-    lines = [
+    return [
         "**(a) Stitches fill the gap between anchors.** Over the whole zoo, the true front has "
         f"{z['front_size']} points; **{z['between']} stitched network(s) lie strictly "
         f"between** the smallest anchor ({z['small']}, {z['small_acc']:.2f}%) and the largest "
@@ -427,7 +399,13 @@ def markdown(res: dict[str, Any]) -> str:
                 for g in a["pairs"].values()
             ],
         ),
-        "",
+    ]
+
+
+def _markdown_b(res: dict[str, Any]) -> list[str]:
+    """(b): CKA-chosen against random stitch points."""
+    b, tol = res["b"], res["macs_tol"]
+    return [
         f"**(b) CKA-chosen against random stitch points at matched MACs.** {b['groups']} groups "
         f"({b['points']} stitch points) of one ordered pair within {tol:.0%} MACs of each other. "
         f"The highest-CKA point's accuracy minus a random point's (the group mean): mean "
@@ -437,7 +415,13 @@ def markdown(res: dict[str, Any]) -> str:
         f"{_pp(b['regret_random'])}. Spearman correlation of CKA with accuracy: "
         f"{res['correlation']['all']:.3f} overall, {res['correlation']['per_pair_mean']:.3f} "
         "within ordered pairs (mean).",
-        "",
+    ]
+
+
+def _markdown_c(res: dict[str, Any]) -> list[str]:
+    """(c): stitching order at matched MACs."""
+    c, tol = res["c"], res["macs_tol"]
+    return [
         f"**(c) Stitching order at matched MACs.** Each stitch point is compared with the best "
         f"point of the other order within {tol:.0%} of its MACs (large->small minus "
         f"small->large); HV: each order's own normalised hypervolume; front: the pair's "
@@ -475,41 +459,39 @@ def markdown(res: dict[str, Any]) -> str:
             ],
         ),
     ]
-    if "d" in res:
-        d = res["d"]
-        lines += [
-            "",
-            f"**(d) Initialisation of the stitching layer.** {d['sample']} stitch points spread "
-            f"over the ordered pairs; validation accuracy (mean), fitting time (mean); "
-            f"fine-tuning: {d['ft_steps']} AdamW steps at lr {d['lr']:g} on the calibration "
-            "images, stitching layer only.",
-            "",
-            md_table(
-                ["initialisation", "val acc (mean)", "fit time (mean)", "failed"],
-                [
-                    (
-                        name,
-                        f"{d[f'{s}_mean']:.2f}%",
-                        f"{d[f'{s}_fit_seconds_mean']:.2f} s",
-                        d[f"{s}_failed"],
-                    )
-                    for s, name in (
-                        ("random", "random (PyTorch default)"),
-                        ("ls", "least squares (the search's default)"),
-                        ("ls_ft", f"least squares + {d['ft_steps']} fine-tuning steps"),
-                        ("random_ft", f"random + {d['ft_steps']} fine-tuning steps"),
-                    )
-                ],
-            ),
-            "",
-            f"Least squares beats random initialisation on {d['ls_beats_random']} of "
-            f"{d['sample']} points; fine-tuning improves least squares on {d['ls_ft_beats_ls']}"
-            f"; least squares + fine-tuning beats random + fine-tuning on "
-            f"{d['ls_ft_beats_random_ft']}.",
-        ]
-    if "d_front" in res:
-        lines += ["", *_markdown_d_front(res["d_front"])]
-    return "\n".join(lines)
+
+
+def _markdown_d(d: dict[str, Any]) -> list[str]:
+    """(d): initialisation of the stitching layer on a sample of stitch points."""
+    return [
+        f"**(d) Initialisation of the stitching layer.** {d['sample']} stitch points spread "
+        f"over the ordered pairs; validation accuracy (mean), fitting time (mean); "
+        f"fine-tuning: {d['ft_steps']} AdamW steps at lr {d['lr']:g} on the calibration "
+        "images, stitching layer only.",
+        "",
+        md_table(
+            ["initialisation", "val acc (mean)", "fit time (mean)", "failed"],
+            [
+                (
+                    name,
+                    f"{d[f'{s}_mean']:.2f}%",
+                    f"{d[f'{s}_fit_seconds_mean']:.2f} s",
+                    d[f"{s}_failed"],
+                )
+                for s, name in (
+                    ("random", "random (PyTorch default)"),
+                    ("ls", "least squares (the search's default)"),
+                    ("ls_ft", f"least squares + {d['ft_steps']} fine-tuning steps"),
+                    ("random_ft", f"random + {d['ft_steps']} fine-tuning steps"),
+                )
+            ],
+        ),
+        "",
+        f"Least squares beats random initialisation on {d['ls_beats_random']} of "
+        f"{d['sample']} points; fine-tuning improves least squares on {d['ls_ft_beats_ls']}"
+        f"; least squares + fine-tuning beats random + fine-tuning on "
+        f"{d['ls_ft_beats_random_ft']}.",
+    ]
 
 
 def _markdown_d_front(f: dict[str, Any]) -> list[str]:
@@ -569,8 +551,6 @@ def _markdown_d_front(f: dict[str, Any]) -> list[str]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """All four claims."""
-    from benchmarks.bench_pruning import cka_accuracy_correlation
-
     gt = GroundTruth.load(args.ground_truth)
     res: dict[str, Any] = {
         "machine": machine_info(),
@@ -581,14 +561,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "c": claim_c(gt, args.macs_tol),
         "correlation": cka_accuracy_correlation(gt),
     }
-    if args.sample > 0:
-        res["d"] = claim_d(args, gt)
-    if args.ft_calibration > 0:
-        res["d_front"] = claim_d_front(args, gt)
+    if args.sample > 0 or args.ft_calibration > 0:
+        torch.set_num_threads(args.threads)
+        plan = load_plan(args.study, args.budget_table)
+        if args.sample > 0:
+            res["d"] = claim_d(args, gt, plan)
+        if args.ft_calibration > 0:
+            res["d_front"] = claim_d_front(args, gt, plan)
     return res
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line; returns the exit code."""
     parser = bench_parser(__doc__, "claims")
     parser.add_argument("--macs-tol", type=float, default=0.1, help="relative MACs match")
     parser.add_argument("--sample", type=int, default=24, help="stitch points for (d); 0 skips")

@@ -31,6 +31,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+from benchmarks.lib import md_table, pure_forward_seconds, timed  # noqa: E402
 from evaluators import (  # noqa: E402
     ArrayLoader,
     DataSplits,
@@ -112,15 +113,6 @@ def load_data(which: str, sizes: dict[str, Any]) -> tuple[DataSplits, ArrayLoade
     return data, pool, "synthetic"
 
 
-def _timed(fn, repeats: int = 1) -> tuple[float, Any]:
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
-
-
 def cka_tensor_peak(front: Anchor, back: Anchor, loader: ArrayLoader) -> int:
     """Most bytes of torch tensors alive at once during one CKA matrix computation."""
     with LiveBytes(set()) as tracker:
@@ -174,20 +166,8 @@ def rss_growth_kb(args: argparse.Namespace, n: int) -> int | None:
     return int(json.loads(proc.stdout.strip().splitlines()[-1])["rss_growth_kb"])
 
 
-def pure_forward_seconds(net, front: Anchor, back: Anchor, config: StitchConfig, data) -> float:
-    """Forward passes over the images an evaluation touches, and nothing else."""
-    k, j = config.front_block, config.back_block
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        for x, _ in data.calibration:
-            front.forward_front(x, k)
-            back.forward_front(x, j)
-        for x, _ in data.validation:
-            net(x)
-    return time.perf_counter() - t0
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Every measurement of the evaluators, as the results JSON."""
     sizes = QUICK if args.quick else FULL
     front, back, anchors_from = load_anchors(args.anchors)
     data, pool, data_from = load_data(args.data, sizes)
@@ -213,15 +193,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cka_loader = pool.subset(sizes["cka"])
     cka_matrix(front, back, cka_loader.subset(sizes["batch"]), use_cache=False)  # warm-up
     out["cka_images"] = sizes["cka"]
-    out["cka_seconds"], matrix = _timed(
-        lambda: cka_matrix(front, back, cka_loader, use_cache=False)
-    )
+    out["cka_seconds"], matrix = timed(lambda: cka_matrix(front, back, cka_loader, use_cache=False))
     out["cka_at_stitch"] = float(matrix[k, j])
-    out["macs_seconds"], out["macs"] = _timed(lambda: count_macs(net, net.input_size))
+    out["macs_seconds"], out["macs"] = timed(lambda: count_macs(net, net.input_size))
     out["ls_images"] = data.calibration.num_images
-    out["ls_seconds"], _ = _timed(lambda: fit_stitch(net, data.calibration))
+    out["ls_seconds"], _ = timed(lambda: fit_stitch(net, data.calibration))
     out["val_images"] = data.validation.num_images
-    out["val_seconds"], acc = _timed(lambda: accuracy(net, data.validation))
+    out["val_seconds"], acc = timed(lambda: accuracy(net, data.validation))
     out["val_acc"] = acc.top1
 
     small, large = sizes["mem"]
@@ -235,8 +213,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     # End to end vs the pure forward passes of the same images (best of `repeats`).
     repeats = 1 if args.quick else args.repeats
-    pure, _ = _timed(lambda: pure_forward_seconds(net, front, back, config, data), repeats)
-    e2e, result = _timed(lambda: evaluate_candidate(config, anchors, data), repeats)
+    pure, _ = timed(lambda: pure_forward_seconds(net, front, back, config, data), repeats)
+    e2e, result = timed(lambda: evaluate_candidate(config, anchors, data), repeats)
     out["pure_forward_seconds"] = pure
     out["candidate_seconds"] = e2e
     out["candidate_ratio"] = e2e / pure
@@ -252,8 +230,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 front.model(x)
         return time.perf_counter() - t0
 
-    pure_a, _ = _timed(anchor_pure, repeats)
-    e2e_a, _ = _timed(lambda: evaluate_candidate(front.name, anchors, data), repeats)
+    pure_a, _ = timed(anchor_pure, repeats)
+    e2e_a, _ = timed(lambda: evaluate_candidate(front.name, anchors, data), repeats)
     out["anchor_candidate_ratio"] = e2e_a / pure_a
     return out
 
@@ -284,12 +262,11 @@ def table(r: dict[str, Any]) -> str:
         ),
         ("anchor candidate: end to end / pure forward", f"{r['anchor_candidate_ratio']:.2f}"),
     ]
-    lines = ["| measurement | value |", "|---|---|"]
-    lines += [f"| {a} | {b} |" for a, b in rows]
-    return "\n".join(lines)
+    return md_table(["measurement", "value"], rows)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line; returns the exit code."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (seconds, for tests)")

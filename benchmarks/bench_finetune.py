@@ -29,10 +29,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import RESULTS, machine_info, md_table, spearman, write_json
-from evaluators import ArrayLoader, accuracy, fashion_mnist_splits, fit_stitch, stitched_macs
-from evaluators.finetune import FinetuneSettings, finetune_stitch_layer
-from space import StitchConfig, build_stitched, load_anchor
+from benchmarks.lib import RESULTS, machine_info, md_table, spearman, write_json
+from evaluators import (
+    ArrayLoader,
+    DataSplits,
+    FinetuneSettings,
+    accuracy,
+    fashion_mnist_splits,
+    finetune_stitch_layer,
+    fit_stitch,
+    stitched_macs,
+)
+from space import Anchor, StitchConfig, build_stitched, load_anchor
 
 #: (front, k, back, j): the four stitches of issue 13's table, then other pair kinds.
 STITCHES: tuple[tuple[str, int, str, int], ...] = (
@@ -266,28 +274,10 @@ def _table(res: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parse(argv)
-    torch.set_num_threads(1)
-    stitches = list(STITCHES)
-    lrs, steps_grid, distill_steps = LRS, STEPS, DISTILL_STEPS
-    if args.lrs:
-        lrs = tuple(float(v) for v in args.lrs.split(","))
-    if args.steps:
-        steps_grid = tuple(int(v) for v in args.steps.split(","))
-    if args.only:
-        stitches = [STITCHES[int(i)] for i in args.only.split(",")]
-    if args.quick:
-        stitches, lrs, steps_grid, distill_steps = stitches[:1], (3e-3,), (4, 8), (4,)
-        args.validation = min(args.validation, 200)
-    distill_on = (
-        "all" if args.distill_on == "all" else {s.strip() for s in args.distill_on.split(";")}
-    )
-    data = fashion_mnist_splits(
-        None, calibration=args.calibration, validation=args.validation, test=100, batch_size=256
-    )
-    anchors = {n: load_anchor(f"zoo:{n}") for n in ("resnet-s", "resnet-l", "vit-s", "vit-l")}
-    teacher = anchors[TEACHER]
+def _results(
+    args: argparse.Namespace, data: DataSplits, anchors: dict[str, Anchor]
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """The results so far (``--resume``: those in ``--out``), and their stitches by name."""
     previous: dict[str, dict[str, Any]] = {}
     earlier: dict[str, Any] = {}
     if args.resume and args.out.is_file():
@@ -311,6 +301,33 @@ def main(argv: list[str] | None = None) -> int:
     }
     if earlier:
         res["machine_earlier_runs"] = [*earlier.get("machine_earlier_runs", []), earlier["machine"]]
+    return res, previous
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line; returns the exit code."""
+    args = _parse(argv)
+    torch.set_num_threads(1)
+    stitches = list(STITCHES)
+    lrs, steps_grid, distill_steps = LRS, STEPS, DISTILL_STEPS
+    if args.lrs:
+        lrs = tuple(float(v) for v in args.lrs.split(","))
+    if args.steps:
+        steps_grid = tuple(int(v) for v in args.steps.split(","))
+    if args.only:
+        stitches = [STITCHES[int(i)] for i in args.only.split(",")]
+    if args.quick:
+        stitches, lrs, steps_grid, distill_steps = stitches[:1], (3e-3,), (4, 8), (4,)
+        args.validation = min(args.validation, 200)
+    distill_on = (
+        "all" if args.distill_on == "all" else {s.strip() for s in args.distill_on.split(";")}
+    )
+    data = fashion_mnist_splits(
+        None, calibration=args.calibration, validation=args.validation, test=100, batch_size=256
+    )
+    anchors = {n: load_anchor(f"zoo:{n}") for n in ("resnet-s", "resnet-l", "vit-s", "vit-l")}
+    teacher = anchors[TEACHER]
+    res, previous = _results(args, data, anchors)
     t_start = time.perf_counter()
     for front_name, k, back_name, j in stitches:
         front, back = anchors[front_name], anchors[back_name]

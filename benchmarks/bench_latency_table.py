@@ -29,8 +29,8 @@ numbers.
 
 from __future__ import annotations
 
+import argparse
 import json
-import math
 import multiprocessing
 import os
 import random
@@ -45,9 +45,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.common import (
+from benchmarks.lib import (
     ROOT,
     bench_parser,
+    kendall_tau,
     load_plan,
     machine_info,
     md_table,
@@ -55,21 +56,8 @@ from benchmarks.common import (
     study_space,
 )
 from evaluators import LatencyTable, time_calls, torch_runner
+from search.inputs import Plan
 from space import StitchConfig, build_stitched
-
-
-def kendall_tau(x: list[float], y: list[float]) -> float:
-    """Kendall's tau-b of two equally long sequences."""
-    a, b = np.asarray(x), np.asarray(y)
-    dx = np.sign(a[:, None] - a[None, :])
-    dy = np.sign(b[:, None] - b[None, :])
-    iu = np.triu_indices(len(a), 1)
-    dx, dy = dx[iu], dy[iu]
-    concordant_minus_discordant = float((dx * dy).sum())
-    n0 = len(dx)
-    tx, ty = float((dx == 0).sum()), float((dy == 0).sum())
-    denom = math.sqrt((n0 - tx) * (n0 - ty))
-    return concordant_minus_discordant / denom if denom else float("nan")
 
 
 def _burn(stop_at: float) -> None:  # pragma: no cover - a CPU-bound job in a child process
@@ -91,7 +79,7 @@ def profile(study: Path, out: Path, threads: int, repeats: int, calibration: int
 
 
 def predict_and_measure(
-    plan, table: LatencyTable, threads: int, repeats: int, sample: int | None, seed: int
+    plan: Plan, table: LatencyTable, threads: int, repeats: int, sample: int | None, seed: int
 ) -> list[dict[str, Any]]:
     """Every (or a sample of) candidate: predicted and measured latency at batch 1."""
     torch.set_num_threads(threads)
@@ -209,25 +197,8 @@ def _stability_md(stab: dict[str, Any] | None) -> list[str]:
     ]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = bench_parser(__doc__, "latency_table", ground_truth=False)
-    parser.add_argument("--quick", action="store_true", help="smoke test: small sample, 6 trials")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (profile, measure)")
-    parser.add_argument("--repeats", type=int, default=15, help="timed loops per measurement")
-    parser.add_argument("--calibration", type=int, default=12, help="overhead-fit networks")
-    parser.add_argument("--sample", type=int, default=None, help="measure only N stitches")
-    parser.add_argument("--trials", type=int, default=30, help="trials of each stability run")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--no-stability",
-        action="store_true",
-        help="run only the prediction part (no stability searches; none reported)",
-    )
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.repeats, args.calibration = 5, 4
-        args.sample = args.sample or 24
-        args.trials = 6
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Profiles this host, predicts and measures every candidate, then the stability runs."""
     info = machine_info()
     plan = load_plan(args.study, args.budget_table)
     with tempfile.TemporaryDirectory(prefix="bench-latency-table-") as tmp:
@@ -248,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
             else stability(args.study, table_path, args.trials, budget, root)
         )
     entry = table.runtimes[table.predict_runtime]["1"]
-    res = {
+    return {
         "machine": info,
         "settings": {
             "threads": args.threads,
@@ -278,50 +249,77 @@ def main(argv: list[str] | None = None) -> int:
         },
         "stability": stab,
     }
-    md = "\n\n".join(
+
+
+def markdown(res: dict[str, Any]) -> str:
+    """The BENCHMARKS.md section."""
+    st, prof, pred = res["settings"], res["profile"], res["prediction"]
+    return "\n\n".join(
         [
             "This host profiled as a device (`python -m search.profile`, "
-            f"{args.threads} thread(s), {args.repeats} repeats), then every candidate "
-            f"{'(a sample) ' if args.sample else ''}predicted from the table and measured end "
+            f"{st['threads']} thread(s), {st['repeats']} repeats), then every candidate "
+            f"{'(a sample) ' if st['sample'] else ''}predicted from the table and measured end "
             "to end in the same run.",
             md_table(
                 ["measure", "value", "target"],
                 [
-                    ["candidates", len(rows), ""],
-                    ["within ±10%", f"{within:.1%}", "≥ 90%"],
-                    ["Kendall tau", f"{tau:.3f}", "≥ 0.9"],
+                    ["candidates", pred["candidates"], ""],
+                    ["within ±10%", f"{pred['within_10pct']:.1%}", "≥ 90%"],
+                    ["Kendall tau", f"{pred['kendall_tau']:.3f}", "≥ 0.9"],
                     [
                         "median / p90 / max abs. error",
                         (
-                            f"{res['prediction']['median_abs_error_pct']:.1f}% / "
-                            f"{res['prediction']['p90_abs_error_pct']:.1f}% / "
-                            f"{res['prediction']['max_abs_error_pct']:.1f}%"
+                            f"{pred['median_abs_error_pct']:.1f}% / "
+                            f"{pred['p90_abs_error_pct']:.1f}% / "
+                            f"{pred['max_abs_error_pct']:.1f}%"
                         ),
                         "",
                     ],
                     [
                         "profiling time",
-                        f"{seconds:.1f} s ({len(entry['parts'])} parts, "
-                        f"{', '.join(table.runtimes)})",
+                        f"{prof['seconds']:.1f} s ({prof['parts']} parts, "
+                        f"{', '.join(prof['runtimes'])})",
                         "",
                     ],
                     [
                         "fit",
-                        f"scale {entry.get('scale', 1.0):.3f}, overhead "
-                        f"{entry['overhead_ms']:+.3f} ms",
+                        f"scale {prof['scale']:.3f}, overhead {prof['overhead_ms']:+.3f} ms",
                         "",
                     ],
                     [
                         "load average (profile / measure)",
-                        f"{load_profile:.2f} / {load_measure:.2f}",
+                        f"{prof['load_avg_1min']:.2f} / {pred['load_avg_1min']:.2f}",
                         "",
                     ],
                 ],
             ),
-            *_stability_md(stab),
+            *_stability_md(res["stability"]),
         ]
     )
-    return publish("latency_table", res, md, args, argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line; returns the exit code."""
+    parser = bench_parser(__doc__, "latency_table", ground_truth=False)
+    parser.add_argument("--quick", action="store_true", help="smoke test: small sample, 6 trials")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (profile, measure)")
+    parser.add_argument("--repeats", type=int, default=15, help="timed loops per measurement")
+    parser.add_argument("--calibration", type=int, default=12, help="overhead-fit networks")
+    parser.add_argument("--sample", type=int, default=None, help="measure only N stitches")
+    parser.add_argument("--trials", type=int, default=30, help="trials of each stability run")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--no-stability",
+        action="store_true",
+        help="run only the prediction part (no stability searches; none reported)",
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.repeats, args.calibration = 5, 4
+        args.sample = args.sample or 24
+        args.trials = 6
+    res = run(args)
+    return publish("latency_table", res, markdown(res), args, argv)
 
 
 if __name__ == "__main__":

@@ -27,22 +27,26 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import (
+from benchmarks.lib import (
+    MEASURES,
     GroundTruth,
     bench_parser,
+    cka_accuracy_correlation,
     machine_info,
     md_table,
+    mean_std,
     publish,
-    spearman,
+    replay_all,
+    score_runs,
 )
+from search.core import PruningRule
+from search.inputs import load_study
 
 THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 20))
 
 
 def evaluate_rule(gt: GroundTruth, threshold: float, top_k: int | None) -> dict[str, Any]:
     """Removed fraction, kept hypervolume fraction and front points lost of one rule."""
-    from search.core import PruningRule
-
     rule = PruningRule(threshold, top_k)
     space = gt.space
     stitches = [c for c in space.all_candidates() if not c.is_anchor]
@@ -101,19 +105,6 @@ def choose(
     )
 
 
-def cka_accuracy_correlation(gt: GroundTruth) -> dict[str, float]:
-    """Spearman rank correlation of CKA and accuracy over all stitches and within pairs."""
-    stitches = [r for r in gt.records.values() if r["kind"] == "stitch" and "error" not in r]
-    rho_all = spearman([r["cka"] for r in stitches], [r["val_acc"] for r in stitches])
-    per_pair = []
-    for a, b in gt.space.pairs():
-        rs = [r for r in stitches if r["front"] == a and r["back"] == b]
-        if len(rs) > 2:
-            per_pair.append(spearman([r["cka"] for r in rs], [r["val_acc"] for r in rs]))
-    finite = [p for p in per_pair if np.isfinite(p)]
-    return {"all": rho_all, "per_pair_mean": float(np.mean(finite)) if finite else float("nan")}
-
-
 def _rule_label(r: dict[str, Any]) -> str:
     parts: list[str] = []
     if r["threshold"] > 0:
@@ -152,9 +143,6 @@ def _suffix(r: dict[str, Any]) -> str:
 
 def search_with_rules(args: argparse.Namespace, rules: list[dict[str, Any]]) -> dict[str, Any]:
     """Replays the study's sampler and random search under each rule at the study's trials."""
-    from benchmarks.bench_search import MEASURES, replay_all, summarise
-    from search.inputs import load_study
-
     study = load_study(args.study)
     gt = GroundTruth.load(args.ground_truth)
     variants = [f"{s}@{_suffix(r)}" for r in rules for s in ("default", "random")]
@@ -170,7 +158,7 @@ def search_with_rules(args: argparse.Namespace, rules: list[dict[str, Any]]) -> 
         study_rule={"threshold": 0.0, "top_k": None},
         processes=args.processes,
     )
-    summary = summarise(gt, names, runs, [budget], [str(budget)])
+    summary = score_runs(gt, names, runs, [budget], [str(budget)])
     return {
         "budget": budget,
         "seeds": args.search_seeds,
@@ -184,8 +172,6 @@ def search_with_rules(args: argparse.Namespace, rules: list[dict[str, Any]]) -> 
 
 def markdown(res: dict[str, Any]) -> str:
     """The BENCHMARKS.md section."""
-    from benchmarks.common import mean_std
-
     rows = res["rules"]
     singles = [r for r in rows if r["top_k"] is None or r["threshold"] == 0]
     lines = [
@@ -240,51 +226,58 @@ def markdown(res: dict[str, Any]) -> str:
             f"({loose} rules meet the issue's literal target)."
         )
     if "search" in res:
-        sr = res["search"]
-        b = str(sr["budget"])
-        srows = []
-        for v in sr["variants"]:
-            pb = sr["summary"][v]["per_budget"][b]
-            rv = sr["resolved"][v]
-            srows.append(
-                (
-                    "study sampler" if rv["sampler"] == "default" else rv["sampler"],
-                    _rule_label(rv["rule"]),
-                    mean_std(pb["hv_fraction"]),
-                    mean_std(pb["gain"], "{:.2f}"),
-                    mean_std(pb["stitch_hv_fraction"]),
-                    mean_std(pb["stitch_front_found"], "{:.1f}"),
-                )
-            )
-        lines += [
-            "",
-            f"What the rule does to a search of the study's size ({sr['budget']} evaluations, "
-            f"the `{sr['sampler']}` sampler of the study and random search, {sr['seeds']} seeds, "
-            "mean ± std; replayed as in section 2):",
-            "",
-            md_table(
-                ["sampler", "rule", "HV", "gain", "stitch HV", "stitch-front pts"],
-                srows,
-            ),
-        ]
-        rec = res["recommended"]
-        same = [r for r in rows if (r["threshold"], r["top_k"]) == (rec["threshold"], rec["top_k"])]
-        stats = same[0] if same else None
-        text = (
-            f"**Recommended rule: {_rule_label(rec)}**: the study's sampler finds the most "
-            f"under it at the study's size (gain {rec['gain']:.2f}, stitch HV "
-            f"{rec['stitch_hv_fraction']:.3f}, means over seeds)"
-        )
-        if stats is not None:
-            target = meets(stats, res["min_removed"], res["max_loss"], strict=False)
-            text += (
-                f"; it removes {stats['removed']:.1%} of the stitch points, loses "
-                f"{1 - stats['hv_fraction']:.2%} of the front's hypervolume and "
-                f"{stats['front_lost']} / {stats['stitch_front_lost']} front / stitch-front "
-                f"points, and {'meets' if target else 'does not meet'} the issue's target"
-            )
-        lines += ["", text + "."]
+        lines += _search_lines(res)
     return "\n".join(lines)
+
+
+def _search_lines(res: dict[str, Any]) -> list[str]:
+    """What each rule does to a search of the study's size, and the recommended rule."""
+    rows = res["rules"]
+    sr = res["search"]
+    b = str(sr["budget"])
+    srows = []
+    for v in sr["variants"]:
+        pb = sr["summary"][v]["per_budget"][b]
+        rv = sr["resolved"][v]
+        srows.append(
+            (
+                "study sampler" if rv["sampler"] == "default" else rv["sampler"],
+                _rule_label(rv["rule"]),
+                mean_std(pb["hv_fraction"]),
+                mean_std(pb["gain"], "{:.2f}"),
+                mean_std(pb["stitch_hv_fraction"]),
+                mean_std(pb["stitch_front_found"], "{:.1f}"),
+            )
+        )
+    lines = [
+        "",
+        f"What the rule does to a search of the study's size ({sr['budget']} evaluations, "
+        f"the `{sr['sampler']}` sampler of the study and random search, {sr['seeds']} seeds, "
+        "mean ± std; replayed as in section 2):",
+        "",
+        md_table(
+            ["sampler", "rule", "HV", "gain", "stitch HV", "stitch-front pts"],
+            srows,
+        ),
+    ]
+    rec = res["recommended"]
+    same = [r for r in rows if (r["threshold"], r["top_k"]) == (rec["threshold"], rec["top_k"])]
+    stats = same[0] if same else None
+    text = (
+        f"**Recommended rule: {_rule_label(rec)}**: the study's sampler finds the most "
+        f"under it at the study's size (gain {rec['gain']:.2f}, stitch HV "
+        f"{rec['stitch_hv_fraction']:.3f}, means over seeds)"
+    )
+    if stats is not None:
+        target = meets(stats, res["min_removed"], res["max_loss"], strict=False)
+        text += (
+            f"; it removes {stats['removed']:.1%} of the stitch points, loses "
+            f"{1 - stats['hv_fraction']:.2%} of the front's hypervolume and "
+            f"{stats['front_lost']} / {stats['stitch_front_lost']} front / stitch-front "
+            f"points, and {'meets' if target else 'does not meet'} the issue's target"
+        )
+    lines += ["", text + "."]
+    return lines
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -348,6 +341,7 @@ def _rule_arg(text: str) -> tuple[float, int | None]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line; returns the exit code."""
     parser = bench_parser(__doc__, "pruning")
     parser.add_argument("--min-removed", type=float, default=0.4, help="target: removed share")
     parser.add_argument("--max-loss", type=float, default=0.01, help="target: HV loss at most")

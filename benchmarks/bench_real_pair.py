@@ -49,7 +49,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import (
+from benchmarks.lib import (
     bench_parser,
     device_name,
     load_lite_anchors,
@@ -61,7 +61,9 @@ from benchmarks.common import (
 )
 from evaluators import cka_features, finetune_stitch, fit_stitch, minibatch_cka
 from space import (
+    Anchor,
     StitchConfig,
+    StitchedNet,
     adapt_images,
     back_input_size,
     build_stitched,
@@ -85,7 +87,7 @@ def _positions(a: torch.Tensor) -> torch.Tensor:
     return a.permute(0, 2, 3, 1).reshape(-1, a.shape[1]).double()
 
 
-def plain_lstsq(net, src: list[torch.Tensor], dst: list[torch.Tensor]) -> None:
+def plain_lstsq(net: StitchedNet, src: list[torch.Tensor], dst: list[torch.Tensor]) -> None:
     """Sets ``net.stitch`` (a 1x1 conv) by ``torch.linalg.lstsq`` on all positions, float64."""
     # On the CPU whatever device the features are on: the ``gelsd`` driver (SVD, any rank)
     # exists only there.
@@ -100,13 +102,21 @@ def plain_lstsq(net, src: list[torch.Tensor], dst: list[torch.Tensor]) -> None:
 
 
 @torch.no_grad()
-def stitched_logits(net, src: list[torch.Tensor]) -> torch.Tensor:
+def stitched_logits(net: StitchedNet, src: list[torch.Tensor]) -> torch.Tensor:
+    """The stitched network's logits from cached front activations."""
     j = net.config.back_block
     return torch.cat([net.back.forward_back(net.stitch(s), j) for s in src])
 
 
+def agreement(net: StitchedNet, src: list[torch.Tensor], teacher: torch.Tensor) -> float:
+    """Top-1 agreement of the stitched network (from cached activations) with the teacher."""
+    return float((stitched_logits(net, src).argmax(1) == teacher).float().mean())
+
+
 @torch.no_grad()
-def acts(anchor, x: torch.Tensor, cuts: list[int]) -> tuple[list[list[torch.Tensor]], torch.Tensor]:
+def acts(
+    anchor: Anchor, x: torch.Tensor, cuts: list[int]
+) -> tuple[list[list[torch.Tensor]], torch.Tensor]:
     """Activations at ``cuts`` per batch, and the anchor's logits, for images ``x``."""
     n = anchor.num_blocks
     per_cut: list[list[torch.Tensor]] = [[] for _ in cuts]
@@ -119,7 +129,59 @@ def acts(anchor, x: torch.Tensor, cuts: list[int]) -> tuple[list[list[torch.Tens
     return per_cut, torch.cat(logits)
 
 
-def run_order(front, back, cal: torch.Tensor, ev: torch.Tensor, args) -> dict[str, Any]:
+def fit_stitch_check(
+    net: StitchedNet, xc: torch.Tensor, src_eval: list[torch.Tensor], teacher_eval: torch.Tensor
+) -> dict[str, float]:
+    """The public fit API on the images: the same layer as the cached least squares of ``net``."""
+    check = build_stitched(net.front, net.back, net.config)
+    batches = [xc[b : b + BATCH] for b in range(0, len(xc), BATCH)]
+    fit = fit_stitch(check, batches)
+    diff = max(
+        float((a - b).detach().abs().max())
+        for a, b in zip(check.stitch.parameters(), net.stitch.parameters(), strict=True)
+    )
+    return {
+        "max_abs_weight_diff": diff,
+        "residual": float(fit.total_residual),
+        "agreement": agreement(check, src_eval, teacher_eval),
+    }
+
+
+def finetuned(
+    net: StitchedNet,
+    src: list[torch.Tensor],
+    teacher_cal: torch.Tensor,
+    src_eval: list[torch.Tensor],
+    teacher_eval: torch.Tensor,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """A copy of ``net`` fine-tuned on the cached calibration activations, the teacher's labels."""
+    ft = copy.deepcopy(net)
+    labelled = [
+        (src_b, y_b)
+        for a, lab in zip(src, teacher_cal.split(BATCH), strict=True)
+        for src_b, y_b in zip(a.split(args.ft_batch), lab.split(args.ft_batch), strict=True)
+    ]
+    t0 = time.perf_counter()
+    losses = finetune_stitch(
+        ft,
+        labelled,
+        cached=True,
+        steps=args.ft_steps,
+        lr=args.ft_lr,
+        weight_decay=0.0,
+        device=torch.device(args.device),
+    )
+    return {
+        "ft_seconds": time.perf_counter() - t0,
+        "ft_loss_first_last": [losses[0], losses[-1]],
+        "ft_agreement": agreement(ft, src_eval, teacher_eval),
+    }
+
+
+def run_order(
+    front: Anchor, back: Anchor, cal: torch.Tensor, ev: torch.Tensor, args: argparse.Namespace
+) -> dict[str, Any]:
     """Every stage-boundary stitch point of ``front -> back`` at the front's native size."""
     t0 = time.perf_counter()
     size = tuple(front.input_size)
@@ -144,16 +206,13 @@ def run_order(front, back, cal: torch.Tensor, ev: torch.Tensor, args) -> dict[st
     rows = []
     for i, (s, k, j) in enumerate(points):
         t1 = time.perf_counter()
-        cfg = StitchConfig(front.name, back.name, k, j)
-        net = build_stitched(front, back, cfg)
-        src, dst = fc[i], bc[i]
+        net = build_stitched(front, back, StitchConfig(front.name, back.name, k, j))
+        src, dst, src_eval = fc[i], bc[i], fe[i]
         # The project's least squares: the same call build_stitched(calibration=...) makes,
         # on cached activation pairs of the calibration crops.
         net.stitch.init_least_squares(zip(src, dst, strict=True))
         residual = float(net.stitch.residual)
-        src_eval = fe[i]
-        ls_eval = stitched_logits(net, src_eval).argmax(1)
-        ls_agree = float((ls_eval == teacher_eval).float().mean())
+        ls_agree = agreement(net, src_eval, teacher_eval)
         # kl signal: mean KL(p_back || p_stitched) on calibration crops (evaluators.signals).
         kl_logits = stitched_logits(net, [a for a in src])[:n_kl].double()
         kl = float(
@@ -175,51 +234,14 @@ def run_order(front, back, cal: torch.Tensor, ev: torch.Tensor, args) -> dict[st
             "residual": residual,
             "kl": kl,
             "cka_pooled": cka,
-            "ls_cal_agreement": float(
-                (stitched_logits(net, src).argmax(1) == teacher_cal).float().mean()
-            ),
+            "ls_cal_agreement": agreement(net, src, teacher_cal),
         }
-        if i == 0:  # the public fit API on the images gives the same layer
-            check = build_stitched(front, back, cfg)
-            batches = [xc[b : b + BATCH] for b in range(0, len(xc), BATCH)]
-            fit = fit_stitch(check, batches)
-            diff = max(
-                float((a - b).detach().abs().max())
-                for a, b in zip(check.stitch.parameters(), net.stitch.parameters(), strict=True)
-            )
-            row["fit_stitch_check"] = {
-                "max_abs_weight_diff": diff,
-                "residual": float(fit.total_residual),
-                "agreement": float(
-                    (stitched_logits(check, src_eval).argmax(1) == teacher_eval).float().mean()
-                ),
-            }
+        if i == 0:
+            row["fit_stitch_check"] = fit_stitch_check(net, xc, src_eval, teacher_eval)
         plain = copy.deepcopy(net)
         plain_lstsq(plain, src, dst)
-        row["plain_agreement"] = float(
-            (stitched_logits(plain, src_eval).argmax(1) == teacher_eval).float().mean()
-        )
-        ft = copy.deepcopy(net)
-        labelled = [
-            (src_b, y_b)
-            for a, lab in zip(src, teacher_cal.split(BATCH), strict=True)
-            for src_b, y_b in zip(a.split(args.ft_batch), lab.split(args.ft_batch), strict=True)
-        ]
-        t2 = time.perf_counter()
-        losses = finetune_stitch(
-            ft,
-            labelled,
-            cached=True,
-            steps=args.ft_steps,
-            lr=args.ft_lr,
-            weight_decay=0.0,
-            device=torch.device(args.device),
-        )
-        row["ft_seconds"] = time.perf_counter() - t2
-        row["ft_loss_first_last"] = [losses[0], losses[-1]]
-        row["ft_agreement"] = float(
-            (stitched_logits(ft, src_eval).argmax(1) == teacher_eval).float().mean()
-        )
+        row["plain_agreement"] = agreement(plain, src_eval, teacher_eval)
+        row.update(finetuned(net, src, teacher_cal, src_eval, teacher_eval, args))
         row["seconds"] = time.perf_counter() - t1
         rows.append(row)
         print(
@@ -250,6 +272,7 @@ def run_order(front, back, cal: torch.Tensor, ev: torch.Tensor, args) -> dict[st
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Both orders of the real pair, every stage-boundary stitch point."""
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -297,6 +320,7 @@ def _f(v: float, fmt: str = "{:.3f}") -> str:
 
 
 def markdown(res: dict[str, Any]) -> str:
+    """The BENCHMARKS.md section."""
     s = res["settings"]
     parts = [
         "ImageNet-pretrained `tf_efficientnet_lite0` (native 224 px) and "
@@ -368,6 +392,7 @@ def markdown(res: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line; returns the exit code."""
     parser = bench_parser(__doc__, "real_pair", study=False, ground_truth=False)
     parser.add_argument("--cal", type=int, default=256, help="calibration crops")
     parser.add_argument("--eval", type=int, default=128, help="evaluation crops")

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import (
+from benchmarks.lib import (
     bench_parser,
     device_name,
     load_lite_anchors,
@@ -42,17 +42,19 @@ from benchmarks.common import (
     write_json,
 )
 from evaluators import (
+    CandidateResult,
     FinetuneSettings,
     evaluate_candidate,
     image_splits,
     label_by_teacher,
 )
 from space import StitchConfig, stage_stitch_points
+from tools.sample_photos import write_photos
 
 TEACHER = "tf_efficientnet_lite1"
 
 
-def _row(res: Any, label: str, rung: int, seconds: float) -> dict[str, Any]:
+def _row(res: CandidateResult, label: str, rung: int, seconds: float) -> dict[str, Any]:
     tuned = res.finetune or {}
     return {
         "candidate": label,
@@ -71,8 +73,7 @@ def _row(res: Any, label: str, rung: int, seconds: float) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from tools.sample_photos import write_photos
-
+    """Every candidate of the study's space through the workers' evaluation, at both rungs."""
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -151,6 +152,7 @@ def _f(v: Any, fmt: str) -> str:
 
 
 def markdown(res: dict[str, Any]) -> str:
+    """The BENCHMARKS.md section."""
     s = res["settings"]
     rows = [
         (
@@ -203,6 +205,7 @@ def markdown(res: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line; returns the exit code."""
     parser = bench_parser(__doc__, "real_trials", study=False, ground_truth=False)
     parser.add_argument("--device", default="cpu", help="torch device (e.g. cuda)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")

@@ -19,14 +19,14 @@ Rung-0 values come from the rung-0 table (``bench_ground_truth.py``), never re-m
 - Spearman correlation of rung-0 with rung-1 accuracy (overall, mean within ordered pair);
 - the cost of a rung-1 evaluation;
 - the default search at its default budget: the real searcher replayed at rung 0
-  (:func:`benchmarks.bench_search.replay_all`, the study's sampler, trials, workers and
+  (:func:`benchmarks.lib.replay_all`, the study's sampler, trials, workers and
   pruning rule, e.g. ``kl`` depth 3 with its signals as ``search.run`` computes them), its
   rung-0 trials recorded as the search records them, :func:`search.strategy.promotion_order`
   with the study's rule and ``finetune.max_trials``, rung-1 values looked up in the table;
   against random promotion of as many rung-0 stitches of the same replay, an oracle
   (the same number, best at rung 1 among those the replay evaluated) and no promotion.
   Per seed: hypervolume of every candidate at its highest rung (:func:`search.strategy.promotion.
-  best_rung`) over the rung-1 true front's (convention: :mod:`benchmarks.common`, over
+  best_rung`) over the rung-1 true front's (convention: :mod:`benchmarks.lib.metrics`, over
   every value of both rungs), rung-1 true-front points found, rung-1 evaluations spent, and
   per device (:func:`search.delivery.select_per_device`) the pick against the best at rung 1;
 - the issue's targets, met or not;
@@ -43,777 +43,35 @@ Rung-0 values come from the rung-0 table (``bench_ground_truth.py``), never re-m
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
-import random
-import sys
-import time
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from benchmarks.common import (
-    RESULTS,
+from benchmarks.lib import (
+    DEFAULT_RUNG1,
+    PROMOTIONS,
     GroundTruth,
-    Hypervolume,
-    anchor_identities,
+    Rung1Table,
+    TableBuild,
     bench_parser,
-    build_table,
-    candidate_job,
-    data_tag,
-    entry_key,
+    build_rung1_table,
+    correlation,
+    cost,
+    finetune_tag,
+    front_summary,
     load_plan,
     machine_info,
     md_table,
     mean_std,
-    pareto_mask,
     publish,
-    rule_spec,
+    replay_promotion,
     rule_text,
-    spearman,
-    study_signals,
+    rung0_table,
 )
-from search.execution import finetune_settings, trial_data
-
-DEFAULT_RUNG1 = RESULTS / "rung1_ground_truth.json"
-RUNG1_VERSION = 1
-_STATE: dict[str, Any] = {}
-
-
-# --------------------------------------------------------------------------- the table
-def finetune_tag(plan) -> str:
-    """Identifies the data, rung-0 and fine-tuning settings a rung-1 entry was measured with."""
-    ft = plan.study.finetune
-    settings = json.dumps(finetune_settings(plan).to_dict(), sort_keys=True)
-    text = f"{data_tag(plan)}|train={ft.train_images}|teacher={ft.teacher}|finetune={settings}"
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
-def teacher_name(plan, gt: GroundTruth) -> str | None:
-    """The anchor rung 1 distils from, as the search picks it (None without distillation).
-
-    The study's ``finetune.teacher``, else the anchor most accurate at rung 0.
-    """
-    ft = plan.study.finetune
-    if ft.distill <= 0:
-        return None
-    if ft.teacher is not None:
-        return ft.teacher
-    return max(gt.anchor_names(), key=lambda a: gt.records[f"anchor|{a}"]["val_acc"])
-
-
-def _init(study: str, budgets: str, threads: int, teacher: str | None) -> None:
-    """Per-process set-up: the plan (anchors, data with the training images) once."""
-    import torch
-
-    torch.set_num_threads(threads)
-    plan = load_plan(study, budgets)
-    _STATE["plan"] = plan
-    _STATE["data"] = trial_data(plan)
-    _STATE["settings"] = finetune_settings(plan)
-    _STATE["threads"] = threads
-    _STATE["teacher"] = None if teacher is None else plan.anchors[teacher].model
-
-
-def _evaluate(item: tuple[dict[str, Any], float | None]) -> dict[str, Any]:
-    """Fine-tunes one stitch in a worker process; failures are recorded, not raised."""
-    from evaluators import evaluate_candidate
-    from space import Candidate
-
-    cand_dict, cka = item
-    c = Candidate(**cand_dict)
-    plan = _STATE["plan"]
-    t0, c0 = time.perf_counter(), time.process_time()
-    rec: dict[str, Any] = {"key": c.key, "label": c.label, "cka": cka}
-    try:
-        r = evaluate_candidate(
-            c.config,
-            plan.anchors,
-            _STATE["data"],
-            fit_steps=plan.study.fit.steps,
-            fit_lr=plan.study.fit.lr,
-            cka=cka,
-            latency_batch=plan.study.latency_batch,
-            measure_latency=False,  # the search keeps rung 0's costs at rung 1
-            threads=_STATE["threads"],
-            finetune=_STATE["settings"],
-            teacher=_STATE["teacher"],
-        )
-        ft = r.finetune or {}
-        rec.update(
-            {
-                "val_acc": r.val_acc,
-                "val_top5": r.val_top5,
-                "macs": r.macs,
-                "fit_seconds": round(r.fit_seconds, 4),
-                "finetune_seconds": round(float(ft.get("seconds", 0.0)), 4),
-                "eval_seconds": round(r.eval_seconds, 4),
-                "steps": ft.get("steps"),
-                "images_seen": ft.get("images_seen"),
-                "loss_first": ft.get("loss_first"),
-                "loss_last": ft.get("loss_last"),
-                "loss_min": ft.get("loss_min"),
-                "threads": r.threads,
-            }
-        )
-    except Exception as e:  # recorded as a failed candidate, as the search would
-        rec["error"] = f"{type(e).__name__}: {e}"
-    rec["seconds"] = round(time.perf_counter() - t0, 4)
-    rec["cpu_seconds"] = round(time.process_time() - c0, 4)
-    return rec
-
-
-def rung0_table(plan, args: argparse.Namespace) -> GroundTruth:
-    """The rung-0 table, checked against the study's anchors and data.
-
-    Raises:
-        SystemExit: It was measured with other anchors or data (says how to rebuild it).
-    """
-    gt = GroundTruth.load(args.ground_truth)
-    if gt.meta["anchors"] != anchor_identities(plan) or gt.meta["data_tag"] != data_tag(plan):
-        raise SystemExit(
-            f"error: the rung-0 table {args.ground_truth} was measured with other anchors or "
-            f"data than {args.study}; rebuild it with python -m benchmarks.bench_ground_truth"
-        )
-    return gt
-
-
-def build(args: argparse.Namespace) -> dict[str, Any]:
-    """Builds or finishes the rung-1 table; returns the raw JSON object.
-
-    Raises:
-        SystemExit: The study has no rung 1, or the rung-0 table was measured with other
-            anchors or data.
-    """
-    import torch
-
-    torch.set_num_threads(args.threads)
-    plan = load_plan(args.study, args.budget_table)
-    if not plan.study.finetune.enabled:
-        raise SystemExit(
-            f"error: {args.study}: field 'finetune.enabled' is false; rung 1 needs it true"
-        )
-    gt = rung0_table(plan, args)
-    ids = anchor_identities(plan)
-    tag = finetune_tag(plan)
-    teacher = teacher_name(plan, gt)
-    stitches = [c for c in gt.space.all_candidates() if not c.is_anchor]
-    wanted = {entry_key(c, ids, tag): c for c in stitches}
-    ft = plan.study.finetune
-    raw = {
-        "version": RUNG1_VERSION,
-        "meta": {
-            "study": plan.study.name,
-            "study_file": str(Path(args.study)),
-            "ground_truth": str(args.ground_truth),
-            "depths": dict(gt.depths),
-            "anchors": ids,
-            "data_identity": plan.data.identity,
-            "data_tag": data_tag(plan),
-            "rung1_tag": tag,
-            "num_classes": plan.data.num_classes,
-            "finetune": finetune_settings(plan).to_dict(),
-            "train_images": min(ft.train_images, plan.data.train.num_images),
-            "teacher": teacher,
-            "threads_per_process": args.threads,
-            "processes": args.processes,
-        },
-        "entries": {},
-        "build_seconds": 0.0,
-        "machine": machine_info(),
-    }
-
-    def on_record(rec: dict[str, Any]) -> None:
-        rec["rung0_val_acc"] = gt.records[rec["key"]].get("val_acc")
-
-    def report(done: int, todo: int, rec: dict[str, Any], seconds: float, entries) -> None:
-        eta = seconds / done * (todo - done)
-        result = rec.get("error") or f"{rec['rung0_val_acc']:.2f}% -> {rec['val_acc']:.2f}%"
-        print(
-            f"  {done}/{todo} ({len(entries)}/{len(wanted)} in the table) "
-            f"{seconds:.0f}s, ETA {eta / 60:.1f} min: {rec['label']}: {result} "
-            f"({rec['seconds']:.1f}s)",
-            file=sys.stderr,
-            flush=True,
-        )
-
-    return build_table(
-        args.rung1,
-        raw,
-        wanted,
-        job=candidate_job(gt.cka),
-        evaluate=_evaluate,
-        processes=args.processes,
-        initializer=_init,
-        initargs=(str(args.study), str(args.budget_table), args.threads, teacher),
-        rebuild=args.rebuild,
-        limit=args.limit,
-        # Largest first (fine-tuning runs the back part), so the last jobs are short.
-        order=lambda c: -gt.records[c.key].get("macs", 0),
-        on_record=on_record,
-        report=report,
-        name="rung-1 table",
-    )
-
-
-@dataclass
-class Rung1Table:
-    """The rung-1 table joined with the rung-0 one.
-
-    Attributes:
-        gt: The rung-0 ground truth (anchors and stitches).
-        records: Stitch key -> rung-1 record (``val_acc``, ``seconds``, losses, ...).
-        meta: What the rung-1 table was measured with.
-        raw: The rung-1 JSON.
-    """
-
-    gt: GroundTruth
-    records: dict[str, dict[str, Any]]
-    meta: dict[str, Any]
-    raw: dict[str, Any]
-
-    @classmethod
-    def load(cls, path: Path | str, gt: GroundTruth, *, tag: str | None = None) -> Rung1Table:
-        """Reads a complete table written by :func:`build` for ``gt``'s space.
-
-        Args:
-            path: The rung-1 table.
-            gt: The rung-0 table.
-            tag: :func:`finetune_tag` of the study the table must have been measured for.
-
-        Raises:
-            SystemExit: Missing, of another version, anchors, data or fine-tuning settings,
-                or incomplete (says how to finish it).
-        """
-        path = Path(path)
-        hint = "build it with python -m benchmarks.bench_rung1 --build"
-        if not path.is_file():
-            raise SystemExit(f"error: no rung-1 table at {path}; {hint}")
-        raw = json.loads(path.read_text())
-        if raw.get("version") != RUNG1_VERSION:
-            raise SystemExit(f"error: {path} has version {raw.get('version')!r}; {hint}")
-        meta = raw["meta"]
-        if meta["anchors"] != gt.meta["anchors"] or meta["data_tag"] != gt.meta["data_tag"]:
-            raise SystemExit(
-                f"error: {path} was measured with other anchors or data than the rung-0 table; "
-                f"{hint} --rebuild"
-            )
-        if tag is not None and meta["rung1_tag"] != tag:
-            raise SystemExit(
-                f"error: {path} was measured with other fine-tuning settings or data than the "
-                f"study (finetune {meta['finetune']}, {meta['train_images']} training images); "
-                f"{hint}"
-            )
-        records = {}
-        for c in gt.space.all_candidates():
-            if c.is_anchor:
-                continue
-            rec = raw["entries"].get(entry_key(c, meta["anchors"], meta["rung1_tag"]))
-            if rec is not None:
-                records[c.key] = rec
-        missing = sum(1 for c in gt.space.all_candidates() if not c.is_anchor) - len(records)
-        if missing:
-            raise SystemExit(
-                f"error: the rung-1 table at {path} lacks {missing} stitches; finish it with "
-                "python -m benchmarks.bench_rung1 --build"
-            )
-        return cls(gt=gt, records=records, meta=meta, raw=raw)
-
-    def ok(self, key: str, rung: int = 1) -> bool:
-        """Whether a candidate evaluated without error up to ``rung``."""
-        if "error" in self.gt.records[key]:
-            return False
-        return rung == 0 or key.startswith("anchor|") or "error" not in self.records[key]
-
-    def acc(self, key: str, rung: int) -> float:
-        """Validation accuracy of a candidate at a rung (anchors: the same at every rung)."""
-        if rung == 0 or key.startswith("anchor|"):
-            return float(self.gt.records[key]["val_acc"])
-        return float(self.records[key]["val_acc"])
-
-    def macs(self, key: str) -> float:
-        """MACs (the same at every rung)."""
-        return float(self.gt.records[key]["macs"])
-
-    def candidates(self, rung: int = 1) -> list[str]:
-        """Every candidate that evaluated without error up to ``rung`` (anchors first)."""
-        anchors = [k for k in self.gt.anchor_keys() if self.ok(k, rung)]
-        return anchors + [k for k in self.gt.stitch_keys() if self.ok(k, rung)]
 
 
 # --------------------------------------------------------------------------- analyses
-def hv_convention(t: Rung1Table) -> Hypervolume:
-    """The project's convention over every value of both rungs (anchors once)."""
-    keys0 = t.candidates(0)
-    keys1 = [k for k in t.candidates(1) if k.startswith("stitch|")]
-    acc = [t.acc(k, 0) for k in keys0] + [t.acc(k, 1) for k in keys1]
-    macs = [t.macs(k) for k in keys0] + [t.macs(k) for k in keys1]
-    return Hypervolume.for_space(np.array(acc), np.array(macs), t.gt.num_classes)
-
-
-def anchor_span(t: Rung1Table) -> tuple[float, float]:
-    """MACs of the smallest and of the largest anchor."""
-    macs = [t.macs(k) for k in t.gt.anchor_keys()]
-    return min(macs), max(macs)
-
-
-def true_front(t: Rung1Table, rung: int) -> list[str]:
-    """Keys of the true front at a rung (anchors are the same at every rung), by MACs."""
-    keys = t.candidates(rung)
-    acc = np.array([t.acc(k, rung) for k in keys])
-    macs = np.array([t.macs(k) for k in keys])
-    front = [k for k, m in zip(keys, pareto_mask(acc, macs), strict=True) if m]
-    return sorted(front, key=lambda k: (t.macs(k), -t.acc(k, rung)))
-
-
-def between_anchors(t: Rung1Table, keys: Sequence[str]) -> list[str]:
-    """The stitches among ``keys`` strictly between the smallest and largest anchor's MACs."""
-    lo, hi = anchor_span(t)
-    return [k for k in keys if k.startswith("stitch|") and lo < t.macs(k) < hi]
-
-
-def front_summary(t: Rung1Table, rung: int, hv: Hypervolume) -> dict[str, Any]:
-    """One rung's true front: its points, hypervolume and stitches between the anchors."""
-    front = true_front(t, rung)
-    acc = [t.acc(k, rung) for k in front]
-    between = between_anchors(t, front)
-    return {
-        "rung": rung,
-        "size": len(front),
-        "hypervolume": hv(np.array(acc), np.array([t.macs(k) for k in front])),
-        "keys": front,
-        "between": between,
-        "rows": [
-            {
-                "key": k,
-                "label": t.gt.records[k]["label"],
-                "kind": t.gt.records[k]["kind"],
-                "val_acc": t.acc(k, rung),
-                "rung0_val_acc": t.acc(k, 0),
-                "rung1_val_acc": t.acc(k, 1),
-                "macs": t.macs(k),
-                "params": t.gt.records[k]["params"],
-                "between": k in between,
-            }
-            for k in front
-        ],
-    }
-
-
-def correlation(t: Rung1Table, top: int) -> dict[str, Any]:
-    """How well rung 0 ranks the stitches for rung 1."""
-    keys = [k for k in t.candidates() if k.startswith("stitch|")]
-    r0 = np.array([t.acc(k, 0) for k in keys])
-    r1 = np.array([t.acc(k, 1) for k in keys])
-    pairs: dict[tuple[str, str], list[int]] = {}
-    for i, k in enumerate(keys):
-        rec = t.gt.records[k]
-        pairs.setdefault((rec["front"], rec["back"]), []).append(i)
-    per_pair = {f"{a} -> {b}": spearman(r0[ix], r1[ix]) for (a, b), ix in pairs.items()}
-    finite = [v for v in per_pair.values() if np.isfinite(v)]
-    n = min(top, len(keys))
-    best0 = {keys[i] for i in np.argsort(-r0, kind="stable")[:n]}
-    best1 = {keys[i] for i in np.argsort(-r1, kind="stable")[:n]}
-    gain = r1 - r0
-    return {
-        "stitches": len(keys),
-        "spearman": spearman(r0, r1),
-        "spearman_per_pair": per_pair,
-        "spearman_pair_mean": float(np.mean(finite)) if finite else float("nan"),
-        "top": n,
-        "top_overlap": len(best0 & best1),
-        "gain_mean": float(gain.mean()),
-        "gain_median": float(np.median(gain)),
-        "worse": int((gain < 0).sum()),
-        "rung0_mean": float(r0.mean()),
-        "rung1_mean": float(r1.mean()),
-    }
-
-
-def cost(t: Rung1Table) -> dict[str, Any]:
-    """Seconds per rung-1 evaluation (one torch thread), with rung 0's for comparison."""
-    recs = [r for r in t.records.values() if "error" not in r]
-
-    def stats(values: Sequence[float]) -> dict[str, float]:
-        v = np.asarray(values, dtype=float)
-        return {
-            "median": float(np.median(v)),
-            "p90": float(np.percentile(v, 90)),
-            "mean": float(v.mean()),
-            "total": float(v.sum()),
-        }
-
-    return {
-        "evaluations": len(recs),
-        "failed": len(t.records) - len(recs),
-        "wall": stats([r["seconds"] for r in recs]),
-        "cpu": stats([r.get("cpu_seconds", r["seconds"]) for r in recs]),
-        "finetune": stats([r["finetune_seconds"] for r in recs]),
-        "rung0_wall": stats([t.gt.records[k]["seconds"] for k in t.gt.stitch_keys()]),
-        "build_seconds": t.raw.get("build_seconds"),
-        "threads": t.meta["threads_per_process"],
-        "processes": t.meta["processes"],
-    }
-
-
-def record_rung0(t: Rung1Table, order: Sequence[str], budgets, objectives: Sequence[str]):
-    """A replay's rung-0 evaluations stored as the search stores them (an in-memory study).
-
-    Each trial is annotated and completed (or failed) by :class:`search.strategy.Recorder`, so
-    its user attributes, budget constraint and objective values are the search's own.
-    """
-    import optuna
-
-    from benchmarks.bench_search import result_of
-    from search.core import OBJECTIVES
-    from search.strategy import Recorder, objective_values
-    from space import Candidate
-
-    study = optuna.create_study(
-        storage=optuna.storages.InMemoryStorage(),
-        directions=[OBJECTIVES[o].direction for o in objectives],
-    )
-    recorder = Recorder(study, driver_id="replay", budgets=budgets, cka=t.gt.cka)
-    space = t.gt.space
-    for key in order:
-        rec = t.gt.records[key]
-        c = Candidate(rec["front"], rec["back"], rec["front_block"], rec["back_block"])
-        study.enqueue_trial(space.encode(c))
-        trial = study.ask(space.distributions())
-        recorder.annotate(trial, c)
-        result = result_of(rec)
-        values, reason = objective_values(result, objectives)
-        if reason is None:
-            recorder.complete(trial, result, values)
-        else:
-            recorder.fail(trial, reason, result)
-    return study
-
-
-def finetuned_trials(t: Rung1Table, trials, promoted: Sequence[str], objectives: Sequence[str]):
-    """Rung-1 trials of the promoted stitches: rung-0 attributes, the rung-1 accuracy.
-
-    A stitch whose rung-1 evaluation failed has none (it stays at rung 0, as in the search).
-    """
-    import optuna
-    from optuna.trial import TrialState
-
-    from search.core import OBJECTIVES, Attr
-
-    by_key = {tr.user_attrs[Attr.KEY]: tr for tr in trials}
-    acc_index = [OBJECTIVES[o].metric for o in objectives].index(Attr.VAL_ACC)
-    out = []
-    for key in promoted:
-        if "error" in t.records[key]:
-            continue
-        source = by_key[key]
-        acc = t.acc(key, 1)
-        values = list(source.values)
-        values[acc_index] = acc
-        attrs = {
-            **source.user_attrs,
-            Attr.VAL_ACC: acc,
-            Attr.RUNG: 1,
-            Attr.RUNG0_VAL_ACC: source.user_attrs[Attr.VAL_ACC],
-        }
-        out.append(
-            optuna.trial.create_trial(
-                state=TrialState.COMPLETE,
-                values=values,
-                params=source.params,
-                distributions=source.distributions,
-                user_attrs=attrs,
-            )
-        )
-    return out
-
-
-@dataclass
-class Truth:
-    """What the promotions are scored against: the rung-1 world (stitches fine-tuned).
-
-    Attributes:
-        hv: The hypervolume convention (:func:`hv_convention`).
-        full: Hypervolume of the rung-1 true front.
-        front: Keys of the rung-1 true front.
-        between: Its stitches strictly between the smallest and the largest anchor in MACs.
-        best: Per device: the most accurate candidate that fits at rung 1, and the best
-            fitting anchor and stitch.
-    """
-
-    hv: Hypervolume
-    full: float
-    front: set[str]
-    between: set[str]
-    best: dict[str, dict[str, Any] | None]
-
-    @classmethod
-    def of(cls, t: Rung1Table, budgets) -> Truth:
-        from search.core import budget_metrics
-
-        hv = hv_convention(t)
-        front = true_front(t, 1)
-        best: dict[str, dict[str, Any] | None] = {}
-
-        def label(key: str | None) -> str | None:
-            return None if key is None else t.gt.records[key]["label"]
-
-        for b in budgets:
-            fits = [k for k in t.candidates() if b.fits(budget_metrics(t.gt.records[k]))]
-            anchors = [k for k in fits if k.startswith("anchor|")]
-            stitches = [k for k in fits if k.startswith("stitch|")]
-            top = max(fits, key=lambda k: (t.acc(k, 1), -t.macs(k)), default=None)
-            best[b.device] = {
-                "key": top,
-                "label": label(top),
-                "val_acc": None if top is None else t.acc(top, 1),
-                "best_anchor": label(max(anchors, key=lambda k: t.acc(k, 0), default=None)),
-                "best_anchor_acc": max((t.acc(k, 0) for k in anchors), default=None),
-                "best_stitch": label(
-                    max(stitches, key=lambda k: (t.acc(k, 1), -t.macs(k)), default=None)
-                ),
-                "best_stitch_acc": max((t.acc(k, 1) for k in stitches), default=None),
-                "beaters": [
-                    k
-                    for k in stitches
-                    if anchors and t.acc(k, 1) > max(t.acc(a, 0) for a in anchors)
-                ],
-                "max_macs": b.max_macs,
-            }
-        acc = np.array([t.acc(k, 1) for k in front])
-        full = hv(acc, np.array([t.macs(k) for k in front]))
-        return cls(hv, full, set(front), set(between_anchors(t, front)), best)
-
-
-def assess(
-    t: Rung1Table,
-    truth: Truth,
-    trials,
-    promoted: Sequence[str],
-    budgets,
-    objectives: Sequence[str],
-) -> dict[str, Any]:
-    """Scores one promotion of one replay: every candidate at its highest rung."""
-    from search.core import Attr
-    from search.delivery import select_per_device
-    from search.strategy import best_rung
-
-    rung1 = finetuned_trials(t, trials, promoted, objectives)
-    candidates = best_rung(trials, rung1)
-    keys = [c.user_attrs[Attr.KEY] for c in candidates]
-    acc = np.array([c.user_attrs[Attr.VAL_ACC] for c in candidates], dtype=float)
-    macs = np.array([t.macs(k) for k in keys])
-    at_rung1 = {tr.user_attrs[Attr.KEY] for tr in rung1}
-    known = {k for k in keys if k.startswith("anchor|")} | at_rung1
-    evaluated = set(keys)
-    picks = {}
-    for device, pick in select_per_device(candidates, budgets).items():
-        best = truth.best[device]
-        if pick is None:
-            picks[device] = None
-            continue
-        key = pick.user_attrs[Attr.KEY]
-        acc_pick = float(pick.user_attrs[Attr.VAL_ACC])
-        picks[device] = {
-            "key": key,
-            "label": t.gt.records[key]["label"],
-            "rung": int(pick.user_attrs.get(Attr.RUNG, 0)),
-            "val_acc": acc_pick,
-            "regret": None if best["val_acc"] is None else best["val_acc"] - acc_pick,
-            "stitch_beats_anchors": key.startswith("stitch|")
-            and best["best_anchor_acc"] is not None
-            and acc_pick > best["best_anchor_acc"],
-        }
-    beaters = {
-        device: {
-            "evaluated": len(set(best["beaters"]) & evaluated),
-            "promoted": len(set(best["beaters"]) & at_rung1),
-        }
-        for device, best in truth.best.items()
-    }
-    return {
-        "promoted": list(promoted),
-        "rung1_evaluations": len(promoted),
-        "beaters": beaters,
-        "hv_fraction": truth.hv(acc, macs) / truth.full if len(keys) else 0.0,
-        "front_found": len(truth.front & known),
-        "between_found": len(truth.between & at_rung1),
-        "between_evaluated": len(truth.between & evaluated),
-        "picks": picks,
-    }
-
-
-#: The promotion rules compared (id, description).
-RULES = (
-    ("default", "the study's rule (`promotion_order`)"),
-    ("random", "random, as many rung-0 stitches"),
-    ("oracle", "oracle: as many, the most accurate at rung 1"),
-    ("none", "no promotion (rung 0 only)"),
-)
-
-
-def replay_promotion(args: argparse.Namespace, t: Rung1Table, plan, budgets):
-    """The default rung-0 search replayed, then each promotion rule scored per seed.
-
-    Args:
-        args: ``ground_truth``, ``budget_table``, ``seeds``, ``replay_processes`` and the
-            ``grid_*`` lists.
-        t: The two tables.
-        plan: The study's plan.
-        budgets: The devices.
-    """
-    from benchmarks.bench_search import replay_all
-    from search.core import Attr, evaluated_trials
-    from search.strategy import promotion_order
-
-    study_def = plan.study
-    ft = study_def.finetune
-    objectives = list(study_def.objectives)
-    rule = rule_spec(study_def)
-    signals = study_signals(plan=plan, cka=t.gt.cka, cache_root=Path(args.ground_truth).parent)
-    grid_trials = sorted({study_def.trials, *(args.grid_trials or ())})
-    t0 = time.perf_counter()
-    _, _, runs = replay_all(
-        args.ground_truth,
-        args.budget_table,
-        ["default"],
-        seeds=args.seeds,
-        total=max(grid_trials),
-        concurrency=study_def.workers,
-        study_sampler=study_def.sampler,
-        study_rule=rule,
-        processes=args.replay_processes,
-        signals=signals,
-    )
-    replay_seconds = time.perf_counter() - t0
-    truth = Truth.of(t, budgets)
-    grid = promotion_grid(args, t, truth, runs, plan, budgets, grid_trials)
-    seeds = []
-    for run in runs:
-        study = record_rung0(t, run["order"][: study_def.trials], budgets, objectives)
-        trials = evaluated_trials(study)
-        order = promotion_order(
-            trials,
-            budgets,
-            per_device=ft.promote.per_device,
-            front=study.best_trials if ft.promote.front else (),
-        )
-        default = [tr.user_attrs[Attr.KEY] for tr in order][: ft.max_trials]
-        stitches = [
-            tr.user_attrs[Attr.KEY] for tr in trials if tr.user_attrs.get(Attr.KIND) == "stitch"
-        ]
-        rng = random.Random(run["seed"])
-        n = len(default)
-        rand = rng.sample(stitches, min(n, len(stitches)))
-        tuned = [k for k in stitches if t.ok(k)]
-        oracle = sorted(tuned, key=lambda k: (-t.acc(k, 1), t.macs(k)))[:n]
-        promotions = {"default": default, "random": rand, "oracle": oracle, "none": []}
-        seeds.append(
-            {
-                "seed": run["seed"],
-                "rung0_evaluations": len(run["order"][: study_def.trials]),
-                "rung0_stitches": len(stitches),
-                "promotion_order_length": len(order),
-                **{
-                    rule: assess(t, truth, trials, keys, budgets, objectives)
-                    for rule, keys in promotions.items()
-                },
-            }
-        )
-    return {
-        "seeds": seeds,
-        "truth": {
-            "front": sorted(truth.front),
-            "between": sorted(truth.between),
-            "hypervolume": truth.full,
-            "best_per_device": truth.best,
-        },
-        "max_trials": ft.max_trials,
-        "per_device": ft.promote.per_device,
-        "promote_front": ft.promote.front,
-        "trials": study_def.trials,
-        "workers": study_def.workers,
-        "sampler": study_def.sampler,
-        "rule": rule,
-        "pruned": int(np.mean([r["pruned"] for r in runs])) if runs else 0,
-        "replay_seconds": round(replay_seconds, 1),
-        "grid": grid,
-    }
-
-
-def promotion_grid(args, t: Rung1Table, truth: Truth, runs, plan, budgets, grid_trials):
-    """Alternatives to the study's promotion settings scored on the same replays.
-
-    Each cell (rung-0 ``trials``, ``per_device``, ``max_trials``; rung-0 front promoted as the
-    study says) is scored per seed as the default promotion is: rung-1 evaluations, rung-1
-    true-front stitches between the anchors fine-tuned, hypervolume, and per device the seeds
-    whose pick is a stitch beating every anchor that fits.
-    """
-    from search.core import Attr, evaluated_trials
-    from search.strategy import promotion_order
-
-    ft = plan.study.finetune
-    objectives = list(plan.study.objectives)
-    per_devices = sorted({ft.promote.per_device, *(args.grid_per_device or ())})
-    max_trials = sorted({ft.max_trials, *(args.grid_max_trials or ())})
-    cells: dict[tuple[int, int, int], list[dict[str, Any]]] = {}
-    for trials in grid_trials:
-        for run in runs:
-            study = record_rung0(t, run["order"][:trials], budgets, objectives)
-            rung0 = evaluated_trials(study)
-            front = study.best_trials if ft.promote.front else ()
-            for pd in per_devices:
-                order = [
-                    tr.user_attrs[Attr.KEY]
-                    for tr in promotion_order(rung0, budgets, per_device=pd, front=front)
-                ]
-                for mt in max_trials:
-                    a = assess(t, truth, rung0, order[:mt], budgets, objectives)
-                    cells.setdefault((trials, pd, mt), []).append(a)
-    out = []
-    for (trials, pd, mt), scores in sorted(cells.items()):
-        out.append(
-            {
-                "trials": trials,
-                "per_device": pd,
-                "max_trials": mt,
-                "study": (trials, pd, mt)
-                == (plan.study.trials, ft.promote.per_device, ft.max_trials),
-                "seeds": len(scores),
-                "rung1_evaluations": float(np.mean([s["rung1_evaluations"] for s in scores])),
-                "between_found": float(np.mean([s["between_found"] for s in scores])),
-                "front_found": float(np.mean([s["front_found"] for s in scores])),
-                "hv_fraction": float(np.mean([s["hv_fraction"] for s in scores])),
-                "wins": {
-                    b.device: sum(
-                        1
-                        for s in scores
-                        if s["picks"].get(b.device) and s["picks"][b.device]["stitch_beats_anchors"]
-                    )
-                    for b in budgets
-                },
-                "pick_acc": {
-                    b.device: float(
-                        np.mean(
-                            [
-                                s["picks"][b.device]["val_acc"]
-                                for s in scores
-                                if s["picks"].get(b.device)
-                            ]
-                        )
-                    )
-                    if any(s["picks"].get(b.device) for s in scores)
-                    else None
-                    for b in budgets
-                },
-            }
-        )
-    return out
-
-
 def targets(res: dict[str, Any], *, device: str = "jetson-nano") -> dict[str, Any]:
     """The issue's targets, from the fronts and the replay."""
     rep = res["replay"]
@@ -860,10 +118,10 @@ def targets(res: dict[str, Any], *, device: str = "jetson-nano") -> dict[str, An
 def analyse(args: argparse.Namespace) -> dict[str, Any]:
     """Every analysis of the two tables."""
     plan = load_plan(args.study, args.budget_table)
-    gt = rung0_table(plan, args)
+    gt = rung0_table(plan, args.ground_truth, args.study)
     t = Rung1Table.load(args.rung1, gt, tag=finetune_tag(plan))
     study, budgets = plan.study, list(plan.budgets)
-    hv = hv_convention(t)
+    hv = t.hv_convention()
     res: dict[str, Any] = {
         "machine": machine_info(),
         "ground_truth": str(args.ground_truth),
@@ -871,7 +129,7 @@ def analyse(args: argparse.Namespace) -> dict[str, Any]:
         "meta": t.meta,
         "build_machine": t.raw.get("machine"),
         "hv_convention": hv.to_dict(),
-        "anchor_span": list(anchor_span(t)),
+        "anchor_span": list(t.anchor_span()),
         "anchors": {
             a: {"val_acc": t.acc(f"anchor|{a}", 0), "macs": t.macs(f"anchor|{a}")}
             for a in gt.anchor_names()
@@ -879,7 +137,18 @@ def analyse(args: argparse.Namespace) -> dict[str, Any]:
         "fronts": {str(r): front_summary(t, r, hv) for r in (0, 1)},
         "correlation": correlation(t, study.finetune.max_trials),
         "cost": cost(t),
-        "replay": replay_promotion(args, t, plan, budgets),
+        "replay": replay_promotion(
+            t,
+            plan,
+            budgets,
+            ground_truth=args.ground_truth,
+            budget_table=args.budget_table,
+            seeds=args.seeds,
+            processes=args.replay_processes,
+            grid_trials=args.grid_trials or (),
+            grid_per_device=args.grid_per_device or (),
+            grid_max_trials=args.grid_max_trials or (),
+        ),
         "devices": [b.device for b in budgets],
     }
     res["targets"] = targets(res)
@@ -918,14 +187,25 @@ def _mean(seeds: list[dict[str, Any]], rule: str, measure: str) -> float:
 
 def markdown(res: dict[str, Any]) -> str:
     """The BENCHMARKS.md section."""
-    meta, rep, cor, c = res["meta"], res["replay"], res["correlation"], res["cost"]
+    lines = [
+        *_table_lines(res),
+        "",
+        *_replay_lines(res),
+        "",
+        *_grid_lines(res),
+        *_target_lines(res),
+    ]
+    return "\n".join(lines)
+
+
+def _table_lines(res: dict[str, Any]) -> list[str]:
+    """The rung-1 table: how it was built, the true fronts, rank correlation and cost."""
+    meta, cor, c = res["meta"], res["correlation"], res["cost"]
     f0, f1 = res["fronts"]["0"], res["fronts"]["1"]
     ft = meta["finetune"]
     lo, hi = res["anchor_span"]
-    seeds = rep["seeds"]
-    n_front, n_between = len(rep["truth"]["front"]), len(rep["truth"]["between"])
     build_machine = res.get("build_machine") or {}
-    lines = [
+    return [
         f"Every stitch point of study `{meta['study']}` ({cor['stitches']} stitches, the "
         "candidates of the rung-0 ground truth, section 1; anchors are not fine-tuned) "
         "evaluated at rung 1 as the search's rung-1 trials evaluate it: least squares on the "
@@ -981,7 +261,15 @@ def markdown(res: dict[str, Any]) -> str:
                 )
             ],
         ),
-        "",
+    ]
+
+
+def _replay_lines(res: dict[str, Any]) -> list[str]:
+    """The default search and its promotion against the rung-1 ground truth."""
+    rep = res["replay"]
+    seeds = rep["seeds"]
+    n_front, n_between = len(rep["truth"]["front"]), len(rep["truth"]["between"])
+    return [
         f"**The default search against the rung-1 ground truth.** The rung-0 search replayed "
         f"as in section 2 ({rep['sampler']}, {rep['trials']} evaluations, {rep['workers']} in "
         f"flight, {len(seeds)} seeds; the study's pruning rule, "
@@ -1008,7 +296,7 @@ def markdown(res: dict[str, Any]) -> str:
                     + f" ({_mean(seeds, rule, 'between_evaluated'):.1f})",
                     mean_std([s[rule]["rung1_evaluations"] for s in seeds], "{:.1f}"),
                 )
-                for rule, desc in RULES
+                for rule, desc in PROMOTIONS
             ],
         ),
         "",
@@ -1037,11 +325,7 @@ def markdown(res: dict[str, Any]) -> str:
         "search evaluated and how many the default promotion fine-tuned (mean over seeds).",
         "",
         _device_table(res),
-        "",
-        *_grid_lines(res),
-        *_target_lines(res),
     ]
-    return "\n".join(lines)
 
 
 def _grid_lines(res: dict[str, Any], device: str = "jetson-nano") -> list[str]:
@@ -1183,6 +467,7 @@ def _target_lines(res: dict[str, Any]) -> list[str]:
 
 # --------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
+    """The command line; returns the exit code."""
     parser = bench_parser(__doc__, "rung1")
     parser.add_argument(
         "--rung1", type=Path, default=DEFAULT_RUNG1, help="rung-1 table JSON (the cache)"
@@ -1211,7 +496,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.build or args.rebuild:
-        raw = build(args)
+        build = TableBuild(args.processes, args.threads, args.rebuild, args.limit)
+        raw = build_rung1_table(args.study, args.budget_table, args.ground_truth, args.rung1, build)
         total = sum(1 for c in GroundTruth.load(args.ground_truth).space.all_candidates())
         stitches = total - len(raw["meta"]["depths"])
         if len(raw["entries"]) < stitches:

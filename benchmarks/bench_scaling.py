@@ -26,17 +26,39 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import optuna
 
-from benchmarks.common import (
+from benchmarks.lib import (
     RESULTS,
     bench_parser,
     machine_info,
     md_table,
     mean_std,
     publish,
+    run_storage,
     search_run,
 )
 from search.strategy import rung1_study_name
+
+
+def summarise(
+    runs: list[dict[str, Any]], workers: list[int], columns: dict[str, str]
+) -> dict[str, Any]:
+    """Per worker count: each column over the repeats, and the speed-up over the first count.
+
+    Args:
+        runs: The runs (``workers`` and the columns' source fields).
+        workers: The worker counts, the first the baseline.
+        columns: Summary name -> the runs' field (``trials_per_minute`` sets the speed-up).
+    """
+    summary = {}
+    for w in workers:
+        mine = [r for r in runs if r["workers"] == w]
+        summary[str(w)] = {name: [r[f] for r in mine] for name, f in columns.items()}
+    base = np.mean(summary[str(workers[0])]["trials_per_minute"])
+    for w in workers:
+        summary[str(w)]["speedup"] = float(np.mean(summary[str(w)]["trials_per_minute"]) / base)
+    return summary
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -61,21 +83,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 file=sys.stderr,
                 flush=True,
             )
-    summary = {}
-    for w in args.workers:
-        mine = [r for r in runs if r["workers"] == w]
-        summary[str(w)] = {
-            "trials_per_minute": [r["trials_per_minute"] for r in mine],
-            "wall_seconds": [r["wall_seconds"] for r in mine],
-            "window_seconds": [r["window_seconds"] for r in mine],
-            "worker_seconds_mean": [r["worker_seconds_mean"] for r in mine],
-        }
-    base = str(args.workers[0])
-    for w in args.workers:
-        summary[str(w)]["speedup"] = float(
-            np.mean(summary[str(w)]["trials_per_minute"])
-            / np.mean(summary[base]["trials_per_minute"])
-        )
+    columns = ("trials_per_minute", "wall_seconds", "window_seconds", "worker_seconds_mean")
+    summary = summarise(runs, args.workers, {c: c for c in columns})
     return {
         "machine": machine_info(),
         "study": str(args.study),
@@ -89,8 +98,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_rung1(args: argparse.Namespace) -> dict[str, Any]:
     """Rung-1 throughput: the same promoted stitches fine-tuned with each worker count."""
-    import optuna
-
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp) / "rung0"
@@ -104,8 +111,7 @@ def run_rung1(args: argparse.Namespace) -> dict[str, Any]:
             cka_cache=args.cka_cache,
             extra=["--no-finetune"],
         )
-        storage = f"sqlite:///{(base / 'study.db').resolve()}"
-        name = optuna.get_all_study_names(storage)[0]
+        name = optuna.get_all_study_names(run_storage(base))[0]
         for rep in range(args.repeats):
             for w in args.workers:
                 out = Path(tmp) / f"w{w}-{rep}"
@@ -120,10 +126,7 @@ def run_rung1(args: argparse.Namespace) -> dict[str, Any]:
                     out=out,
                 )
                 wall = time.perf_counter() - t0
-                st = optuna.load_study(
-                    study_name=rung1_study_name(name),
-                    storage=f"sqlite:///{(out / 'study.db').resolve()}",
-                )
+                st = optuna.load_study(study_name=rung1_study_name(name), storage=run_storage(out))
                 done = [t for t in st.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
                 window = max(t.datetime_complete.timestamp() for t in done) - min(
                     t.datetime_start.timestamp() for t in done
@@ -146,22 +149,14 @@ def run_rung1(args: argparse.Namespace) -> dict[str, Any]:
                     file=sys.stderr,
                     flush=True,
                 )
-    summary = {}
-    for w in args.workers:
-        mine = [r for r in runs if r["workers"] == w]
-        summary[str(w)] = {
-            "trials_per_minute": [r["finetunes_per_minute"] for r in mine],
-            "wall_seconds": [r["wall_seconds"] for r in mine],
-            "window_seconds": [r["window_seconds"] for r in mine],
-            "worker_seconds_mean": [r["trial_seconds_mean"] for r in mine],
-            "finetuned": [r["finetuned"] for r in mine],
-        }
-    base_w = str(args.workers[0])
-    for w in args.workers:
-        summary[str(w)]["speedup"] = float(
-            np.mean(summary[str(w)]["trials_per_minute"])
-            / np.mean(summary[base_w]["trials_per_minute"])
-        )
+    columns = {
+        "trials_per_minute": "finetunes_per_minute",
+        "wall_seconds": "wall_seconds",
+        "window_seconds": "window_seconds",
+        "worker_seconds_mean": "trial_seconds_mean",
+        "finetuned": "finetuned",
+    }
+    summary = summarise(runs, args.workers, columns)
     return {
         "machine": machine_info(),
         "study": str(args.study),
@@ -238,6 +233,7 @@ def markdown(res: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line; returns the exit code."""
     parser = bench_parser(__doc__, "scaling", ground_truth=False, cka_cache=True)
     parser.add_argument("--trials", type=int, default=40, help="trials per run")
     parser.add_argument(

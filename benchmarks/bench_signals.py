@@ -28,7 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import (
+from benchmarks.lib import (
+    DEFAULT_RUNG1,
     RESULTS,
     GroundTruth,
     Hypervolume,
@@ -41,24 +42,26 @@ from benchmarks.common import (
     spearman,
     study_space,
 )
+from evaluators import (
+    FIT_SIGNALS,
+    cka_matrix,
+    loader_identity,
+    signals_cache_path,
+    stitch_macs,
+    stitch_signals,
+)
+from search.core import PruningRule, SearchSpace
+from search.inputs import Plan
 
 SIGNAL_NAMES = ("cka", "cka_flatten", "residual", "kl")
 #: Signal -> (rule signal, higher is better).
 DIRECTION = {"cka": True, "cka_flatten": True, "residual": False, "kl": False}
-DEFAULT_RUNG1 = RESULTS / "rung1_ground_truth.json"
 
 
-def compute_signals(plan, space, gt: GroundTruth, cache: Path) -> tuple[dict, dict, float]:
+def compute_signals(
+    plan: Plan, space: SearchSpace, gt: GroundTruth, cache: Path
+) -> tuple[dict, dict, float]:
     """Signal name -> pair -> matrix, MACs per pair, and the seconds the fits took."""
-    from evaluators import (
-        FIT_SIGNALS,
-        cka_matrix,
-        loader_identity,
-        signals_cache_path,
-        stitch_macs,
-        stitch_signals,
-    )
-
     loader = plan.data.calibration.subset(plan.study.pruning_images)
     cka_loader = plan.data.calibration.subset(plan.study.cka.images)
     out: dict[str, dict[tuple[str, str], np.ndarray]] = {n: {} for n in SIGNAL_NAMES}
@@ -154,8 +157,6 @@ def _front(keys: list[str], acc: dict[str, float], gt: GroundTruth) -> set[str]:
 
 def evaluate_rules(signals, macs, gt: GroundTruth, acc1: dict[str, float]) -> list[dict]:
     """Every rule of the sweep applied to the space, with what it removes and loses."""
-    from search.core import PruningRule
-
     space = gt.space
     ok = gt.ok_keys()
     stitches = gt.stitch_keys()
@@ -367,6 +368,7 @@ def markdown(res: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line; returns the exit code."""
     parser = bench_parser(__doc__, "signals")
     parser.add_argument("--rung1", type=Path, default=DEFAULT_RUNG1, help="rung-1 ground truth")
     parser.add_argument("--min-removed", type=float, default=0.4, help="target: removed share")

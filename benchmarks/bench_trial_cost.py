@@ -21,27 +21,48 @@
 from __future__ import annotations
 
 import argparse
-import random
+import logging
+import os
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray
 import torch
+from ray import tune
 
-from benchmarks.common import (
+from benchmarks.lib import (
     bench_parser,
     load_plan,
     machine_info,
     md_table,
     publish,
+    pure_forward_seconds,
+    sample_stitches,
     search_run,
-    study_rule,
     study_space,
+    timed,
 )
+from evaluators import (
+    accuracy,
+    anchor_used_parameters,
+    cka_matrix,
+    count_macs,
+    evaluate_candidate,
+    fit_stitch,
+    measure_latency,
+    measure_memory,
+    stitched_param_counts,
+    stitched_parameters,
+)
+from search.core import PruningRule
 from search.execution import trial_data
+from search.inputs import Plan
+from space import Candidate, build_stitched
 
 STEPS = (
     "cka_lookup",
@@ -55,40 +76,13 @@ STEPS = (
 )
 
 
-def sample_stitches(space, n: int, seed: int) -> list:
-    """``n`` stitch points spread over the ordered pairs (round robin, seeded)."""
-    rng = random.Random(seed)
-    pools = [rng.sample(space.stitches(a, b), len(space.stitches(a, b))) for a, b in space.pairs()]
-    out = []
-    while len(out) < n and any(pools):
-        for p in pools:
-            if p and len(out) < n:
-                out.append(p.pop())
-    return out
-
-
-def _timed(fn):
-    t0 = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - t0, out
-
-
-def breakdown(plan, candidate, matrices, rule) -> dict[str, Any]:
+def breakdown(
+    plan: Plan,
+    candidate: Candidate,
+    matrices: dict[tuple[str, str], np.ndarray],
+    rule: PruningRule,
+) -> dict[str, Any]:
     """Times each step of one evaluation (as ``evaluate_candidate`` runs them)."""
-    from benchmarks.bench_evaluators import pure_forward_seconds
-    from evaluators import (
-        accuracy,
-        anchor_used_parameters,
-        count_macs,
-        evaluate_candidate,
-        fit_stitch,
-        measure_latency,
-        measure_memory,
-        stitched_param_counts,
-        stitched_parameters,
-    )
-    from space import build_stitched
-
     data = trial_data(plan)
     study = plan.study
     t: dict[str, float] = {}
@@ -96,9 +90,9 @@ def breakdown(plan, candidate, matrices, rule) -> dict[str, Any]:
         anchor = plan.anchors[candidate.front]
         net, size = anchor.model, anchor.input_size
         t["cka_lookup"] = t["build"] = t["least_squares"] = 0.0
-        t["validation"], _ = _timed(lambda: accuracy(net, data.validation, input_size=size))
-        t["macs"], _ = _timed(lambda: count_macs(net, size))
-        t["params"], used = _timed(lambda: anchor_used_parameters(anchor))
+        t["validation"], _ = timed(lambda: accuracy(net, data.validation, input_size=size))
+        t["macs"], _ = timed(lambda: count_macs(net, size))
+        t["params"], used = timed(lambda: anchor_used_parameters(anchor))
 
         def pure() -> None:
             with torch.inference_mode():
@@ -111,28 +105,28 @@ def breakdown(plan, candidate, matrices, rule) -> dict[str, Any]:
         m = matrices[(candidate.front, candidate.back)]
         # The rule's lookup on a pair's matrix (the CKA matrix stands in for the signal's and,
         # for a depth rule, the MACs': the cost is the same lookup).
-        t["cka_lookup"], _ = _timed(lambda: (float(m[k, j]), rule.reason(candidate, m, m)))
-        t["build"], net = _timed(lambda: build_stitched(front, back, candidate.config))
-        t["least_squares"], _ = _timed(
+        t["cka_lookup"], _ = timed(lambda: (float(m[k, j]), rule.reason(candidate, m, m)))
+        t["build"], net = timed(lambda: build_stitched(front, back, candidate.config))
+        t["least_squares"], _ = timed(
             lambda: fit_stitch(net, data.calibration, steps=study.fit.steps, lr=study.fit.lr)
         )
         size = net.input_size
-        t["validation"], _ = _timed(lambda: accuracy(net, data.validation, input_size=size))
-        t["macs"], _ = _timed(lambda: count_macs(net, size))
+        t["validation"], _ = timed(lambda: accuracy(net, data.validation, input_size=size))
+        t["macs"], _ = timed(lambda: count_macs(net, size))
 
         def params() -> list:
             stitched_param_counts(net)
             return stitched_parameters(net)
 
-        t["params"], used = _timed(params)
+        t["params"], used = timed(params)
 
         def pure() -> None:
             pure_forward_seconds(net, front, back, candidate.config, data)
 
-    t["latency"], _ = _timed(lambda: measure_latency(net, size, batch_size=1, max_seconds=1.0))
-    t["memory"], _ = _timed(lambda: measure_memory(net, size, batch_size=1, parameters=used))
-    pure_s, _ = _timed(pure)
-    e2e, _ = _timed(
+    t["latency"], _ = timed(lambda: measure_latency(net, size, batch_size=1, max_seconds=1.0))
+    t["memory"], _ = timed(lambda: measure_memory(net, size, batch_size=1, parameters=used))
+    pure_s, _ = timed(pure)
+    e2e, _ = timed(
         lambda: evaluate_candidate(
             candidate.config,
             plan.anchors,
@@ -154,13 +148,6 @@ def breakdown(plan, candidate, matrices, rule) -> dict[str, Any]:
 
 def noop_ray_overhead(trials: int, cpus: int) -> dict[str, float]:
     """Seconds per trial of a no-op trainable under the searcher's Tune settings."""
-    import logging
-    import os
-    import warnings
-
-    import ray
-    from ray import tune
-
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
@@ -197,16 +184,14 @@ def noop_ray_overhead(trials: int, cpus: int) -> dict[str, float]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Breakdown, the real run and the no-op run."""
-    from evaluators import cka_matrix
-
     torch.set_num_threads(args.threads)
     plan = load_plan(args.study, args.budget_table)
     space = study_space(plan)
-    rule = study_rule(plan)
+    rule = plan.study.pruning_rule
     loader = plan.data.calibration.subset(plan.study.cka.images)
     matrices, pair_seconds = {}, {}
     for a, b in space.pairs():
-        s, matrices[(a, b)] = _timed(
+        s, matrices[(a, b)] = timed(
             lambda a=a, b=b: cka_matrix(plan.anchors[a], plan.anchors[b], loader, use_cache=False)
         )
         pair_seconds[f"{a}|{b}"] = s
@@ -342,6 +327,7 @@ def markdown(res: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line; returns the exit code."""
     parser = bench_parser(__doc__, "trial_cost", ground_truth=False, cka_cache=True)
     parser.add_argument("--sample", type=int, default=24, help="stitch points to break down")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (a trial's share)")

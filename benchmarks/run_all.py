@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import (
+from benchmarks.lib import (
     DEFAULT_BUDGETS,
     DEFAULT_GROUND_TRUTH,
     DEFAULT_MD,
@@ -76,6 +76,7 @@ def commands(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line; returns the exit code."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--study", type=Path, default=DEFAULT_STUDY, help="study YAML")
     parser.add_argument("--budget-table", type=Path, default=DEFAULT_BUDGETS, help="devices CSV")

@@ -23,7 +23,7 @@ from benchmarks import (
     bench_trial_cost,
     run_all,
 )
-from benchmarks.common import (
+from benchmarks.lib import (
     GroundTruth,
     Hypervolume,
     pareto_mask,
