@@ -12,13 +12,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("space", "evaluators", "search", "tools")
+PACKAGES = ("space", "evaluators", "search", "tools", "benchmarks")
 #: What each package may import from the project (besides itself).
 ALLOWED = {
     "space": set(),
     "evaluators": {"space"},
     "search": {"evaluators", "space"},
     "tools": {"evaluators", "space"},
+    "benchmarks": {"search", "evaluators", "space", "tools"},
 }
 #: The layers of ``search``, lowest first: a subpackage imports only those before it (and
 #: ``space`` and ``evaluators``); the commands on top (``search.run``, ``search.export``,
@@ -40,6 +41,8 @@ FACE_EXEMPT = {"search.workers.evaluation"}
 #: Optuna's storage internals; only this module may touch them.
 OPTUNA_INTERNALS = {"_storage", "_study_id", "_trial_id"}
 OPTUNA_ADAPTER = "search.store.optuna_access"
+#: The benchmarks' library; its face is all the scripts import of ``benchmarks``.
+BENCHMARK_LIB = "benchmarks.lib"
 
 
 def _modules() -> dict[str, Path]:
@@ -98,6 +101,7 @@ GRAPH = {m: _imports(m, p) for m, p in MODULES.items()}
 
 def test_the_walk_sees_the_project() -> None:
     assert {"space.anchor", "evaluators.cka", "search.run", "search.core.trials"} <= MODULES.keys()
+    assert {"benchmarks.run_all", "benchmarks.bench_search", BENCHMARK_LIB} <= MODULES.keys()
     assert any(t == "space" for t, _, _ in GRAPH["search.inputs.plan"])
     assert {m for m in MODULES if m.count(".") == 1 and m.startswith("search.")} == (
         set(SEARCH_LAYERS) | SEARCH_COMMANDS
@@ -242,16 +246,54 @@ def test_faces_export_what_they_import() -> None:
     assert not bad, "; ".join(bad)
 
 
-def test_benchmarks_use_public_names_only() -> None:
+def _is_benchmark_lib(module: str) -> bool:
+    return module == BENCHMARK_LIB or module.startswith(BENCHMARK_LIB + ".")
+
+
+#: What the benchmarks may import from the other packages: their public faces and the commands
+#: (``tools`` modules by name).
+BENCHMARK_FACES = {"space", "evaluators", "evaluators.data", *SEARCH_LAYERS, *SEARCH_COMMANDS}
+BENCHMARK_MODULES = sorted(m for m in MODULES if m.split(".")[0] == "benchmarks")
+
+
+@pytest.mark.parametrize("module", BENCHMARK_MODULES)
+def test_benchmarks_import_public_faces_only(module: str) -> None:
+    """``space``, ``evaluators``, ``evaluators.data``, the search layers' faces, the commands
+    and ``tools.<module>``; never a layer's module (``search.core.trials``)."""
+    bad = [
+        f"{module}:{line} imports {target}; import it from its face"
+        for target, line, _ in GRAPH[module]
+        if target.split(".")[0] != "benchmarks"
+        and target not in BENCHMARK_FACES
+        and not (target.startswith("tools.") and target.count(".") == 1)
+    ]
+    assert not bad, "; ".join(bad)
+
+
+@pytest.mark.parametrize("module", BENCHMARK_MODULES)
+def test_bench_scripts_share_code_through_the_library_only(module: str) -> None:
+    """A script imports ``benchmarks.lib`` (its face), never another script; the library's
+    modules import one another, never a script."""
     bad = []
-    for path in sorted((ROOT / "benchmarks").glob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and _resolve(node.module or ""):
-                bad += [
-                    f"{path.name}:{node.lineno} imports {node.module}.{a.name}"
-                    for a in node.names
-                    if a.name.startswith("_")
-                ]
+    for target, line, _ in GRAPH[module]:
+        if target.split(".")[0] != "benchmarks" or target == BENCHMARK_LIB:
+            continue
+        if not (_is_benchmark_lib(module) and _is_benchmark_lib(target)):
+            bad.append(f"{module}:{line} imports {target}; share it through {BENCHMARK_LIB}")
+    assert not bad, "; ".join(bad)
+
+
+@pytest.mark.parametrize("module", BENCHMARK_MODULES)
+def test_benchmarks_use_public_names_only(module: str) -> None:
+    """No name starting with ``_`` from another project module."""
+    bad = []
+    for node in ast.walk(ast.parse(MODULES[module].read_text())):
+        if isinstance(node, ast.ImportFrom) and _resolve(node.module or ""):
+            bad += [
+                f"{module}:{node.lineno} imports {node.module}.{a.name}"
+                for a in node.names
+                if a.name.startswith("_")
+            ]
     assert not bad, "; ".join(bad)
 
 

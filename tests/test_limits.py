@@ -21,6 +21,7 @@ LIMITS: dict[str, tuple[int, int]] = {
     "evaluators": (500, 100),
     "tools": (500, 100),
     "search": (500, 100),
+    "benchmarks": (600, 100),
 }
 #: A docstring line starting with this, then the reason, allows a longer module or function.
 MARKER = "Size:"
