@@ -226,7 +226,10 @@ def claim_c(gt: GroundTruth, tol: float) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- (d)
 def claim_d(args: argparse.Namespace, gt: GroundTruth, plan: Plan) -> dict[str, Any]:
-    """Random init, least squares, least squares + fine-tuning, random + fine-tuning."""
+    """Random init, least squares, least squares + fine-tuning, random + fine-tuning.
+
+    On ``--sample`` stitch points of ``gt``'s space, with ``plan``'s anchors, data and lr.
+    """
     data = trial_data(plan)
     lr = plan.study.fit.lr
     space = gt.space
@@ -285,7 +288,8 @@ def claim_d_front(args: argparse.Namespace, gt: GroundTruth, base: Plan) -> dict
 
     Each point of the ground truth's stitch-only front is fitted with least squares alone and
     with ``--ft-steps`` fine-tuning steps, on the study's calibration images and on
-    ``--ft-calibration`` images, and validated as the search validates.
+    ``--ft-calibration`` images, and validated as the search validates. ``base`` is the
+    study's plan.
     """
     cands = {c.key: c for c in gt.space.all_candidates()}
     keys = sorted(gt.front_keys(gt.stitch_keys()), key=lambda k: gt.records[k]["macs"])

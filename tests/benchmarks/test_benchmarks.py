@@ -26,6 +26,7 @@ from benchmarks import (
 from benchmarks.lib import (
     GroundTruth,
     Hypervolume,
+    kendall_tau,
     pareto_mask,
     rule_spec,
     spearman,
@@ -271,6 +272,8 @@ def test_helpers(tmp_path) -> None:
     assert hv([90], [5]) == pytest.approx(1.0 * 1.1)
     assert hv([10], [5]) == 0.0  # chance accuracy adds nothing
     assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert kendall_tau([1, 2, 3, 4], [40, 30, 20, 10]) == pytest.approx(-1.0)
+    assert kendall_tau([1, 2, 3], [1, 3, 2]) == pytest.approx(1 / 3)
     md = tmp_path / "B.md"
     info = {"date": "d", "cpu": "c", "cores": 2, "commit": "x"}
     update_markdown("pruning", "first", info, "cmd", md)
