@@ -1,6 +1,6 @@
 """How good and how costly a candidate is: data, CKA, MACs, latency, stitch fitting, accuracy."""
 
-from evaluators.candidate import CandidateResult, evaluate_candidate
+from evaluators.candidate import CandidateResult, evaluate_candidate, evaluate_member
 from evaluators.cka import (
     CKA_MODES,
     MinibatchCKA,
@@ -24,6 +24,13 @@ from evaluators.data import (
     load_fashion_mnist,
     make_splits,
     synthetic_splits,
+)
+from evaluators.family import (
+    EpochResult,
+    FamilySettings,
+    FamilyTrainer,
+    MemberSampler,
+    steps_per_epoch,
 )
 from evaluators.finetune import (
     FinetuneResult,
@@ -92,6 +99,9 @@ __all__ = [
     "DataRecipe",
     "DataSplits",
     "DatasetLoader",
+    "EpochResult",
+    "FamilySettings",
+    "FamilyTrainer",
     "FinetuneResult",
     "FinetuneSettings",
     "FitResult",
@@ -99,6 +109,7 @@ __all__ = [
     "LatencyTable",
     "LatencyTableError",
     "LiveBytes",
+    "MemberSampler",
     "MemoryResult",
     "MinibatchCKA",
     "RecipeError",
@@ -117,6 +128,7 @@ __all__ = [
     "count_steps",
     "evaluate_accuracy",
     "evaluate_candidate",
+    "evaluate_member",
     "fashion_mnist_splits",
     "find_fashion_mnist",
     "finetune_stitch",
@@ -137,6 +149,7 @@ __all__ = [
     "prefix_key",
     "profile_parts",
     "signals_cache_path",
+    "steps_per_epoch",
     "stitch_macs",
     "stitch_points",
     "stitch_signals",

@@ -34,7 +34,7 @@ from evaluators.macs import (
     stitched_parameters,
 )
 from evaluators.pair_cache import anchor_identity
-from space import Anchor, StitchConfig, StitchedNet, build_stitched
+from space import Anchor, StitchConfig, StitchedFamily, StitchedNet, build_stitched
 
 
 @dataclass
@@ -427,3 +427,62 @@ def _evaluate_anchor(
         input_size=list(anchor.input_size),
         net=model,
     )
+
+
+def evaluate_member(
+    family: StitchedFamily,
+    name: str,
+    data: DataSplits,
+    *,
+    test: bool = False,
+    device: str | torch.device = "cpu",
+    threads: int | None = None,
+    measure_latency: bool = False,
+    latency_batch: int = 1,
+    latency_seconds: float = 1.0,
+) -> CandidateResult:
+    """Measures one member of a trained family as it is (nothing is fitted).
+
+    Args:
+        family: The family (:func:`space.load_family`).
+        name: The member's name.
+        data: Validation (and test) splits.
+        test: Also report test accuracy.
+        device: ``"cpu"`` or a CUDA device; the member's anchors are moved there.
+        threads: ``torch.set_num_threads`` for the evaluation; restored afterwards.
+        measure_latency: Measure latency and memory.
+        latency_batch: Batch size of the second latency measurement.
+        latency_seconds: Time cap of each latency measurement.
+
+    Returns:
+        The result; ``result.net`` is the member (a :class:`space.StitchedNet` sharing the
+        family's modules, or the anchor's model).
+
+    Raises:
+        KeyError: No member of that name.
+        ValueError: A class count that differs from the data's, non-finite logits.
+    """
+    c = family.members[name]
+    with _num_threads(threads) as n_threads:
+        run = _Run(
+            device=torch.device(device),
+            threads=n_threads,
+            test=test,
+            latency=measure_latency,
+            latency_batch=latency_batch,
+            latency_seconds=latency_seconds,
+        )
+        if c.is_anchor:
+            return _evaluate_anchor(c.front, family.anchors, data, run)
+        front, back = family.anchors[c.front], family.anchors[c.back]
+        _check_classes(back, data)
+        for a in (front, back):
+            _to_device(a, run.device)
+        stitch = family.stitch_of(name)
+        assert stitch is not None
+        stitch.to(run.device)
+        config = c.config
+        assert isinstance(config, StitchConfig)
+        net = StitchedNet(front, back, config, stitch)
+        fit = FitResult(residual={}, ls_images=0, ls_seconds=0.0)
+        return _measure_stitch(net, data, run, None, fit, 0.0, None)

@@ -23,6 +23,7 @@ import argparse
 import math
 import sys
 import warnings
+from pathlib import Path
 
 from search.core import OneLineParser
 from search.delivery import (
@@ -30,11 +31,13 @@ from search.delivery import (
     ONNX_ATOL,
     VERIFY_BATCHES,
     check_export,
+    check_family,
     export_onnx,
     onnx_metadata,
     verify_onnx,
 )
-from space import ExportError, InputError, LoadedExport, read_export
+from space import FAMILY_FORMAT, ExportError, InputError, LoadedExport, read_export
+from space.manifest import read_json_object
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,7 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
         "python -m search.export --check exports/edge.json",
     )
     p.add_argument(
-        "export", metavar="EXPORT.json", help="an export manifest (exports/<device>.json)"
+        "export",
+        metavar="EXPORT.json",
+        help="an export manifest (exports/<device>.json), or the family (exports/family.json; "
+        "--check only)",
     )
     p.add_argument("--onnx", metavar="OUT.onnx", help="write the network as ONNX")
     p.add_argument(
@@ -135,6 +141,28 @@ def _run_check(args: argparse.Namespace, loaded: LoadedExport) -> int:
     return 1
 
 
+def _run_family_check(args: argparse.Namespace) -> int:
+    result = check_family(args.export, data_dir=args.data, tolerance=args.tolerance)
+    print(f"check: {result.path} (the family: {result.label})")
+    if result.measure != "accuracy":
+        print(f"label-free: top-1 is {result.measure}, not accuracy")
+    print(result.table())
+    if result.ok:
+        print(f"OK: every member reproduces its record ({result.label})")
+        return 0
+    for line in result.problems:
+        print(f"FAILED: {line}", file=sys.stderr)
+    return 1
+
+
+def _is_family(path: str) -> bool:
+    """Whether ``path`` is a family's JSON (a bad or missing file is left to the readers)."""
+    try:
+        return read_json_object(Path(path)).get("format") == FAMILY_FORMAT
+    except (InputError, ExportError):
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code.
 
@@ -157,6 +185,15 @@ def main(argv: list[str] | None = None) -> int:
         with warnings.catch_warnings():
             # e.g. fvcore's import-time `torch.jit.script` deprecation: noise for this CLI.
             warnings.simplefilter("ignore", FutureWarning)
+            if _is_family(args.export):
+                if args.onnx:
+                    print(
+                        f"error: {args.export} is a family of stitched networks; write one "
+                        "device's export (exports/<device>.json) as ONNX",
+                        file=sys.stderr,
+                    )
+                    return 2
+                return _run_family_check(args)
             loaded = read_export(args.export)
             rc = _run_check(args, loaded) if args.check else 0
             if args.onnx:

@@ -154,6 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="skip rung 1 (stitch-only fine-tuning) in this run; picks use least squares only",
     )
     p.add_argument(
+        "--no-family",
+        action="store_true",
+        help="skip the family (joint training of anchors and stitches) in this run; picks use "
+        "the lower rungs",
+    )
+    p.add_argument(
         "--no-report", action="store_true", help="skip the HTML report (faster in tests)"
     )
     return p

@@ -5,6 +5,8 @@ from space.artifact import LoadedExport, load_export, read_export
 from space.config import Candidate, StitchConfig
 from space.errors import InputError
 from space.families import FamilyAdapter, family_names, register_family
+from space.family import StitchedFamily, member_name, member_names
+from space.family_io import FAMILY_FORMAT, load_family, place_anchor_weights, save_family
 from space.files import atomic_write, file_sha256
 from space.loading import load_anchor
 from space.manifest import (
@@ -38,6 +40,7 @@ from space.switchable import SwitchableStitchedNet, load_switchable, save_switch
 
 __all__ = [
     "EXPORT_FORMAT",
+    "FAMILY_FORMAT",
     "SUPPORTED_FAMILIES",
     "Anchor",
     "AnchorRecord",
@@ -53,6 +56,7 @@ __all__ = [
     "LoadedExport",
     "StitchConfig",
     "StitchRecord",
+    "StitchedFamily",
     "StitchedNet",
     "StitchingLayer",
     "SwitchableStitchedNet",
@@ -68,11 +72,16 @@ __all__ = [
     "file_sha256",
     "load_anchor",
     "load_export",
+    "load_family",
     "load_switchable",
     "make_stitching_layer",
+    "member_name",
+    "member_names",
+    "place_anchor_weights",
     "read_export",
     "register_family",
     "runs_at_any_size",
+    "save_family",
     "save_switchable",
     "stage_ends",
     "stage_stitch_points",

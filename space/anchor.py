@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -69,8 +70,10 @@ class FeatureInfo:
 class Anchor:
     """A pre-trained timm model exposed as stem, stitchable blocks and head.
 
-    Build one with :func:`space.load_anchor`. The model is put in eval mode; an anchor is never
-    trained by this project.
+    Build one with :func:`space.load_anchor`. The model is put in eval mode. Only a family's
+    training (:mod:`evaluators.family`) changes an anchor's weights; a trained anchor keeps the
+    record of what it started from and says where its trained weights are
+    (:meth:`load_trained`).
 
     Attributes:
         name: The name the anchor was loaded by (a timm name or ``zoo:<name>``).
@@ -82,6 +85,8 @@ class Anchor:
         checkpoint: The local checkpoint file the weights came from, if any.
         pretrained: Whether timm's pretrained weights were loaded.
         timm_kwargs: Keyword arguments passed to ``timm.create_model``.
+        trained_weights: The file of the trained weights (a family's), or None.
+        trained_sha256: That file's SHA-256, or None.
     """
 
     def __init__(
@@ -116,6 +121,8 @@ class Anchor:
         self._features: dict[tuple[int, int, int], list[FeatureInfo]] = {}
         # Views of this anchor at other resolutions (shared by the views themselves).
         self._views: dict[int, Anchor] = {}
+        self.trained_weights: Path | None = None
+        self.trained_sha256: str | None = None
 
     def __repr__(self) -> str:
         return (
@@ -225,7 +232,32 @@ class Anchor:
     @property
     def identity(self) -> str:
         """A string that identifies the anchor's architecture and weights (for caches)."""
+        if self.trained_sha256 is not None:
+            return f"{self.name}@trained:{self.trained_sha256}"
         return f"{self.name}@{self.checkpoint_sha256 or self.weights_sha256}"
+
+    def load_trained(
+        self, state: Mapping[str, torch.Tensor], *, source: str | Path, sha256: str
+    ) -> None:
+        """Replaces the weights by trained ones (every key and shape must match).
+
+        Args:
+            state: The trained state dict.
+            source: The file it was read from (recorded in exports).
+            sha256: That file's SHA-256.
+
+        Raises:
+            RuntimeError: Missing or unexpected keys, or other shapes.
+        """
+        self.model.load_state_dict(dict(state), strict=True)
+        self.mark_trained(source=source, sha256=sha256)
+
+    def mark_trained(self, *, source: str | Path, sha256: str) -> None:
+        """Records that the model's weights are trained ones, saved as ``source``."""
+        self.trained_weights = Path(source)
+        self.trained_sha256 = sha256
+        self._weights_sha256 = None
+        self._views.clear()  # a ViT's views at other sizes hold copies of the old weights
 
     # ------------------------------------------------------------------ running
     def forward_stem(self, x: torch.Tensor) -> torch.Tensor:

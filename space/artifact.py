@@ -220,7 +220,7 @@ def anchor_from_record(path: Path, i: int, rec: AnchorRecord) -> Anchor:
                     fix="the file was altered or replaced: restore the checkpoint the export "
                     "was made with",
                 )
-        elif not rec.pretrained and rec.weights_sha256 is None:
+        elif not rec.pretrained and rec.weights_sha256 is None and rec.trained is None:
             raise ExportError(
                 path,
                 f"anchor {name!r} has neither a checkpoint nor pretrained weights (its weights "
@@ -259,6 +259,8 @@ def anchor_from_record(path: Path, i: int, rec: AnchorRecord) -> Anchor:
                 "export is written and where it is loaded, or give the anchor a checkpoint"
             ),
         )
+    if rec.trained is not None:
+        _load_trained(path, anchor, rec.trained, where)
     for key, recorded, actual in (
         ("family", rec.family, anchor.family),
         ("num_blocks", rec.num_blocks, anchor.num_blocks),
@@ -273,6 +275,22 @@ def anchor_from_record(path: Path, i: int, rec: AnchorRecord) -> Anchor:
                 fix="the anchor's architecture differs from the one the export was made with",
             )
     return anchor
+
+
+def _load_trained(path: Path, anchor: Anchor, trained: Mapping[str, str], where: str) -> None:
+    """Loads an anchor's trained weights (a family's), verified by their SHA-256."""
+    state = read_weights(path, trained["weights"], trained["sha256"], f"{where}.trained")
+    try:
+        anchor.load_trained(
+            state, source=weights_path(path, trained["weights"]), sha256=trained["sha256"]
+        )
+    except (RuntimeError, ValueError) as e:
+        raise ExportError(
+            path,
+            f"the trained weights do not fit {anchor.name!r}: {str(e)[:300]}",
+            field=f"{where}.trained.weights",
+            fix="restore the trained weights the export was made with",
+        ) from None
 
 
 # ---------------------------------------------------------------------- stitch weights

@@ -36,8 +36,9 @@ SEARCH_LAYERS = (
 SEARCH_COMMANDS = {"search.run", "search.export", "search.profile"}
 #: Modules another layer may import directly instead of through their package's face, and
 #: why: the face of ``search.workers`` stays free of torch so that Ray's worker processes
-#: do not load it; the evaluation process's module (its ``TrialContext``) is the exception.
-FACE_EXEMPT = {"search.workers.evaluation"}
+#: do not load it; the evaluation process's module (its ``TrialContext``) and the family's
+#: Ray Train loop, which both import torch, are imported directly.
+FACE_EXEMPT = {"search.workers.evaluation", "search.workers.family"}
 #: Optuna's storage internals; only this module may touch them.
 OPTUNA_INTERNALS = {"_storage", "_study_id", "_trial_id"}
 OPTUNA_ADAPTER = "search.store.optuna_access"

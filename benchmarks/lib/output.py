@@ -41,6 +41,7 @@ SECTIONS: tuple[tuple[str, str], ...] = (
     ("latency_table", "8. Device latency tables: predicted against measured latency"),
     ("real_pair", "9. Real ImageNet weights: EfficientNet-Lite0 and Lite1 stitched both ways"),
     ("real_trials", "9c. Real weights through the workers' evaluation"),
+    ("family", "10. The family: anchors and stitches trained jointly (rung 2)"),
 )
 
 #: The top of a new BENCHMARKS.md (its sections follow as placeholders).

@@ -27,11 +27,13 @@ from search.core.encoding import (
     signal_key,
 )
 from search.core.pruning_rule import SIGNAL_DIRECTIONS, PruningRule, pareto_layers
+from search.core.selection import accuracy_macs_front, ranked_for_device, select_per_device
 from search.core.text import format_quantity, safe_filename
 from search.core.trials import (
     BUDGET_METRICS,
     OBJECTIVES,
     RESULT_ATTRS,
+    RUNG_NAMES,
     Attr,
     Objective,
     StudyAttr,
@@ -64,6 +66,7 @@ __all__ = [
     "OBJECTIVES",
     "PASSWORD_ENV",
     "RESULT_ATTRS",
+    "RUNG_NAMES",
     "SIGNAL_DIRECTIONS",
     "Attr",
     "DeviceBudget",
@@ -74,6 +77,7 @@ __all__ = [
     "SignalKey",
     "StitchPoints",
     "StudyAttr",
+    "accuracy_macs_front",
     "annotation",
     "budget_metrics",
     "build_space",
@@ -95,8 +99,10 @@ __all__ = [
     "pareto_layers",
     "positive_float",
     "positive_int",
+    "ranked_for_device",
     "rung_of",
     "safe_filename",
+    "select_per_device",
     "server_said",
     "signal_key",
     "unflatten",

@@ -90,8 +90,28 @@ class Attr:
     LOSS_FIRST = "loss_first"
     LOSS_LAST = "loss_last"
     LOSS_MIN = "loss_min"
-    #: Mean training loss over ~20 equal runs of steps.
+    #: Mean training loss over ~20 equal runs of steps (the family: per epoch).
     LOSS_CURVE = "loss_curve"
+    # The family (rung 2): anchors and stitches trained jointly.
+    #: The rung-1 trial a family member's stitch came from (members fine-tuned at rung 1).
+    RUNG1_TRIAL = "rung1_trial"
+    #: The rung a family member's stitch was initialised from (0 or 1).
+    LOWER_RUNG = "lower_rung"
+    #: The member's validation accuracy at that rung.
+    LOWER_VAL_ACC = "lower_val_acc"
+    #: Which trained family (a fingerprint of its members, settings and data).
+    FAMILY_ID = "family_id"
+    #: The family's settings (:class:`evaluators.FamilySettings` as a dict).
+    FAMILY = "family"
+    #: The family's members (names), in order.
+    FAMILY_MEMBERS = "family_members"
+    #: Epochs trained, and the epoch the last run resumed from (0: it started afresh).
+    FAMILY_EPOCHS = "family_epochs"
+    FAMILY_RESUMED = "family_resumed_from"
+    FAMILY_SECONDS = "family_seconds"
+    #: Mean loss of this member in the last epoch, and its steps over all epochs.
+    MEMBER_LOSS = "member_loss"
+    MEMBER_STEPS = "member_steps"
 
 
 #: What a worker reports that is stored on the trial (everything else is dropped).
@@ -122,6 +142,7 @@ RESULT_ATTRS = frozenset(
         Attr.LOSS_LAST,
         Attr.LOSS_MIN,
         Attr.LOSS_CURVE,
+        Attr.LOWER_VAL_ACC,
     }
 )
 
@@ -146,8 +167,12 @@ def unflatten(result: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+#: How the summary and the report name each rung.
+RUNG_NAMES = {0: "least sq.", 1: "fine-tuned", 2: "family"}
+
+
 def rung_of(trial: FrozenTrial) -> int:
-    """The fidelity rung a trial's result comes from (0: least squares only)."""
+    """The rung a trial's result comes from (:data:`RUNG_NAMES`; 0: least squares)."""
     return int(trial.user_attrs.get(Attr.RUNG, 0))
 
 

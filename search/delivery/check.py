@@ -31,7 +31,7 @@ from evaluators import (
     stitched_param_counts,
 )
 from search.core import BUDGET_COLUMNS, DeviceBudget
-from space import ExportError, LoadedExport, check_fields, read_export
+from space import Anchor, ExportError, LoadedExport, check_fields, read_export
 
 # evaluators.synthetic_splits' identity: classes, (C, H, W), calibration, validation, test, seed.
 _SYNTHETIC = re.compile(r"^synthetic-(\d+)-\((\d+), (\d+), (\d+)\)-(\d+)-(\d+)-(\d+)-(-?\d+)$")
@@ -216,10 +216,30 @@ def _legacy_recipe(path: Path, data: Mapping[str, Any]) -> tuple[DataRecipe, boo
 def load_data(
     loaded: LoadedExport, data_dir: str | Path | None = None, *, batch_size: int | None = None
 ) -> DataSplits:
-    """The validation and test splits an export was measured on.
+    """The validation and test splits an export was measured on (:func:`splits_for`).
+
+    Raises:
+        ExportError: The data section is invalid or cannot be reproduced.
+        DataError: The data cannot be found or does not fit (from the loaders).
+    """
+    data = loaded.typed_manifest.check_data()
+    return splits_for(loaded.path, data, loaded.anchors["front"], data_dir, batch_size=batch_size)
+
+
+def splits_for(
+    path: Path,
+    data: Mapping[str, Any],
+    anchor: Anchor,
+    data_dir: str | Path | None = None,
+    *,
+    batch_size: int | None = None,
+) -> DataSplits:
+    """The validation and test splits a manifest's (validated) ``data`` section records.
 
     Args:
-        loaded: The export.
+        path: The manifest (for messages).
+        data: Its ``data`` section.
+        anchor: The anchor whose evaluation transform image folders go through.
         data_dir: The Fashion-MNIST IDX folder or the ImageFolder root, instead of the one
             the recipe records (required for ImageFolder exports without ``data.recipe``).
         batch_size: Evaluation batch size (default: the recorded one, else 256).
@@ -228,8 +248,6 @@ def load_data(
         ExportError: The data section is invalid or cannot be reproduced.
         DataError: The data cannot be found or does not fit (from the loaders).
     """
-    path = loaded.path
-    data = loaded.typed_manifest.check_data()
     name = data["name"]
     n_val, n_test = data["validation_images"], data["test_images"]
     if "recipe" in data:
@@ -247,7 +265,7 @@ def load_data(
             field="data.name",
             fix="pass --data DIR (the folder holding train/ and val/)",
         )
-    splits = make_splits(recipe, anchor=loaded.anchors["front"])
+    splits = make_splits(recipe, anchor=anchor)
     if exact_identity and splits.identity != data["identity"]:
         raise ExportError(
             path,

@@ -28,7 +28,14 @@ from search.core import (
 )
 from search.execution import trial_data
 from search.inputs import Plan
-from space import EXPORT_FORMAT, AnchorRecord, ExportManifest, StitchRecord
+from space import (
+    EXPORT_FORMAT,
+    Anchor,
+    AnchorRecord,
+    ExportManifest,
+    StitchRecord,
+    place_anchor_weights,
+)
 from space.files import atomic_path, atomic_write
 
 
@@ -42,6 +49,7 @@ def write_export(
     taken: set[str],
     n_evaluated: int,
     final: bool = True,
+    anchors: Mapping[str, Anchor] | None = None,
 ) -> Path:
     """Writes ``<device>.json`` and the fitted stitching layer ``<device>.safetensors``.
 
@@ -54,6 +62,8 @@ def write_export(
         taken: File stems already used in ``export_dir``.
         n_evaluated: Evaluations in the study.
         final: Whether the study is complete (``"final"`` in the manifest).
+        anchors: The anchors the network runs (default: the plan's); a family's trained
+            anchors have their weights placed under ``anchors/`` once and referenced.
     """
     export_dir.mkdir(parents=True, exist_ok=True)
     stem = safe_filename(device.device, taken)
@@ -71,9 +81,10 @@ def write_export(
                 str(tmp),
                 metadata={"format": EXPORT_FORMAT, "layer": type(result.net.stitch).__name__},
             )
-    anchors = [AnchorRecord.of(plan.anchors[c.front], "front")]
+    source = plan.anchors if anchors is None else anchors
+    records = [_record(source[c.front], "front", export_dir)]
     if not c.is_anchor:
-        anchors.append(AnchorRecord.of(plan.anchors[c.back], "back"))
+        records.append(_record(source[c.back], "back", export_dir))
     metrics = budget_metrics(trial.user_attrs, device)
     attrs = trial.user_attrs
     teacher = plan.data.recipe.teacher if plan.data.recipe is not None else None
@@ -83,7 +94,7 @@ def write_export(
         budget=device.to_dict(),
         headroom=device.headroom(metrics),
         candidate=c,
-        anchors=tuple(anchors),
+        anchors=tuple(records),
         stitch=None if weights is None else StitchRecord.of(result.net.stitch, weights),
         metrics={
             "validation": {"top1": attrs.get(Attr.VAL_ACC), "top5": attrs.get(Attr.VAL_TOP5)},
@@ -98,16 +109,7 @@ def write_export(
             # Label-free: top1/top5 are agreement with the teacher the data records.
             **({"measure": measure_name(teacher)} if teacher is not None else {}),
         },
-        data={
-            "name": plan.data.name,
-            "identity": plan.data.identity,
-            "validation_images": plan.data.validation.num_images,
-            "test_images": plan.data.test.num_images,
-            "input_size": list(plan.data.input_size),
-            "calibration_images": plan.data.calibration.num_images,
-            "batch_size": plan.study.data.batch_size,
-            "recipe": plan.data.recipe.to_dict(),
-        },
+        data=data_record(plan),
         fit=fit_record(plan, trial),
         study={
             "name": plan.study.name,
@@ -122,6 +124,27 @@ def write_export(
     return path
 
 
+def data_record(plan: Plan) -> dict[str, Any]:
+    """The data the run measured on, as a manifest's ``data`` (``--check`` rebuilds it)."""
+    return {
+        "name": plan.data.name,
+        "identity": plan.data.identity,
+        "validation_images": plan.data.validation.num_images,
+        "test_images": plan.data.test.num_images,
+        "input_size": list(plan.data.input_size),
+        "calibration_images": plan.data.calibration.num_images,
+        "batch_size": plan.study.data.batch_size,
+        "recipe": plan.data.recipe.to_dict(),
+    }
+
+
+def _record(anchor: Anchor, role: str, export_dir: Path) -> AnchorRecord:
+    """An anchor's record; a trained anchor's weights are placed in the export's folder."""
+    if anchor.trained_sha256 is None:
+        return AnchorRecord.of(anchor, role)
+    return AnchorRecord.of(anchor, role, trained=place_anchor_weights(anchor, export_dir))
+
+
 def latency_record(device: DeviceBudget, attrs: Mapping[str, Any]) -> dict[str, Any]:
     """Where a device's latency comes from, for its export: its table, or the host."""
     record: dict[str, Any] = {
@@ -134,15 +157,35 @@ def latency_record(device: DeviceBudget, attrs: Mapping[str, Any]) -> dict[str, 
 
 
 def fit_record(plan: Plan, trial: FrozenTrial) -> dict[str, Any]:
-    """How the exported stitching layer was fitted: least squares, then rung 1 if reached."""
+    """How the exported network was fitted: least squares, then rung 1 or the family."""
     record: dict[str, Any] = {
         "calibration_images": plan.data.calibration.num_images,
         "steps": plan.study.fit.steps,
         "lr": plan.study.fit.lr,
         "rung": rung_of(trial),
     }
-    if rung_of(trial):
-        attrs = trial.user_attrs
+    attrs = trial.user_attrs
+    if rung_of(trial) == 2:
+        record["family"] = {
+            "family_id": attrs.get(Attr.FAMILY_ID),
+            "settings": attrs.get(Attr.FAMILY),
+            "members": attrs.get(Attr.FAMILY_MEMBERS),
+            "artifact": "family.json",
+            "train_images": plan.study.family.train_images
+            or (plan.data.train.num_images if plan.data.train is not None else None),
+            "epochs": attrs.get(Attr.FAMILY_EPOCHS),
+            "resumed_from": attrs.get(Attr.FAMILY_RESUMED),
+            "seconds": attrs.get(Attr.FAMILY_SECONDS),
+            "loss_curve": attrs.get(Attr.LOSS_CURVE),
+            "member_loss": attrs.get(Attr.MEMBER_LOSS),
+            "member_steps": attrs.get(Attr.MEMBER_STEPS),
+            "family_trial": trial.number,
+            "lower_rung": attrs.get(Attr.LOWER_RUNG),
+            "lower_val_acc": attrs.get(Attr.LOWER_VAL_ACC),
+            "rung1_trial": attrs.get(Attr.RUNG1_TRIAL),
+            "rung0_val_acc": attrs.get(Attr.RUNG0_VAL_ACC),
+        }
+    elif rung_of(trial):
         record["finetune"] = {
             **attrs.get(Attr.FINETUNE, {}),
             "train_images": train.num_images if (train := trial_data(plan).train) else None,

@@ -237,23 +237,30 @@ def write_report(
 
 
 def trial_row_id(trial: FrozenTrial) -> str:
-    """A trial's id in the report: ``#12`` at rung 0, ``#12 fine-tuned`` for its rung-1 trial."""
-    if rung_of(trial):
+    """A trial's id in the report, by its rung-0 trial: ``#12``, ``#12 fine-tuned``, ...."""
+    rung = rung_of(trial)
+    if rung == 1:
         return f"#{trial.user_attrs.get(Attr.RUNG0_TRIAL)} fine-tuned"
+    if rung == 2:
+        return f"#{trial.user_attrs.get(Attr.RUNG0_TRIAL)} family"
     return f"#{trial.number}"
 
 
 def trial_rows(
-    study: optuna.Study, pareto: set[int], rung1: optuna.Study | None = None
+    study: optuna.Study,
+    pareto: set[int],
+    rung1: optuna.Study | None = None,
+    family: Sequence[FrozenTrial] = (),
 ) -> list[dict[str, Any]]:
-    """Trials of both rungs as plain rows for the report.
+    """Trials of every rung as plain rows for the report.
 
-    A rung-1 row carries ``rung`` 1, the rung-0 trial it fine-tuned (``rung0``) and that
-    trial's least-squares accuracy (``rung0_val_acc``).
+    A rung-1 row carries ``rung`` 1, its rung-0 trial's number (``number``) and that trial's
+    least-squares accuracy (``rung0_val_acc``); a family member's row carries ``rung`` 2 and
+    its accuracy at the rung it started from (``lower_val_acc``).
     """
     rows = []
     finetuned = rung1.get_trials(deepcopy=False) if rung1 is not None else []
-    for t in [*study.get_trials(deepcopy=False), *finetuned]:
+    for t in [*study.get_trials(deepcopy=False), *finetuned, *family]:
         a = t.user_attrs
         rows.append(
             {
@@ -263,6 +270,7 @@ def trial_rows(
                 "state": t.state.name,
                 "val_acc": a.get(Attr.VAL_ACC),
                 "rung0_val_acc": a.get(Attr.RUNG0_VAL_ACC),
+                "lower_val_acc": a.get(Attr.LOWER_VAL_ACC),
                 "macs": a.get(Attr.MACS),
                 "params": a.get(Attr.PARAMS),
                 "latency_ms": a.get(Attr.LATENCY_MS),

@@ -43,53 +43,64 @@ _DEVICE_COLOURS = (
 )
 _DEVICE_SYMBOLS = ("star", "diamond", "hexagram", "square", "pentagon", "star-diamond", "bowtie")
 
-_RUNG1_COLOUR = "#b8860b"
+#: How a higher rung is drawn: (legend name, colour, symbol, the row key of its lower point,
+#: the name of its front).
+_HIGHER = {
+    1: ("fine-tuned, rung 1", "#b8860b", "diamond", "rung0_val_acc", "after fine-tuning"),
+    2: ("family, trained jointly", "#2e8b57", "star", "lower_val_acc", "of the family"),
+}
 
 
 def best_rung_front(trials: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     """The Pareto front (accuracy up, MACs down) of the candidates at their highest rung.
 
-    Fine-tuned rows replace their rung-0 rows; rows that fit no device are left out.
+    A higher rung's row replaces the candidate's lower ones; rows that fit no device are
+    left out.
     """
-    tuned = {t["number"]: t for t in trials if t.get("rung") and status(t) in PLOTTED}
-    best = [
-        tuned.get(t["number"], t)
-        for t in trials
-        if not t.get("rung") and status(t) in ("feasible", "unchecked")
-    ]
-    best = [t for t in best if status(t) in ("feasible", "unchecked")]
-    front = []
-    for t in sorted(best, key=lambda t: (float(t["macs"]), -float(t["val_acc"]))):
+    best: dict[Any, Mapping[str, Any]] = {}
+    for t in trials:
+        if t.get("rung") and status(t) not in PLOTTED:
+            continue
+        if not t.get("rung") and status(t) not in ("feasible", "unchecked"):
+            continue
+        held = best.get(t["number"])
+        if held is None or int(t.get("rung") or 0) > int(held.get("rung") or 0):
+            best[t["number"]] = t
+    rows = [t for t in best.values() if status(t) in ("feasible", "unchecked")]
+    front: list[Mapping[str, Any]] = []
+    for t in sorted(rows, key=lambda t: (float(t["macs"]), -float(t["val_acc"]))):
         if not front or float(t["val_acc"]) > float(front[-1]["val_acc"]):
             front.append(t)
     return front
 
 
-def _add_rung1(
+def _add_higher(
     fig: go.Figure,
-    finetuned: Sequence[Mapping[str, Any]],
+    rung: int,
+    rows: Sequence[Mapping[str, Any]],
     front: Sequence[Mapping[str, Any]],
     measure: str = "accuracy",
 ) -> None:
-    """Fine-tuned points, an arrow from each one's least-squares point, and their front."""
+    """A higher rung's points, an arrow from each one's lower-rung point, and the front."""
+    name, colour, symbol, lower_key, front_name = _HIGHER[rung]
     fig.add_trace(
         go.Scatter(
-            x=[float(t["macs"]) for t in finetuned],
-            y=[float(t["val_acc"]) for t in finetuned],
+            x=[float(t["macs"]) for t in rows],
+            y=[float(t["val_acc"]) for t in rows],
             mode="markers",
-            name=f"fine-tuned, rung 1 ({len(finetuned)})",
+            name=f"{name} ({len(rows)})",
             marker={
-                "color": _RUNG1_COLOUR,
-                "symbol": "diamond",
-                "size": 10,
+                "color": colour,
+                "symbol": symbol,
+                "size": 11 if rung == 2 else 10,
                 "line": {"color": "black", "width": 1},
             },
-            hovertext=[hover_of(t, measure) for t in finetuned],
+            hovertext=[hover_of(t, measure) for t in rows],
             hoverinfo="text",
         )
     )
-    for t in finetuned:
-        before = number(t.get("rung0_val_acc"))
+    for t in rows:
+        before = number(t.get(lower_key))
         if before is None:
             continue
         x = math.log10(float(t["macs"]))  # annotations on a log axis take log10 positions
@@ -106,7 +117,7 @@ def _add_rung1(
             arrowhead=2,
             arrowsize=1,
             arrowwidth=1,
-            arrowcolor=_RUNG1_COLOUR,
+            arrowcolor=colour,
             opacity=0.7,
             text="",
         )
@@ -116,8 +127,8 @@ def _add_rung1(
                 x=[float(t["macs"]) for t in front],
                 y=[float(t["val_acc"]) for t in front],
                 mode="lines",
-                line={"shape": "hv", "color": _RUNG1_COLOUR, "width": 2, "dash": "dash"},
-                name=f"Pareto front after fine-tuning ({len(front)})",
+                line={"shape": "hv", "color": colour, "width": 2, "dash": "dash"},
+                name=f"Pareto front {front_name} ({len(front)})",
                 hoverinfo="skip",
             )
         )
@@ -157,15 +168,20 @@ def figure(
     strip, y_bottom, y_top = _y_layout(trials)
     plot = _Plot(fig, strip, measure)
     rung0 = [t for t in trials if not t.get("rung")]
-    finetuned = [t for t in trials if t.get("rung") and status(t) in PLOTTED]
+    higher = {
+        r: [t for t in trials if t.get("rung") == r and status(t) in PLOTTED] for r in _HIGHER
+    }
     for state, (name, colour, symbol) in _STATUS_STYLE.items():
         group = [t for t in rung0 if status(t) == state]
         if group:
             plot.points(group, f"{name} ({len(group)})", colour, symbol)
-    if finetuned:
-        _add_rung1(fig, finetuned, best_rung_front(trials), measure)
+    top = max((r for r, rows in higher.items() if rows), default=0)
+    for r, rows in higher.items():
+        if rows:  # the front is drawn for the highest rung (every candidate at its best)
+            front = best_rung_front(trials) if r == top else []
+            _add_higher(fig, r, rows, front, measure)
     plot.anchors([t for t in rung0 if t.get("kind") == "anchor" and status(t) is not None])
-    _add_front(fig, rung0, tuned=bool(finetuned))
+    _add_front(fig, rung0, tuned=bool(top))
     macs = [float(t["macs"]) for t in trials if status(t) in PLOTTED and t.get("macs")]
     x_middle = math.sqrt(min(macs) * max(macs)) if macs else 0.0  # the log axis' middle
     for i, budget in enumerate(budgets):

@@ -121,8 +121,10 @@ def hover_of(trial: Mapping[str, Any], measure: str = "accuracy") -> str:
         lines.append(f"fits a device: {'yes' if trial.get('feasible') else 'no'}")
     if trial.get("pareto"):
         lines.append("on the Pareto front")
-    if trial.get("rung"):
+    if trial.get("rung") == 1:
         lines.append(f"fine-tuned (rung 1); least squares: {fmt_acc(trial.get('rung0_val_acc'))}")
+    elif trial.get("rung") == 2:
+        lines.append(f"trained in the family; before: {fmt_acc(trial.get('lower_val_acc'))}")
     if trial.get("reason"):
         lines.append(f"reason: {plot_text(trial['reason'])}")
     return "<br>".join(lines)

@@ -12,6 +12,7 @@ from optuna.trial import FrozenTrial, TrialState
 from search.core import (
     HOST_MEASURED,
     PASSWORD_ENV,
+    RUNG_NAMES,
     Attr,
     DeviceBudget,
     budget_metrics,
@@ -31,6 +32,7 @@ def counts_line(
     evaluated: int,
     finetuned: int | None,
     stats: Mapping[str, int],
+    trained: int | None = None,
     interrupted: bool,
 ) -> str:
     """The line that opens the summary: evaluations in the study, this run's and all trials'.
@@ -40,6 +42,7 @@ def counts_line(
         study: The rung-0 study.
         evaluated: Evaluated candidates in the study.
         finetuned: Rung-1 trials in the study (None: the study has no rung 1).
+        trained: Members of the delivered family (None: the study trains no family).
         stats: This run's counts (completed, failed, pruned, ...).
         interrupted: The run was interrupted.
     """
@@ -58,6 +61,7 @@ def counts_line(
             if finetuned is not None
             else ""
         )
+        + (f"; family: {trained} members trained" if trained is not None else "")
     )
 
 
@@ -84,7 +88,7 @@ def summary_table(
             [
                 b.device,
                 str(t.user_attrs.get(Attr.RUNG0_TRIAL, t.number)),
-                "fine-tuned" if rung_of(t) else "least sq.",
+                RUNG_NAMES[rung_of(t)],
                 t.user_attrs.get(Attr.LABEL, ""),
                 f"{t.user_attrs[Attr.VAL_ACC]:.2f}%",
                 tests.get(b.device, ""),

@@ -6,8 +6,15 @@ heartbeats, set-up, sampler), the rounds of Ray Tune trials at each rung
 console (progress bar, Ctrl-C and SIGTERM as a clean stop).
 """
 
-from search.execution.console import Progress, SignalGuard, exit_code
-from search.execution.contexts import finetune_settings, teacher_of, trial_context, trial_data
+from search.execution.console import FamilyProgress, Progress, SignalGuard, exit_code
+from search.execution.contexts import (
+    family_settings,
+    family_teacher,
+    finetune_settings,
+    teacher_of,
+    trial_context,
+    trial_data,
+)
 from search.execution.driver import (
     RunState,
     driver_seed,
@@ -15,11 +22,22 @@ from search.execution.driver import (
     run_search,
     shutdown_ray,
     start_ray,
+    worker_share,
+)
+from search.execution.family import (
+    FAMILY_DIR,
+    family_job,
+    family_path,
+    fingerprint,
+    run_family,
+    train_family_here,
 )
 from search.execution.pair_signals import PairSignals, cka_matrices, pruning_signals, study_signals
 from search.execution.session import RunSession, open_storage
 
 __all__ = [
+    "FAMILY_DIR",
+    "FamilyProgress",
     "PairSignals",
     "Progress",
     "RunSession",
@@ -28,15 +46,23 @@ __all__ = [
     "cka_matrices",
     "driver_seed",
     "exit_code",
+    "family_job",
+    "family_path",
+    "family_settings",
+    "family_teacher",
     "finetune_settings",
+    "fingerprint",
     "open_storage",
     "pruning_signals",
+    "run_family",
     "run_rung1",
     "run_search",
     "shutdown_ray",
     "start_ray",
     "study_signals",
     "teacher_of",
+    "train_family_here",
     "trial_context",
     "trial_data",
+    "worker_share",
 ]

@@ -95,6 +95,46 @@ class Progress:
         self.bar.close()
 
 
+class FamilyProgress:
+    """The family's progress line: steps over all epochs, the epoch and loss, time left.
+
+    Args:
+        epochs: Epochs to train.
+        steps: Steps per epoch.
+        stream: Where to draw (default: standard error).
+    """
+
+    def __init__(self, epochs: int, steps: int, stream: IO[str] | None = None) -> None:
+        self.epochs, self.steps = epochs, steps
+        self.bar = tqdm(
+            total=epochs * steps,
+            desc="family",
+            unit="step",
+            file=sys.stderr if stream is None else stream,
+            dynamic_ncols=True,
+            smoothing=0.1,
+            mininterval=0.5,
+        )
+
+    def update(self, epoch: int, step: int, loss: float) -> None:
+        """Shows step ``step`` of epoch ``epoch`` (0-based) and its loss."""
+        self.bar.update(max(0, epoch * self.steps + step + 1 - self.bar.n))
+        self.bar.set_postfix_str(f"epoch {epoch + 1}/{self.epochs}, loss {loss:.3f}")
+
+    def follow(self, queue: Any, done: threading.Event) -> None:
+        """Shows what the training reports on ``queue`` until ``done`` is set (a thread)."""
+        while not done.is_set():
+            try:
+                item = queue.get(timeout=0.5)
+            except Exception:  # empty, or the queue is gone with the cluster
+                continue
+            self.update(*item)
+
+    def close(self) -> None:
+        """Ends the bar."""
+        self.bar.close()
+
+
 class SignalGuard:
     """Turns SIGINT and SIGTERM into KeyboardInterrupt, deferred inside critical sections.
 

@@ -11,7 +11,7 @@ import dataclasses
 
 import optuna
 
-from evaluators import DataSplits, FinetuneSettings
+from evaluators import DataSplits, FamilySettings, FinetuneSettings
 from search.core import Attr, candidate_of, evaluated_trials
 from search.inputs import Plan
 from search.workers.evaluation import TrialContext
@@ -24,6 +24,7 @@ def trial_context(
     use_gpu: bool = False,
     rung: int = 0,
     teacher: str | None = None,
+    family: str | None = None,
 ) -> TrialContext:
     """What every evaluation of this run shares: data, fitting and latency settings.
 
@@ -33,6 +34,7 @@ def trial_context(
         use_gpu: Evaluate on the GPU when there is one.
         rung: The highest rung evaluated with it; rung 1 ships the training images.
         teacher: The anchor rung 1 distils from (when ``finetune.distill > 0``).
+        family: The trained family's JSON, whose members rung 2 evaluates.
     """
     ft = plan.study.finetune
     return TrialContext(
@@ -45,6 +47,7 @@ def trial_context(
         use_gpu=use_gpu,
         finetune=finetune_settings(plan) if ft.enabled and rung >= 1 else None,
         teacher=teacher,
+        family=family,
     )
 
 
@@ -95,8 +98,50 @@ def teacher_of(plan: Plan, study: optuna.Study) -> str | None:
         return None
     if ft.teacher is not None:
         return ft.teacher
+    return _most_accurate_anchor(plan, study)
+
+
+def _most_accurate_anchor(plan: Plan, study: optuna.Study) -> str:
+    """The anchor with the best rung-0 accuracy (the deepest before any is evaluated)."""
     anchors = [t for t in evaluated_trials(study) if t.user_attrs.get(Attr.KIND) == "anchor"]
     if not anchors:
         return max(plan.anchors, key=lambda n: plan.anchors[n].num_blocks)
     best = max(anchors, key=lambda t: t.user_attrs.get(Attr.VAL_ACC, -1.0))
     return candidate_of(best).front
+
+
+def family_settings(plan: Plan) -> FamilySettings:
+    """The family's training settings, from the study's ``family`` section."""
+    f = plan.study.family
+    return FamilySettings(
+        epochs=f.epochs,
+        batch_size=f.batch_size,
+        lr=f.lr,
+        anchor_lr=f.anchor_lr if f.anchors == "trainable" else None,
+        weight_decay=f.weight_decay,
+        warmup=f.warmup,
+        sampling=f.sampling,
+        anchor_share=f.anchor_share,
+        distill=f.distill,
+        temperature=f.temperature,
+        freeze_bn=f.freeze_bn,
+        seed=f.seed,
+    )
+
+
+def family_teacher(plan: Plan, study: optuna.Study) -> str | None:
+    """The anchor the family distils from (None when it does not distil).
+
+    A label-free study's teacher; else ``family.teacher``, ``finetune.teacher``, or the most
+    accurate anchor at rung 0.
+    """
+    f = plan.study.family
+    if plan.study.label_free:
+        return plan.study.teacher
+    if f.distill <= 0:
+        return None
+    if f.teacher is not None:
+        return f.teacher
+    if plan.study.finetune.teacher is not None:
+        return plan.study.finetune.teacher
+    return _most_accurate_anchor(plan, study)

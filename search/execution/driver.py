@@ -56,6 +56,8 @@ class RunState:
         rung1_searchers: The rung-1 searcher of this run (fine-tuning), if rung 1 ran.
         rung1_promoted: Stitches the promotion rule selected (before the budget).
         rung1_complete: Rung 1 fine-tuned everything promoted within its budget.
+        family_id: The family this run trained or found trained (None: none).
+        family_complete: The family is trained and recorded.
     """
 
     searchers: list[StitchSearcher] = dataclasses.field(default_factory=list)
@@ -67,6 +69,8 @@ class RunState:
     rung1_searchers: list[Rung1Searcher] = dataclasses.field(default_factory=list)
     rung1_promoted: int = 0
     rung1_complete: bool = False
+    family_id: str | None = None
+    family_complete: bool = False
 
     def stats(self) -> dict[str, int]:
         """Counts over all rounds."""
@@ -169,7 +173,7 @@ def _search_round(
     signals: PruningSignals | None = None,
 ) -> StitchSearcher:
     """One Ray Tune run: trials until this driver has nothing left to start."""
-    cpus, use_gpu = _worker_share(plan, state, guard)
+    cpus, use_gpu = worker_share(plan, state, guard)
     job = WorkerJob.build(
         trial_context(plan, threads=cpus, use_gpu=use_gpu), plan.study.trial_timeout_s
     )
@@ -205,9 +209,7 @@ def _search_round(
     return searcher
 
 
-def _worker_share(
-    plan: Plan, state: RunState, guard: SignalGuard | None = None
-) -> tuple[int, bool]:
+def worker_share(plan: Plan, state: RunState, guard: SignalGuard | None = None) -> tuple[int, bool]:
     """Starts or joins Ray; returns each trial's CPU threads and whether it gets a GPU.
 
     ``guard`` takes SIGINT and SIGTERM back from the handlers ``ray.init`` installs.
@@ -310,7 +312,7 @@ def run_rung1(
         + (f", {ft.max_seconds:g} s" if ft.max_seconds else "")
         + f"; {ft.steps} steps of {ft.batch_size} training images each)"
     )
-    cpus, use_gpu = _worker_share(plan, state, guard)
+    cpus, use_gpu = worker_share(plan, state, guard)
     context = trial_context(
         plan, threads=cpus, use_gpu=use_gpu, rung=1, teacher=teacher_of(plan, study)
     )

@@ -1,10 +1,11 @@
 """A run session: this driver's hold on the study, from opening it to the end of the search.
 
-:class:`RunSession` opens (or resumes) the rung-0 study and, when the study fine-tunes, the
-rung-1 study in the same storage; keeps this driver's heartbeat in both; sets the study up
-once (anchors enqueued, pruned points recorded); fails the trials that stopped drivers left
-RUNNING; and seeds the sampler (mixed with the driver id when other drivers share the
-study). :meth:`RunSession.search` then runs rung 0 and rung 1. One error policy: an input
+:class:`RunSession` opens (or resumes) the rung-0 study and, when the study fine-tunes and
+trains a family, the rung-1 and family studies in the same storage; keeps this driver's
+heartbeat in each; sets the study up once (anchors enqueued, pruned points recorded); fails
+the trials that stopped drivers left RUNNING; and seeds the sampler (mixed with the driver id
+when other drivers share the study). :meth:`RunSession.search` then runs rung 0, rung 1 and
+the family. One error policy: an input
 error (the stored study does not match the definition) or a lost storage propagates to the
 command; an interrupt during the search stops it cleanly (Ray shut down, this driver's
 RUNNING trials failed) and is kept in :attr:`RunSession.interrupted` for delivery.
@@ -21,6 +22,7 @@ import optuna
 from search.core import evaluated_trials, masked_url
 from search.execution.console import SignalGuard
 from search.execution.driver import RunState, driver_seed, run_rung1, run_search, shutdown_ray
+from search.execution.family import run_family
 from search.execution.pair_signals import PairSignals
 from search.inputs import Plan
 from search.store import (
@@ -31,7 +33,7 @@ from search.store import (
     make_storage,
     open_study,
 )
-from search.strategy import make_sampler, rung1_study_name, setup_study
+from search.strategy import family_study_name, make_sampler, rung1_study_name, setup_study
 
 
 def open_storage(plan: Plan, log: Callable[..., Any]) -> optuna.storages.RDBStorage:
@@ -54,6 +56,7 @@ class RunSession:
     Attributes:
         study: The rung-0 study.
         rung1: The rung-1 study, or None when the study does not fine-tune.
+        family: The family study, or None when the study trains no family.
         state: What this driver has done so far.
         others: Other live drivers of the study when the session opened.
         sampler: The sampler every search round shares.
@@ -78,6 +81,7 @@ class RunSession:
         self.state = RunState()
         self.study: optuna.Study
         self.rung1: optuna.Study | None = None
+        self.family: optuna.Study | None = None
         self.others: set[str] = set()
         self.sampler: optuna.samplers.BaseSampler
         self.interrupted: str | None = None
@@ -89,6 +93,9 @@ class RunSession:
         if plan.study.finetune.enabled:
             name = rung1_study_name(plan.study.name)
             self.rung1, _ = open_study(self.storage, plan.study, plan.driver_id, name=name)
+        if plan.study.family.enabled:
+            name = family_study_name(plan.study.name)
+            self.family, _ = open_study(self.storage, plan.study, plan.driver_id, name=name)
         for study in self.studies():
             self._beats.enter_context(Heartbeat(study, plan.driver_id))
         try:
@@ -102,8 +109,8 @@ class RunSession:
         self._beats.close()
 
     def studies(self) -> list[optuna.Study]:
-        """The rung-0 study, and the rung-1 study when there is one."""
-        return [self.study] + ([self.rung1] if self.rung1 is not None else [])
+        """The rung-0 study, and the rung-1 and family studies when there are."""
+        return [s for s in (self.study, self.rung1, self.family) if s is not None]
 
     def _set_up(self, created: bool) -> None:
         plan, log = self.plan, self.log
@@ -153,7 +160,7 @@ class RunSession:
         )
 
     def search(self) -> None:
-        """Rung 0 until the study holds its total, then rung 1 (when the study has one).
+        """Rung 0 until the study holds its total, then rung 1 and the family (when enabled).
 
         An interrupt (Ctrl-C, SIGTERM) stops the search: Ray is shut down, this driver's
         RUNNING trials are failed, and the signal is kept in :attr:`interrupted`.
@@ -175,6 +182,17 @@ class RunSession:
                 run_rung1(
                     plan, self.study, self.rung1, self.space, state=state, guard=guard, log=log
                 )
+            if self.family is not None:
+                run_family(
+                    plan,
+                    self.study,
+                    self.rung1,
+                    self.family,
+                    self.space,
+                    state=state,
+                    guard=guard,
+                    log=log,
+                )
         except KeyboardInterrupt as e:
             self.interrupted = guard.name(e)
         finally:
@@ -190,4 +208,9 @@ class RunSession:
     @property
     def complete(self) -> bool:
         """Whether the study holds what was asked at every rung it has."""
-        return self.state.complete and (self.rung1 is None or self.state.rung1_complete)
+        state = self.state
+        return (
+            state.complete
+            and (self.rung1 is None or state.rung1_complete)
+            and (self.family is None or state.family_complete)
+        )

@@ -8,6 +8,7 @@ field, exit 2) before anything is written.
 from __future__ import annotations
 
 import argparse
+import difflib
 import functools
 import logging
 import re
@@ -35,7 +36,7 @@ from search.inputs.storage import check_storage, storage_url
 from search.inputs.study import Study
 from search.inputs.study_anchors import load_anchors, study_space
 from search.inputs.study_file import load_study
-from space import Anchor, InputError
+from space import Anchor, InputError, member_name
 
 STUDIES_DIR = Path(__file__).resolve().parents[2] / "studies"
 DEFAULT_STUDY = STUDIES_DIR / "default.yaml"
@@ -115,10 +116,10 @@ def prepare(args: argparse.Namespace, argv: Sequence[str] = ()) -> Plan:
     study = load_study(study_path)
     if args.trials is not None:
         study = study.model_copy(update={"trials": args.trials})
-    if args.no_finetune:
-        study = study.model_copy(
-            update={"finetune": study.finetune.model_copy(update={"enabled": False})}
-        )
+    for flag, section in (("no_finetune", "finetune"), ("no_family", "family")):
+        if getattr(args, flag, False):
+            off = getattr(study, section).model_copy(update={"enabled": False})
+            study = study.model_copy(update={section: off})
     out = Path(args.out) if args.out else Path("runs") / safe_filename(study.name)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out: {str(out)!r} exists and is not a folder; pick another path")
@@ -136,6 +137,7 @@ def prepare(args: argparse.Namespace, argv: Sequence[str] = ()) -> Plan:
         cuts=study.cuts,
     )
     data = _load_data(study, study_path, anchors)
+    _check_family(study, study_path, data, anchors)
     return Plan(
         study=study,
         study_path=study_path,
@@ -205,9 +207,14 @@ def _resolve_teacher(study: Study, anchors: Mapping[str, Anchor]) -> Study:
     if not study.label_free:
         return study
     teacher = study.teacher or largest_anchor(anchors)
-    data = study.data.model_copy(update={"teacher": teacher})
-    finetune = study.finetune.model_copy(update={"teacher": teacher})
-    return study.model_copy(update={"data": data, "finetune": finetune})
+    update = {"teacher": teacher}
+    return study.model_copy(
+        update={
+            "data": study.data.model_copy(update=update),
+            "finetune": study.finetune.model_copy(update=update),
+            "family": study.family.model_copy(update=update),
+        }
+    )
 
 
 def _load_data(study: Study, study_path: Path, anchors: Mapping[str, Anchor]) -> DataSplits:
@@ -245,3 +252,39 @@ def _load_data(study: Study, study_path: Path, anchors: Mapping[str, Anchor]) ->
     if len(sizes) > 1:
         logging.getLogger(__name__).info("anchors take different input sizes: %s", sizes)
     return data
+
+
+def _check_family(
+    study: Study, study_path: Path, data: DataSplits, anchors: Mapping[str, Anchor]
+) -> None:
+    """The family has training images, and the members it names are candidates of the study.
+
+    Raises:
+        InputError: One line naming the ``family`` field.
+    """
+    family = study.family
+    if not family.enabled:
+        return
+    if data.train is None:
+        raise InputError(
+            f"{study_path}: field 'family.enabled': the {data.name} data has no training "
+            "split to train the family on; set family.enabled: false"
+        )
+    if family.train_images is not None and family.train_images > data.train.num_images:
+        raise InputError(
+            f"{study_path}: field 'family.train_images': {family.train_images} is more than the "
+            f"{data.train.num_images} training images; give at most that, or null for all"
+        )
+    if family.members == "auto":
+        return
+    candidates = study_space(study, anchors, study_path).all_candidates()
+    labels = {c.label for c in candidates} | {member_name(c) for c in candidates}
+    for i, label in enumerate(family.members):
+        if label not in labels:
+            near = difflib.get_close_matches(label, sorted(labels), n=1, cutoff=0.6)
+            hint = f"did you mean {near[0]!r}? " if near else ""
+            raise InputError(
+                f"{study_path}: field 'family.members[{i}]': {label!r} is not a candidate of "
+                f"this study; {hint}name an anchor or a stitch as the summary labels it "
+                "('zoo:resnet-l[:5] -> zoo:resnet-s[3:]'), or use members: auto"
+            )

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class StrictModel(BaseModel):
@@ -198,3 +198,66 @@ class FinetuneSpec(StrictModel):
     promote: PromoteSpec = Field(default_factory=PromoteSpec)
     max_trials: int = Field(default=16, ge=1)
     max_seconds: float | None = Field(default=None, gt=0)
+
+
+class FamilySpec(StrictModel):
+    """The family: anchors and promoted stitches trained jointly (SN-Net), the last rung.
+
+    The defaults were chosen on the default study (BENCHMARKS.md, the family section).
+
+    Attributes:
+        enabled: Train the family after rung 1.
+        members: ``auto`` (each device's best candidate, the stitches on the Pareto front
+            of the candidates at their highest rung, then the devices' next best, with the
+            anchors they use), or a list of candidate labels
+            (``"zoo:resnet-l[:5] -> zoo:resnet-s[3:]"``, or an anchor's name).
+        max_members: The most members (anchors included).
+        epochs: Passes over the training images.
+        train_images: Training images (the first of the training split; null: all of it).
+        batch_size: Images per step (over all workers).
+        lr: Peak learning rate of the stitching layers (AdamW, one-cycle).
+        anchors: ``trainable`` (SN-Net) or ``frozen`` (only the stitching layers train).
+        anchor_lr: Peak learning rate of the anchors when they train.
+        weight_decay: AdamW weight decay.
+        warmup: Share of the steps spent warming up.
+        sampling: ``uniform`` (every member alike) or ``macs`` (SN-Netv2: by groups of MACs).
+        anchor_share: Share of the steps that train a bare anchor (null: as any member).
+        distill: Weight of distillation from the teacher (label-free studies: 1).
+        temperature: Distillation temperature.
+        teacher: The anchor distilled from (default: a label-free study's teacher, else
+            ``finetune.teacher``, else the most accurate anchor at rung 0).
+        freeze_bn: Keep BatchNorm statistics frozen while training.
+        seed: Seed of the batch order and of the member sampling.
+        workers: Ray Train workers (data-parallel; each gets a GPU when the cluster has them).
+    """
+
+    enabled: bool = False
+    members: Literal["auto"] | list[Annotated[str, Field(min_length=1)]] = "auto"
+    max_members: int = Field(default=10, ge=1, le=1000)
+    epochs: int = Field(default=4, ge=1, le=10_000)
+    train_images: int | None = Field(default=None, ge=1)
+    batch_size: int = Field(default=128, ge=1, le=65_536)
+    lr: float = Field(default=1e-3, gt=0, le=1)
+    anchors: Literal["trainable", "frozen"] = "trainable"
+    anchor_lr: float = Field(default=1e-3, gt=0, le=1)
+    weight_decay: float = Field(default=0.0, ge=0, le=1)
+    warmup: float = Field(default=0.3, gt=0, lt=1)
+    sampling: Literal["uniform", "macs"] = "uniform"
+    anchor_share: float | None = Field(default=None, ge=0, le=1)
+    distill: float = Field(default=0.5, ge=0, le=1)
+    temperature: float = Field(default=1.0, gt=0, le=100)
+    teacher: str | None = Field(default=None, min_length=1)
+    freeze_bn: bool = True
+    seed: int = Field(default=0, ge=0)
+    workers: int = Field(default=1, ge=1, le=1024)
+
+    @field_validator("members")
+    @classmethod
+    def _distinct_members(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("lists no member; give candidate labels, or use auto")
+            twice = sorted({m for m in value if value.count(m) > 1})
+            if twice:
+                raise ValueError(f"lists {twice} twice; give each member once")
+        return value

@@ -16,6 +16,7 @@ from search.inputs.sections import (
     AnchorSpec,
     CkaSpec,
     DataSpec,
+    FamilySpec,
     FinetuneSpec,
     FitSpec,
     PruningSpec,
@@ -55,6 +56,7 @@ class Study(StrictModel):
         pruning: The pruning rule (default: ``kl`` signal, ``depth`` 3).
         fit: Stitch fitting settings (rung 0).
         finetune: Rung 1: stitch-only fine-tuning of promoted candidates.
+        family: The family: anchors and promoted stitches trained jointly (the last rung).
         latency_batch: Batch size for the latency measurement (latency at batch 1 is
             always measured).
         trial_timeout_s: Seconds after which a trial is stopped and recorded as failed.
@@ -81,6 +83,7 @@ class Study(StrictModel):
     pruning: PruningSpec = Field(default_factory=PruningSpec)
     fit: FitSpec = Field(default_factory=FitSpec)
     finetune: FinetuneSpec = Field(default_factory=FinetuneSpec)
+    family: FamilySpec = Field(default_factory=FamilySpec)
     latency_batch: int = Field(default=1, ge=1)
     trial_timeout_s: float = Field(default=600.0, gt=0)
     max_retries: int = Field(default=1, ge=0)
@@ -92,7 +95,7 @@ class Study(StrictModel):
     @model_validator(mode="before")
     @classmethod
     def _label_free_defaults(cls, value: Any) -> Any:
-        """A label-free study optimises agreement and fine-tunes by pure distillation."""
+        """A label-free study optimises agreement; rung 1 and the family distil only."""
         if not isinstance(value, dict):
             return value
         data = value.get("data")
@@ -103,6 +106,9 @@ class Study(StrictModel):
         finetune = value.get("finetune")
         if finetune is None or isinstance(finetune, dict):
             value["finetune"] = {"distill": 1.0, **(finetune or {})}
+        family = value.get("family")
+        if family is None or isinstance(family, dict):
+            value["family"] = {"distill": 1.0, **(family or {})}
         return value
 
     @field_validator("self_stitch")
@@ -171,7 +177,35 @@ class Study(StrictModel):
                 f"finetune.teacher {teacher!r} is not one of the study's anchors {names}"
             )
         self._check_label_free(names)
+        self._check_family(names)
         return self
+
+    def _check_family(self, names: list[str]) -> None:
+        """The family's teacher is an anchor; the family runs at the anchors' native sizes."""
+        family = self.family
+        if family.teacher is not None and family.teacher not in names:
+            raise ValueError(
+                f"family.teacher {family.teacher!r} is not one of the study's anchors {names}"
+            )
+        if family.enabled and self.resolutions is not None:
+            raise ValueError(
+                "family.enabled trains every member at its front anchor's native size, and a "
+                "study with resolutions searches other sizes; set family.enabled: false (or "
+                "remove resolutions)"
+            )
+        if not self.label_free:
+            return
+        teacher = self.data.teacher or self.finetune.teacher
+        if family.teacher is not None and teacher is not None and family.teacher != teacher:
+            raise ValueError(
+                f"family.teacher {family.teacher!r} differs from the study's teacher "
+                f"{teacher!r}; a label-free family distils from the teacher it agrees with"
+            )
+        if family.distill != 1.0:
+            raise ValueError(
+                f"family.distill is {family.distill}, but images data has no labels: a "
+                "label-free family trains by pure distillation (1.0); remove it"
+            )
 
     def _check_label_free(self, names: list[str]) -> None:
         """A label-free study (``images``) agrees with one teacher and uses no labels."""
@@ -222,14 +256,14 @@ class Study(StrictModel):
 
     @property
     def teacher(self) -> str | None:
-        """The teacher a label-free study names (``data.teacher``, else ``finetune.teacher``).
+        """The teacher a label-free study names: ``data``'s, ``finetune``'s or ``family``'s.
 
         None in a labelled study, or when the study leaves the choice to the default (the
         anchor with the most MACs, chosen when the anchors are loaded).
         """
         if not self.label_free:
             return None
-        return self.data.teacher or self.finetune.teacher
+        return self.data.teacher or self.finetune.teacher or self.family.teacher
 
     @property
     def legacy_cka_rule(self) -> bool:

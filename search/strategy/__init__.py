@@ -17,6 +17,17 @@ from search.strategy.base import (
     stops_on_storage_loss,
 )
 from search.strategy.claims import Claim, ClaimPolicy
+from search.strategy.family import (
+    FAMILY_RUNG,
+    FAMILY_SUFFIX,
+    best_of_rungs,
+    family_anchors,
+    family_members,
+    family_study_name,
+    family_trials,
+    record_family,
+    spread_stitches,
+)
 from search.strategy.ledger import Ledger
 from search.strategy.promotion import (
     RUNG1_SUFFIX,
@@ -34,7 +45,7 @@ from search.strategy.pruning import (
 )
 from search.strategy.recorder import BUDGET_CONSTRAINT, Recorder, objective_values
 from search.strategy.rung0 import SearcherSettings, StitchSearcher
-from search.strategy.rung1 import Rung1Searcher
+from search.strategy.rung1 import Rung1Searcher, with_lower_costs
 from search.strategy.sampler import (
     SAMPLERS,
     FilteredSampler,
@@ -46,6 +57,8 @@ from search.strategy.setup import setup_study
 
 __all__ = [
     "BUDGET_CONSTRAINT",
+    "FAMILY_RUNG",
+    "FAMILY_SUFFIX",
     "RUNG1_SUFFIX",
     "SAMPLERS",
     "WORKER_LOST",
@@ -61,17 +74,25 @@ __all__ = [
     "SearcherSettings",
     "StitchSearcher",
     "StudySearcher",
+    "best_of_rungs",
     "best_rung",
     "cka_at",
+    "family_anchors",
+    "family_members",
+    "family_study_name",
+    "family_trials",
     "install_sampler",
     "make_sampler",
     "objective_values",
     "promotion_order",
     "pruned_reasons",
+    "record_family",
     "record_pruned_trials",
     "rung1_study_name",
     "rung1_trials",
     "setup_study",
+    "spread_stitches",
     "stitch_trials",
     "stops_on_storage_loss",
+    "with_lower_costs",
 ]

@@ -107,7 +107,7 @@ class Rung1Searcher(StudySearcher):
         if error or result is None:
             self._fail(trial, self._worker_failure(trial_id), result)
             return
-        merged = _with_rung0_costs(result, source.user_attrs)
+        merged = with_lower_costs(result, source.user_attrs)
         values, reason = objective_values(merged, self.objectives)
         if reason is not None:
             self._fail(trial, reason, result)
@@ -115,11 +115,17 @@ class Rung1Searcher(StudySearcher):
         self._tell(trial, merged, values)
 
 
-def _with_rung0_costs(result: Mapping[str, Any], rung0: Mapping[str, Any]) -> dict[str, Any]:
-    """A rung-1 result with the rung-0 trial's costs (the architecture is the same)."""
+def with_lower_costs(result: Mapping[str, Any], lower: Mapping[str, Any]) -> dict[str, Any]:
+    """A higher rung's result with the lower rung's costs (the architecture is the same).
+
+    Args:
+        result: What the higher rung measured.
+        lower: The lower rung's trial attributes (a rung-1 trial carries rung 0's costs
+            and ``rung0_val_acc``).
+    """
     merged = dict(result)
     for k in (*BUDGET_METRICS, Attr.STITCH_PARAMS, Attr.LATENCY_SPREAD_MS, Attr.CKA):
-        if rung0.get(k) is not None:
-            merged[k] = rung0[k]
-    merged[Attr.RUNG0_VAL_ACC] = rung0.get(Attr.VAL_ACC)
+        if lower.get(k) is not None:
+            merged[k] = lower[k]
+    merged[Attr.RUNG0_VAL_ACC] = lower.get(Attr.RUNG0_VAL_ACC, lower.get(Attr.VAL_ACC))
     return merged

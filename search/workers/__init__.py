@@ -5,7 +5,8 @@
 neither torch nor the evaluators, so a Ray worker does not load them: the evaluation
 process itself (:mod:`search.workers.evaluation`, started as ``python -m
 search.workers.evaluation``) does, and is imported directly by the driver side for its
-:class:`~search.workers.evaluation.TrialContext`.
+:class:`~search.workers.evaluation.TrialContext`; so is the family's Ray Train loop
+(:mod:`search.workers.family`).
 """
 
 from search.workers.ray_worker import (

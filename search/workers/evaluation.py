@@ -26,9 +26,15 @@ from typing import Any
 
 import torch
 
-from evaluators import CandidateResult, DataSplits, FinetuneSettings, evaluate_candidate
+from evaluators import (
+    CandidateResult,
+    DataSplits,
+    FinetuneSettings,
+    evaluate_candidate,
+    evaluate_member,
+)
 from search.core import Attr, finetune_attrs
-from space import Anchor, Candidate, load_anchor
+from space import Anchor, Candidate, StitchedFamily, load_anchor, load_family, member_name
 
 
 @dataclass
@@ -46,6 +52,8 @@ class TrialContext:
         finetune: Rung 1's stitch-only fine-tuning settings (``data.train`` holds its
             training images), or None when the study has no rung 1.
         teacher: The anchor distilled from at rung 1 (``finetune.distill > 0``).
+        family: The trained family's JSON (:func:`space.save_family`): its members are
+            evaluated as they are at rung 2; None when there is none.
     """
 
     anchors: dict[str, dict[str, Any]]
@@ -57,6 +65,7 @@ class TrialContext:
     use_gpu: bool = False
     finetune: FinetuneSettings | None = None
     teacher: str | None = None
+    family: str | None = None
     _cache_key: str = field(default="", repr=False)
 
     def __post_init__(self) -> None:
@@ -76,9 +85,24 @@ class TrialContext:
         """Evaluates ``candidate`` with this context's data and fitting settings.
 
         Rung 0 fits the stitching layer by least squares; rung 1 then fine-tunes it on the
-        training images (``result.finetune``). Anchors are the same at every rung; the
-        candidate's resolution (if any) is the size both anchors run at.
+        training images (``result.finetune``); both use ``anchors`` as they are. Rung 2
+        measures the candidate as a member of the trained family (its anchors trained with
+        it), fitting nothing. The candidate's resolution (if any) is the size both anchors
+        run at.
         """
+        if rung >= 2:
+            if self.family is None:
+                raise ValueError("rung 2 needs the trained family (TrialContext.family)")
+            return evaluate_member(
+                trained_family(self.family),
+                member_name(candidate),
+                self.data,
+                test=test,
+                device=device,
+                threads=self.threads,
+                measure_latency=measure_latency,
+                latency_batch=self.latency_batch,
+            )
         tune = self.finetune if rung >= 1 and not candidate.is_anchor else None
         if rung >= 1 and self.finetune is None:
             raise ValueError("rung 1 needs the study's finetune settings")
@@ -104,6 +128,15 @@ class TrialContext:
 
 
 _ANCHORS: dict[str, dict[str, Anchor]] = {}
+_FAMILIES: dict[str, StitchedFamily] = {}
+
+
+def trained_family(path: str) -> StitchedFamily:
+    """The family saved at ``path``, loaded (and verified) once per process."""
+    if path not in _FAMILIES:
+        _FAMILIES.clear()
+        _FAMILIES[path] = load_family(path)
+    return _FAMILIES[path]
 
 
 def anchors_from_specs(specs: dict[str, dict[str, Any]]) -> dict[str, Anchor]:

@@ -44,7 +44,7 @@ from space.manifest._format import (
     feature_info_from,
     read_json_object,
 )
-from space.manifest._manifest import ExportManifest, candidate_from
+from space.manifest._manifest import ExportManifest, candidate_from, check_data
 from space.manifest._records import (
     AnchorRecord,
     StitchRecord,
@@ -70,6 +70,7 @@ __all__ = [
     "anchor_record",
     "anchor_records_from",
     "candidate_from",
+    "check_data",
     "check_fields",
     "check_weights_name",
     "expect",

@@ -56,8 +56,12 @@ ANCHOR_FIELDS = frozenset(
     }
 )
 #: Optional: ``weights_sha256`` (Anchor.weights_sha256), verified when present; it makes an
-#: anchor without checkpoint (a seeded random initialisation) rebuildable.
-ANCHOR_OPTIONAL = frozenset({"weights_sha256"})
+#: anchor without checkpoint (a seeded random initialisation) rebuildable. ``trained``: the
+#: anchor was trained with its family, ``{"weights": file, "sha256": ...}`` (the other fields
+#: say what it started from).
+ANCHOR_OPTIONAL = frozenset({"weights_sha256", "trained"})
+#: Fields of an anchor record's ``trained``.
+TRAINED_FIELDS = frozenset({"weights", "sha256"})
 #: Fields of the ``stitch`` record.
 STITCH_FIELDS = frozenset({"layer", "weights", "sha256", "src", "dst"})
 #: Fields of ``metrics``; ``validation``, ``validation_remeasured`` and ``test`` hold

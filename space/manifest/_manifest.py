@@ -263,29 +263,31 @@ class ExportManifest:
         return m
 
     def check_data(self) -> dict[str, Any]:
-        """Validates ``data`` (as ``--check`` reads it) and returns it.
+        """Validates ``data`` (as ``--check`` reads it) and returns it (:func:`check_data`)."""
+        return check_data(self.where, self.data)
 
-        Raises:
-            ExportError: Missing or unknown fields, image counts that are not integers
-                >= 1, an ``input_size`` that is not ``[C, H, W]``, or a ``recipe`` that is
-                not a JSON object.
-        """
-        path, data = self.where, self.data
-        check_fields(path, data, DATA_FIELDS, "data", DATA_OPTIONAL)
-        count(path, data["validation_images"], "data.validation_images")
-        count(path, data["test_images"], "data.test_images")
-        size = data["input_size"]
-        if not (
-            isinstance(size, list) and len(size) == 3 and all(isinstance(v, int) for v in size)
-        ):
-            raise ExportError(path, f"must be [C, H, W], got {size!r}", field="data.input_size")
-        if data.get("calibration_images") is not None:
-            count(path, data["calibration_images"], "data.calibration_images")
-        if "recipe" in data and not isinstance(data["recipe"], Mapping):
-            raise ExportError(
-                path, f"must be a JSON object, got {data['recipe']!r}", field="data.recipe"
-            )
-        return data
+
+def check_data(path: Path, data: Any) -> dict[str, Any]:
+    """Validates a manifest's ``data`` section (as ``--check`` reads it) and returns it.
+
+    Raises:
+        ExportError: Missing or unknown fields, image counts that are not integers >= 1, an
+            ``input_size`` that is not ``[C, H, W]``, or a ``recipe`` that is not a JSON
+            object.
+    """
+    check_fields(path, data, DATA_FIELDS, "data", DATA_OPTIONAL)
+    count(path, data["validation_images"], "data.validation_images")
+    count(path, data["test_images"], "data.test_images")
+    size = data["input_size"]
+    if not (isinstance(size, list) and len(size) == 3 and all(isinstance(v, int) for v in size)):
+        raise ExportError(path, f"must be [C, H, W], got {size!r}", field="data.input_size")
+    if data.get("calibration_images") is not None:
+        count(path, data["calibration_images"], "data.calibration_images")
+    if "recipe" in data and not isinstance(data["recipe"], Mapping):
+        raise ExportError(
+            path, f"must be a JSON object, got {data['recipe']!r}", field="data.recipe"
+        )
+    return dict(data)
 
 
 def candidate_from(path: Path, cand: Any) -> Candidate:

@@ -14,6 +14,7 @@ from space.manifest._format import (
     ANCHOR_FIELDS,
     ANCHOR_OPTIONAL,
     STITCH_FIELDS,
+    TRAINED_FIELDS,
     ExportError,
     check_fields,
     check_weights_name,
@@ -42,7 +43,11 @@ class AnchorRecord:
         pretrained: Whether timm's pretrained weights were loaded.
         timm_kwargs: ``timm.create_model`` kwargs in JSON form (tuples as lists); None for a
             zoo anchor (the zoo records them).
-        weights_sha256: SHA-256 of the state dict (optional in the format).
+        weights_sha256: SHA-256 of the state dict (optional in the format; left out for a
+            trained anchor, whose weights file has its own).
+        trained: ``{"weights": file, "sha256": ...}`` when the anchor was trained with its
+            family: its trained weights, relative to the manifest's folder (the other fields
+            say what it started from).
     """
 
     role: str
@@ -56,15 +61,27 @@ class AnchorRecord:
     pretrained: bool
     timm_kwargs: dict[str, Any] | None = None
     weights_sha256: str | None = None
+    trained: dict[str, str] | None = None
 
     @classmethod
-    def of(cls, anchor: Anchor, role: str) -> AnchorRecord:
+    def of(cls, anchor: Anchor, role: str, *, trained: str | None = None) -> AnchorRecord:
         """The record of a loaded anchor (with ``weights_sha256``, a hash of its state dict).
 
         Args:
             anchor: The anchor.
             role: ``"front"`` or ``"back"``.
+            trained: For an anchor trained with its family, its trained weights' file name
+                relative to the manifest's folder.
+
+        Raises:
+            ValueError: A trained anchor without its file name, or a file name for an
+                anchor that was not trained.
         """
+        if (trained is None) != (anchor.trained_sha256 is None):
+            raise ValueError(
+                f"anchor {anchor.name!r}: give its trained weights' file name exactly when it "
+                f"was trained (trained_sha256 {anchor.trained_sha256}, file {trained!r})"
+            )
         zoo = anchor.name.startswith("zoo:")
         return cls(
             role=role,
@@ -79,7 +96,10 @@ class AnchorRecord:
             timm_kwargs=None
             if zoo
             else {k: list(v) if isinstance(v, tuple) else v for k, v in anchor.timm_kwargs.items()},
-            weights_sha256=anchor.weights_sha256,
+            weights_sha256=None if trained else anchor.weights_sha256,
+            trained=None
+            if trained is None
+            else {"weights": trained, "sha256": str(anchor.trained_sha256)},
         )
 
     @property
@@ -104,6 +124,8 @@ class AnchorRecord:
             rec["timm_kwargs"] = self.timm_kwargs
         if self.weights_sha256 is not None:
             rec["weights_sha256"] = self.weights_sha256
+        if self.trained is not None:
+            rec["trained"] = dict(self.trained)
         return rec
 
     @classmethod
@@ -152,6 +174,11 @@ class AnchorRecord:
                 f"must be a JSON object, got {rec['timm_kwargs']!r}",
                 field=f"{where}.timm_kwargs",
             )
+        trained = rec.get("trained")
+        if trained is not None:
+            check_fields(path, trained, TRAINED_FIELDS, f"{where}.trained")
+            check_weights_name(path, trained["weights"], f"{where}.trained.weights")
+            expect(path, trained["sha256"], "sha256", f"{where}.trained.sha256")
         if rec["checkpoint"] is not None and rec["checkpoint_sha256"] is None:
             raise ExportError(
                 path,
@@ -171,6 +198,7 @@ class AnchorRecord:
             pretrained=rec["pretrained"],
             timm_kwargs=None if zoo else dict(rec["timm_kwargs"]),
             weights_sha256=rec.get("weights_sha256"),
+            trained=None if trained is None else dict(trained),
         )
 
 

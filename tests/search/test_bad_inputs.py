@@ -376,6 +376,44 @@ CASES: dict[str, Case] = {
     ),
     "yaml-resolution-not-list": _yaml("seed: 0", "seed: 0\nresolutions: 48", "'resolutions'"),
     "yaml-resolution-empty": _yaml("seed: 0", "seed: 0\nresolutions: []", "'resolutions'"),
+    # the family (issue 23): one line naming the field, exit 2
+    "yaml-family-anchors": _yaml(
+        "seed: 0", "seed: 0\nfamily: {enabled: true, anchors: melted}", "field 'family.anchors'"
+    ),
+    "yaml-family-epochs-zero": _yaml(
+        "seed: 0", "seed: 0\nfamily: {enabled: true, epochs: 0}", "field 'family.epochs'"
+    ),
+    "yaml-family-lr": _yaml("seed: 0", "seed: 0\nfamily: {lr: 5}", "field 'family.lr'"),
+    "yaml-family-sampling": _yaml(
+        "seed: 0", "seed: 0\nfamily: {sampling: flops}", "field 'family.sampling'"
+    ),
+    "yaml-family-anchor-share": _yaml(
+        "seed: 0", "seed: 0\nfamily: {anchor_share: 1.5}", "field 'family.anchor_share'"
+    ),
+    "yaml-family-members-empty": _yaml(
+        "seed: 0", "seed: 0\nfamily: {members: []}", "field 'family.members': lists no member"
+    ),
+    "yaml-family-members-twice": _yaml(
+        "seed: 0",
+        "seed: 0\nfamily: {members: [resnet10t, resnet10t]}",
+        "field 'family.members': lists ['resnet10t'] twice",
+    ),
+    "yaml-family-member-unknown": _yaml(
+        "seed: 0",
+        "seed: 0\nfamily: {enabled: true, members: ['resnet10t[:9] -> vit_tiny_patch16_224[1:]']}",
+        "field 'family.members[0]'",
+    ),
+    "yaml-family-teacher": _yaml(
+        "seed: 0", "seed: 0\nfamily: {teacher: resnet50}", "field 'family.teacher'"
+    ),
+    "yaml-family-train-images": _yaml(
+        "seed: 0",
+        "seed: 0\nfamily: {enabled: true, train_images: 100000}",
+        "field 'family.train_images'",
+    ),
+    "yaml-family-with-resolutions": _yaml(
+        "seed: 0", "seed: 0\nresolutions: [32]\nfamily: {enabled: true}", "family.enabled"
+    ),
     "yaml-resolution-twice": _yaml(
         "seed: 0", "seed: 0\nresolutions: [48, 48]", "field 'resolutions': lists [48] twice"
     ),
