@@ -98,3 +98,36 @@ def test_file_errors(tmp_path) -> None:
     lst.write_text("- a\n- b\n")
     with pytest.raises(StudyError, match="must be a YAML mapping"):
         load_study(lst)
+
+
+def test_the_family_section_defaults_and_label_free_rules() -> None:
+    study = load_study(REPO / "studies" / "default.yaml")
+    assert study.family.enabled and study.family.members == "auto"
+    assert study.family.epochs == 4 and study.family.distill == 0.5
+    label_free = {
+        "anchors": ["zoo:resnet-s", "zoo:resnet-l"],
+        "data": {"dataset": "images", "root": "imgs"},
+        "family": {"enabled": True},
+    }
+    parsed = parse_study(label_free)
+    assert parsed.family.distill == 1.0  # no labels: pure distillation
+    with pytest.raises(StudyError, match=r"field 'family.distill': family.distill is 0.5"):
+        parse_study({**label_free, "family": {"enabled": True, "distill": 0.5}})
+    with pytest.raises(StudyError, match="family.teacher 'zoo:resnet-l' differs"):
+        parse_study(
+            {
+                **label_free,
+                "data": {**label_free["data"], "teacher": "zoo:resnet-s"},
+                "family": {"teacher": "zoo:resnet-l"},
+            }
+        )
+    assert (
+        parse_study(
+            {
+                **label_free,
+                "data": {**label_free["data"], "teacher": None},
+                "family": {"teacher": "zoo:resnet-s"},
+            }
+        ).teacher
+        == "zoo:resnet-s"
+    )
