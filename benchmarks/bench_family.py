@@ -24,6 +24,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
+import json
+import shutil
 import subprocess
 import sys
 import time
@@ -44,6 +47,7 @@ from benchmarks.lib import (
     pareto_mask,
     publish,
     run_storage,
+    write_json,
 )
 from search.core import (
     Attr,
@@ -95,7 +99,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--variants", default=",".join(VARIANTS), help="comma-separated variants to train"
     )
+    parser.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start over: remove the runs' folder (default: reuse the runs and the variants "
+        "already trained there with the same members and settings)",
+    )
     args = parser.parse_args(argv)
+    if args.fresh:
+        shutil.rmtree(args.runs, ignore_errors=True)
     info = machine_info()
     runs = {
         "with the family": _run(args, args.runs / "family", []),
@@ -105,14 +117,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     study, lower, trained = _studies(plan, args.runs / "family")
     results = {RUN: _from_run(lower, trained)}
     for name in [v for v in args.variants.split(",") if v]:
-        results[name] = _variant(plan, study, lower, VARIANTS[name], args.threads)
+        results[name] = _variant(plan, study, lower, VARIANTS[name], args.threads, args.runs)
         print(f"{name}: {results[name]['seconds']:.0f} s", file=sys.stderr, flush=True)
     res = {"machine": info, "runs": runs, "analysis": analyse(plan, lower, results)}
     return publish("family", res, markdown(res), args, argv)
 
 
 def _run(args: Any, out: Path, extra: list[str]) -> dict[str, Any]:
-    """The README's main command into ``out``: its wall time and summary."""
+    """The README's main command into ``out``: its wall time and summary (kept, reused)."""
+    kept = out.with_suffix(".json")
+    if kept.is_file() and out.is_dir():
+        return json.loads(kept.read_text())
+    shutil.rmtree(out, ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "search.run", "--budget-table", str(args.budget_table)]
     cmd += ["--study", str(args.study), "--out", str(out), *extra]
@@ -121,7 +137,9 @@ def _run(args: Any, out: Path, extra: list[str]) -> dict[str, Any]:
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
-    return {"command": " ".join(cmd[1:]), "wall_seconds": round(wall, 1), "summary": proc.stdout}
+    res = {"command": " ".join(cmd[1:]), "wall_seconds": round(wall, 1), "summary": proc.stdout}
+    write_json(kept, res)
+    return res
 
 
 def _studies(
@@ -154,16 +172,32 @@ def _variant(
     lower: list[optuna.trial.FrozenTrial],
     overrides: Mapping[str, Any],
     threads: int,
+    runs: Path,
 ) -> dict[str, Any]:
-    """Trains one variant of the family in this process; its members' accuracies and time."""
+    """Trains one variant of the family in this process; its members' accuracies and time.
+
+    The result is kept under ``runs/variants/`` and reused while its members and settings
+    are the same.
+    """
     changes = {k: v for k, v in overrides.items() if k != "members"}
     settings = dataclasses.replace(family_settings(plan), **changes)
     members = _members(plan, lower, overrides.get("members", "auto"))
+    identity = {
+        "settings": settings.to_dict(),
+        "members": [t.user_attrs[Attr.KEY] for t in members],
+        "threads": threads,
+    }
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    kept = runs / "variants" / f"{digest}.json"
+    if kept.is_file():
+        return json.loads(kept.read_text())
     _, measured, seconds = train_family_here(
         plan, study, members, settings, teacher=family_teacher(plan, study), threads=threads
     )
     points = [_point(t, measured[member_name(candidate_of(t))]["accuracy"]) for t in members]
-    return {"points": points, "seconds": round(seconds, 1), "settings": settings.to_dict()}
+    res = {"points": points, "seconds": round(seconds, 1), "settings": settings.to_dict()}
+    write_json(kept, res)
+    return res
 
 
 def _members(

@@ -17,7 +17,8 @@ own share of the batch).
   non-empty group is drawn uniformly, then a member in it); ``anchor_share`` fixes the share
   of steps that train a bare anchor.
 - **Optimiser**: AdamW with a one-cycle schedule over all epochs; the stitching layers and
-  the anchors have their own peak learning rates (``anchor_lr`` None freezes the anchors).
+  the anchors have their own peak learning rates (``anchor_lr`` None freezes the anchors,
+  and then only stitches are drawn: a bare anchor has nothing to train).
 - **BatchNorm**: statistics frozen by default (the layers stay in eval mode; their affine
   weights still train), so members that share a block do not pull its statistics apart.
 
@@ -277,8 +278,16 @@ class FamilyTrainer:
             for p in teacher.parameters():
                 p.requires_grad_(False)
         anchors = [n for n, c in family.members.items() if c.is_anchor]
+        # With frozen anchors a bare anchor has nothing to train: only stitches are drawn.
+        drawn = (
+            family.names
+            if settings.train_anchors
+            else [n for n in family.names if n not in anchors]
+        )
+        if not drawn:
+            raise ValueError("the family has nothing to train (no stitch, anchors frozen)")
         self.sampler = MemberSampler(
-            family.names, macs or {n: 1.0 for n in family.names}, anchors, settings
+            drawn, macs or {n: 1.0 for n in family.names}, anchors, settings
         )
         self.steps = steps_per_epoch(train.num_images, settings.batch_size)
         self.optimizer, self.scheduler = self._optimiser()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import shutil
 import threading
 import time
@@ -26,7 +27,13 @@ from typing import Any
 import optuna
 import ray
 from optuna.trial import FrozenTrial
-from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+from ray.train import (
+    CheckpointConfig,
+    FailureConfig,
+    RunConfig,
+    ScalingConfig,
+    TrainingFailedError,
+)
 from ray.train.torch import TorchTrainer
 from ray.util.queue import Queue
 
@@ -109,7 +116,14 @@ def run_family(
         f"{spec.workers} Ray Train worker(s){', GPU' if use_gpu else ''})"
     )
     t0 = time.perf_counter()
-    metrics, checkpoint = _train(plan, job, family_id, cpus, use_gpu, settings, steps)
+    try:
+        metrics, checkpoint = _train(plan, job, family_id, cpus, use_gpu, settings, steps)
+    except TrainingFailedError as e:
+        log(
+            f"family {family_id}: training failed ({_cause(e)}); the picks use the lower "
+            f"rungs; run the same command again to resume from the last epoch: {plan.command}"
+        )
+        return state
     seconds = time.perf_counter() - t0
     _keep(checkpoint, path)
     training = json.loads(path.read_text())["training"]
@@ -203,6 +217,7 @@ def family_job(
         teacher=teacher,
         measure=plan.measure,
         threads=train_threads,
+        test_env={k: v for k, v in os.environ.items() if k.startswith("STITCHSEARCH_TEST_")},
     )
 
 
@@ -241,6 +256,7 @@ def _train(
             name=f"family-{family_id}",
             storage_path=str((plan.out / FAMILY_DIR / "ray").resolve()),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=plan.study.max_retries),
         ),
     )
     try:
@@ -250,6 +266,14 @@ def _train(
         reader.join(timeout=5)
         progress.close()
     return dict(result.metrics or {}), result.checkpoint
+
+
+def _cause(error: TrainingFailedError) -> str:
+    """A failed training's cause on one line: the first worker's error, else the message."""
+    failures = getattr(error, "worker_failures", None) or {}
+    cause = next(iter(failures.values()), None) or getattr(error, "controller_failure", None)
+    text = f"{type(cause).__name__}: {cause}" if cause is not None else str(error)
+    return " ".join(text.split())[:300]
 
 
 def _keep(checkpoint: Any, path: Path) -> None:

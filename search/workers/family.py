@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,8 @@ from space import Anchor, Candidate, StitchedFamily, build_stitched, member_name
 #: The checkpoint's files: the weights and trainer state, and (last epoch) the family.
 STATE_FILE = "state.pt"
 FAMILY_FILE = "family/family.json"
+#: Test-only fault injection (see :class:`FamilyJob`); never set it in production.
+FAULT_ENV = "STITCHSEARCH_TEST_FAMILY_FAULT"
 #: Progress reports from the first worker: one every this many steps.
 PROGRESS_EVERY = 10
 
@@ -74,6 +76,8 @@ class FamilyJob:
         threads: Torch threads per worker while training.
         progress: A queue (:class:`ray.util.queue.Queue`) the first worker reports
             ``(epoch, step, loss)`` to, or None.
+        test_env: The driver's ``STITCHSEARCH_TEST_*`` variables (test-only fault
+            injection: ``STITCHSEARCH_TEST_FAMILY_FAULT=raise`` fails every worker).
     """
 
     context: TrialContext
@@ -85,6 +89,7 @@ class FamilyJob:
     measure: str
     threads: int
     progress: Any = None
+    test_env: dict[str, str] = field(default_factory=dict)
 
 
 def train_loop(config: dict[str, Any]) -> None:
@@ -94,6 +99,8 @@ def train_loop(config: dict[str, Any]) -> None:
         config: ``{"job": FamilyJob}``.
     """
     job: FamilyJob = config["job"]
+    if job.test_env.get(FAULT_ENV) == "raise":
+        raise RuntimeError(f"injected test fault ({FAULT_ENV}=raise)")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()

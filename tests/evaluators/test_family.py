@@ -131,7 +131,8 @@ def test_frozen_anchors_stay_bit_for_bit() -> None:
     family, train = _family()
     anchors_before = {n: copy.deepcopy(m.state_dict()) for n, m in family.anchor_models()}
     trainer = FamilyTrainer(family, train, FamilySettings(anchor_lr=None, distill=0.0))
-    trainer.train_epoch()
+    result = trainer.train_epoch()
+    assert set(result.member_steps) <= {n for n, c in family.members.items() if not c.is_anchor}
     for n, m in family.anchor_models():
         for k, v in m.state_dict().items():
             assert torch.equal(v, anchors_before[n][k]), (n, k)

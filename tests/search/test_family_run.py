@@ -138,3 +138,37 @@ def test_a_killed_run_resumes_the_family_from_its_last_epoch(tmp_path) -> None:
     assert resumed.keys() == straight.keys()
     for label, t in resumed.items():
         assert abs(t.values[0] - straight[label].values[0]) <= 1.0, label
+
+
+def test_a_failed_family_leaves_the_lower_rungs_delivered(
+    tmp_path, ray_cluster, capfd, monkeypatch
+):
+    study = _study(tmp_path, "broken")
+    text = yaml.safe_load(study.read_text())
+    text["max_retries"] = 0
+    study.write_text(yaml.safe_dump(text))
+    monkeypatch.setenv("STITCHSEARCH_TEST_FAMILY_FAULT", "raise")
+    out = tmp_path / "out"
+    assert main(_args(tmp_path, study, out)) == 0
+    err = capfd.readouterr().err
+    line = next(x for x in err.splitlines() if "training failed" in x)
+    assert "RuntimeError: injected test fault" in line and "run the same command again" in line
+    assert _family(out, "broken") == []
+    assert not (out / "exports" / "family.json").exists()
+    for name in ("small", "any"):
+        doc = json.loads((out / "exports" / f"{name}.json").read_text())
+        assert doc["fit"]["rung"] in (0, 1) and doc["final"] is False
+
+
+@pytest.mark.slow
+def test_two_data_parallel_workers_train_the_same_family(tmp_path, ray_cluster) -> None:
+    """family.workers: 2 trains with DistributedDataParallel (gloo on CPUs), one member per
+    step on every worker and half the batch each."""
+    study = _study(tmp_path, "parallel", workers=2)
+    out = tmp_path / "out"
+    assert main(_args(tmp_path, study, out)) == 0
+    trials = _family(out, "parallel")
+    assert len(trials) >= 3
+    assert {t.user_attrs[Attr.FAMILY]["batch_size"] for t in trials} == {16}
+    family = load_family(out / "exports" / "family.json")
+    assert all(m["accuracy"] >= 0 for m in family.metrics.values())
