@@ -126,29 +126,9 @@ def run_family(
         return state
     seconds = time.perf_counter() - t0
     _keep(checkpoint, path)
-    training = json.loads(path.read_text())["training"]
-    attrs = {
-        Attr.FAMILY_ID: family_id,
-        Attr.FAMILY: settings.to_dict(),
-        Attr.FAMILY_MEMBERS: [member_name(candidate_of(t)) for t in members],
-        Attr.FAMILY_EPOCHS: settings.epochs,
-        Attr.FAMILY_RESUMED: int(metrics.get("resumed_from", 0)),
-        Attr.FAMILY_SECONDS: round(seconds, 3),
-        Attr.LOSS_CURVE: [round(h["loss"], 5) for h in training["history"]],
-    }
-    recorder = Recorder(family_study, driver_id=plan.driver_id, budgets=plan.budgets, cka={})
+    resumed = int(metrics.get("resumed_from", 0))
     with guard.critical() if guard is not None else contextlib.nullcontext():
-        record_family(
-            family_study,
-            space,
-            members,
-            metrics["members"],
-            recorder=recorder,
-            objectives=plan.study.objectives,
-            attrs=attrs,
-            member_attrs=_member_attrs(training["history"]),
-        )
-    resumed = attrs[Attr.FAMILY_RESUMED]
+        _record(plan, family_study, space, members, metrics["members"], path, resumed, seconds)
     log(
         f"family {family_id}: trained in {seconds:.0f} s"
         + (f" (resumed after epoch {resumed})" if resumed else "")
@@ -156,6 +136,40 @@ def run_family(
     )
     state.family_complete = True
     return state
+
+
+def _record(
+    plan: Plan,
+    family_study: optuna.Study,
+    space: SearchSpace,
+    members: list[FrozenTrial],
+    measured: dict[str, dict[str, Any]],
+    path: Path,
+    resumed: int,
+    seconds: float,
+) -> None:
+    """Records every trained member as a trial of the family study (its settings, losses)."""
+    training = json.loads(path.read_text())["training"]
+    settings = training["settings"]
+    attrs = {
+        Attr.FAMILY_ID: path.parent.name,
+        Attr.FAMILY: settings,
+        Attr.FAMILY_MEMBERS: [member_name(candidate_of(t)) for t in members],
+        Attr.FAMILY_EPOCHS: settings["epochs"],
+        Attr.FAMILY_RESUMED: resumed,
+        Attr.FAMILY_SECONDS: round(seconds, 3),
+        Attr.LOSS_CURVE: [round(h["loss"], 5) for h in training["history"]],
+    }
+    record_family(
+        family_study,
+        space,
+        members,
+        measured,
+        recorder=Recorder(family_study, driver_id=plan.driver_id, budgets=plan.budgets, cka={}),
+        objectives=plan.study.objectives,
+        attrs=attrs,
+        member_attrs=_member_attrs(training["history"]),
+    )
 
 
 def fingerprint(
