@@ -78,7 +78,9 @@ class _ModelView:
     """The study as the wrapped sampler sees it: only the admitted trials, read once.
 
     Everything but the trial lists is the real study (storage, directions, system
-    attributes), so samplers that write to the storage keep working.
+    attributes), so samplers that write to the storage keep working. Optuna 5.1's GA samplers
+    (NSGA-II) index the list of all trials by trial number, which a filtered list breaks: the
+    project requires ``optuna<5.1`` until this view renumbers what it shows.
     """
 
     def __init__(self, study: optuna.Study, learn_from: Callable[[FrozenTrial], bool]) -> None:
