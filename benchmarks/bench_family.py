@@ -13,8 +13,9 @@ the lower rungs of the first run (the code a Ray Train worker runs,
 - hypervolume (:class:`benchmarks.lib.Hypervolume`'s convention over the lower rungs'
   candidates), the stitches strictly between the anchors' MACs on each front, each device's
   pick and the time;
-- a sweep of epochs (1, 2, 4, 5, 10), frozen against trainable anchors, the anchors' share of
-  the steps and the member policy (spread over both orders, against the accuracy front),
+- a sweep of epochs (1, 2, 4, 5, 10; 4 and 5 with a second seed of the batch order and the
+  member sampling, to show the noise), frozen against trainable anchors, the anchors' share
+  of the steps and the member policy (spread over both orders, against the accuracy front),
   to choose the defaults.
 
 Usage: ``python -m benchmarks.bench_family`` (about 45 minutes on 2 cores).
@@ -78,7 +79,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "epochs 1": {"epochs": 1},
     "epochs 2": {"epochs": 2},
     "epochs 4 (default)": {},
+    "epochs 4, seed 1": {"seed": 1},
     "epochs 5": {"epochs": 5},
+    "epochs 5, seed 1": {"epochs": 5, "seed": 1},
     "epochs 10": {"epochs": 10},
     "frozen anchors": {"anchor_lr": None},
     "anchor share 0.1": {"anchor_share": 0.1},

@@ -47,7 +47,7 @@ _DEVICE_SYMBOLS = ("star", "diamond", "hexagram", "square", "pentagon", "star-di
 #: the name of its front).
 _HIGHER = {
     1: ("fine-tuned, rung 1", "#b8860b", "diamond", "rung0_val_acc", "after fine-tuning"),
-    2: ("family, trained jointly", "#2e8b57", "star", "lower_val_acc", "of the family"),
+    2: ("family, trained jointly", "#2e8b57", "star", "lower_val_acc", "at the best rung"),
 }
 
 
