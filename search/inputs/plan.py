@@ -52,7 +52,7 @@ class Plan:
         budgets: The devices and their budgets.
         budget_path: The budget CSV.
         anchors: The loaded anchors by name.
-        anchor_kwargs: ``load_anchor`` keyword arguments by anchor name (workers rebuild the
+        anchor_kwargs: ``load_anchor`` keyword arguments by anchor id (workers rebuild the
             anchors from them).
         data: The data splits (calibration sized for CKA and fitting).
         out: The output folder.
