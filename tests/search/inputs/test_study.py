@@ -36,6 +36,30 @@ def test_anchor_mappings_and_aliases(tmp_path) -> None:
     assert kw == {"num_classes": 10, "checkpoint": str(tmp_path / "w.pth")}
 
 
+def test_anchor_ids_default_to_names_and_travel_in_the_load_kwargs(tmp_path) -> None:
+    study = parse_study(
+        {
+            "anchors": [
+                {"name": "resnet18", "checkpoint": "a.pth"},
+                {"id": "resnet18-b", "name": "resnet18", "checkpoint": "b.pth"},
+                {"id": "zoo:resnet-s", "name": "zoo:resnet-s"},
+            ],
+            "finetune": {"teacher": "resnet18-b"},
+        }
+    )
+    assert study.anchor_ids == ["resnet18", "resnet18-b", "zoo:resnet-s"]
+    assert "anchor_id" not in study.anchors[0].load_kwargs(tmp_path)
+    assert study.anchors[1].load_kwargs(tmp_path)["anchor_id"] == "resnet18-b"
+    assert "anchor_id" not in study.anchors[2].load_kwargs(tmp_path)
+    with pytest.raises(StudyError, match="finetune.teacher 'resnet18' is not one"):
+        parse_study(
+            {
+                "anchors": [{"id": "r-a", "name": "resnet18"}, {"id": "r-b", "name": "resnet18"}],
+                "finetune": {"teacher": "resnet18"},
+            }
+        )
+
+
 def test_a_relative_checkpoint_becomes_absolute(tmp_path, monkeypatch) -> None:
     # Workers rebuild anchors from these arguments in another working directory (Ray Tune's
     # trial folder): "studies/../weights/w.pth" would not be found there.
@@ -60,7 +84,9 @@ def test_a_relative_checkpoint_becomes_absolute(tmp_path, monkeypatch) -> None:
             "objectives",
             "flops",
         ),
-        ({"anchors": ["a", "a"]}, "<top level>", None),
+        ({"anchors": ["a", "a"]}, "anchors[1].name", "give each an id of its own"),
+        ({"anchors": ["a", {"name": "b", "id": "a"}]}, "anchors[1].id", "'a' is the id of"),
+        ({"anchors": ["a", {"name": "b", "id": "b/c"}]}, "anchors[1].id", "'b/c'"),
         (
             {"anchors": ["a", {"name": "b", "checkpoint": "x", "pretrained": True}]},
             "anchors[1]",
