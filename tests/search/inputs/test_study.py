@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+import space.zoo as zoo
 from search.inputs import StudyError, load_study, parse_study
 
 REPO = Path(__file__).resolve().parents[3]
@@ -19,6 +20,17 @@ def test_default_study_is_valid() -> None:
     ]
     assert study.objectives[:2] == ["accuracy", "macs"]
     assert study.directions[:2] == ["maximize", "minimize"]
+
+
+def test_the_same_architecture_example_names_its_two_resnets_by_id() -> None:
+    study = load_study(REPO / "studies" / "same_architecture.yaml")
+    assert study.anchor_ids == ["zoo:resnet-s", "resnet-s-seed1"]
+    copy = study.anchors[1]
+    assert copy.name == "resnet18" and copy.checkpoint == "../runs/zoo-seed1/resnet-s.safetensors"
+    # The copy is the zoo's architecture: the same timm kwargs as the zoo records.
+    entry = zoo.manifest()["anchors"]["resnet-s"]
+    assert entry["timm_name"] == "resnet18"
+    assert copy.timm_kwargs == entry["timm_kwargs"]
 
 
 def test_anchor_mappings_and_aliases(tmp_path) -> None:
