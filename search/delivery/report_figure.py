@@ -103,27 +103,31 @@ def _add_higher(
             hoverinfo="text",
         )
     )
+    # Arrows as a line trace (clipped to the axes, unlike annotations, so that a zoomed view
+    # does not draw them over the margins), the head on the higher rung's point.
+    xs: list[float | None] = []
+    ys: list[float | None] = []
+    sizes: list[int] = []
     for t in rows:
         before = number(t.get(lower_key))
         if before is None:
             continue
-        x = math.log10(float(t["macs"]))  # annotations on a log axis take log10 positions
-        fig.add_annotation(
-            x=x,
-            y=float(t["val_acc"]),
-            ax=x,
-            ay=before,
-            xref="x",
-            yref="y",
-            axref="x",
-            ayref="y",
-            showarrow=True,
-            arrowhead=2,
-            arrowsize=1,
-            arrowwidth=1,
-            arrowcolor=colour,
-            opacity=0.7,
-            text="",
+        xs += [float(t["macs"]), float(t["macs"]), None]
+        ys += [before, float(t["val_acc"]), None]
+        sizes += [0, 9, 0]
+    if xs:
+        fig.add_trace(
+            go.Scatter(
+                x=xs,
+                y=ys,
+                mode="lines+markers",
+                line={"color": colour, "width": 1},
+                marker={"symbol": "arrow", "angleref": "previous", "size": sizes, "color": colour},
+                opacity=0.7,
+                name=f"{name}: from rung {rung - 1}",
+                showlegend=False,
+                hoverinfo="skip",
+            )
         )
     if front:
         fig.add_trace(
@@ -200,10 +204,10 @@ def figure(
             front = best_rung_front(trials) if r == top else []
             _add_higher(fig, r, rows, front, measure)
     anchors = [t for t in rung0 if t.get("kind") == "anchor" and status(t) is not None]
-    plot.anchors(anchors)
-    front = _add_front(fig, rung0, tuned=bool(top))
     macs = [float(t["macs"]) for t in trials if status(t) in PLOTTED and t.get("macs")]
     x_middle = math.sqrt(min(macs) * max(macs)) if macs else 0.0  # the log axis' middle
+    plot.anchors(anchors, x_middle)
+    _add_front(fig, rung0, tuned=bool(top))
     picks: dict[str, tuple[Mapping[str, Any], list[str]]] = {}
     for i, budget in enumerate(budgets):
         if budget.max_macs is not None:
@@ -214,7 +218,9 @@ def figure(
             plot.pick(i, budget, pick)
             picks.setdefault(row_id(pick), (pick, []))[1].append(plot_text(budget.device))
     plot.pick_labels(list(picks.values()), x_middle)
-    shown = [*front, *best_rung_front(trials), *anchors, *(p for p, _ in picks.values())]
+    # The first view: the candidates at their best rung that no other beats, the anchors
+    # and the picks (not the least-squares front below a fine-tuned one).
+    shown = [*best_rung_front(trials), *anchors, *(p for p, _ in picks.values())]
     _layout(fig, trials, strip, y_bottom, y_top, measure, _focus(shown, y_bottom, y_top))
     return fig
 
@@ -248,7 +254,12 @@ class _Plot:
             )
         )
 
-    def anchors(self, anchors: Sequence[Mapping[str, Any]]) -> None:
+    def anchors(self, anchors: Sequence[Mapping[str, Any]], x_middle: float) -> None:
+        """The anchors ringed, labelled above and towards the plot's middle.
+
+        Two checkpoints of one architecture have the same MACs: their labels stack above
+        their own points instead of spreading sideways over each other.
+        """
         if not anchors:
             return
         self.fig.add_trace(
@@ -258,7 +269,9 @@ class _Plot:
                 mode="markers+text",
                 name="anchors",
                 text=[plot_text(t.get("label", "")) for t in anchors],
-                textposition="top center",
+                textposition=[
+                    "top right" if float(t["macs"]) <= x_middle else "top left" for t in anchors
+                ],
                 textfont={"size": 10},
                 marker={
                     "symbol": "circle-open",
@@ -281,7 +294,7 @@ class _Plot:
             xref="x",
             y=0.01,
             yref="paper",
-            text=f"{name} ≤ {format_quantity(budget.max_macs)}",
+            text=name,  # the limit is in the legend and the hover text
             textangle=-90,
             xanchor="right",
             yanchor="bottom",
@@ -354,10 +367,8 @@ class _Plot:
         )
 
 
-def _add_front(
-    fig: go.Figure, rung0: Sequence[Mapping[str, Any]], *, tuned: bool
-) -> list[Mapping[str, Any]]:
-    """The least-squares Pareto front as a step line; returns its rows."""
+def _add_front(fig: go.Figure, rung0: Sequence[Mapping[str, Any]], *, tuned: bool) -> None:
+    """The least-squares Pareto front as a step line."""
     front = sorted(
         (t for t in rung0 if t.get("pareto") and status(t) in ("feasible", "unchecked")),
         key=lambda t: float(t["macs"]),
@@ -368,7 +379,7 @@ def _add_front(
             key=lambda t: float(t["macs"]),
         )
     if not front:
-        return []
+        return
     fig.add_trace(
         go.Scatter(
             x=[float(t["macs"]) for t in front],
@@ -381,7 +392,6 @@ def _add_front(
             hoverinfo="skip",
         )
     )
-    return front
 
 
 def _layout(

@@ -261,18 +261,15 @@ def test_first_view_zooms_on_fronts_anchors_and_picks_with_labels_apart(tmp_path
     # Budget labels upright at the foot of their lines, in their device's colour.
     labels = [a for a in layout["annotations"] if a.get("textangle") == -90]
     assert sorted(a["text"] for a in labels) == sorted(
-        [
-            "cortex-m7-mcu ≤ 2.50M",
-            f"{html.escape(NASTY, quote=False)} ≤ 5.00M",
-            "tiny-sensor ≤ 100.00K",
-        ]
+        ["cortex-m7-mcu", html.escape(NASTY, quote=False), "tiny-sensor"]
     )
     assert all(a["yref"] == "paper" and a["y"] < 0.05 for a in labels)
     # One label per picked point, below it (the anchors' labels are above theirs).
     texts = next(t for t in data if t.get("name") == "chosen (labels)")
     assert len(texts["text"]) == 3
     assert all(p.startswith("bottom") for p in texts["textposition"])
-    assert next(t for t in data if t.get("name") == "anchors")["textposition"] == "top center"
+    anchor_labels = next(t for t in data if t.get("name") == "anchors")["textposition"]
+    assert all(p.startswith("top") for p in anchor_labels)
     assert not any(t.get("mode") == "lines+text" for t in data)
 
 
