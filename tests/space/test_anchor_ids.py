@@ -21,11 +21,16 @@ from space import (
     Candidate,
     ExportError,
     InputError,
+    StitchedFamily,
     StitchedNet,
+    build_stitched,
     file_sha256,
     load_anchor,
     load_export,
+    load_family,
+    member_names,
     read_export,
+    save_family,
 )
 from tests.conftest import TINY, make_tiny
 from tests.space.test_export import copy_export, edit, make_export
@@ -131,3 +136,32 @@ def test_an_export_written_before_ids_loads_with_id_equal_to_name() -> None:
     records = loaded.typed_manifest.anchors
     assert all(isinstance(r, AnchorRecord) and r.id == r.name for r in records)
     assert all("id" not in r.to_dict() for r in records)
+
+
+def test_a_family_of_two_checkpoints_of_one_architecture_saves_and_loads(tmp_path) -> None:
+    anchors = {
+        anchor_id: load_anchor(NAME, anchor_id=anchor_id, seed=seed, input_size=SIZE, **KWARGS)
+        for anchor_id, seed in (("r10-a", 0), ("r10-b", 1))
+    }
+    stitches = [Candidate("r10-a", "r10-b", 2, 2), Candidate("r10-b", "r10-a", 1, 3)]
+    x = torch.rand(8, *SIZE, generator=torch.Generator().manual_seed(0))
+    layers = {
+        c.label: build_stitched(anchors[c.front], anchors[c.back], c.config, calibration=x).stitch
+        for c in stitches
+    }
+    members = member_names([Candidate.anchor("r10-a"), Candidate.anchor("r10-b"), *stitches])
+    family = StitchedFamily(anchors, members, layers)
+    with torch.no_grad():  # pretend training changed the anchors
+        for a in anchors.values():
+            next(a.model.parameters()).add_(0.01)
+    path = save_family(family, tmp_path / "family.json")
+    doc = json.loads(path.read_text())
+    assert [(r["id"], r["name"]) for r in doc["anchors"]] == [("r10-a", NAME), ("r10-b", NAME)]
+    loaded = load_family(path).eval()
+    assert {k: (a.name, a.model_name) for k, a in loaded.anchors.items()} == {
+        "r10-a": ("r10-a", NAME),
+        "r10-b": ("r10-b", NAME),
+    }
+    for name in family.names:
+        with torch.no_grad():
+            assert torch.equal(loaded(x, name), family.eval()(x, name)), name
