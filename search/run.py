@@ -25,7 +25,14 @@ import sys
 
 from search.core import PASSWORD_ENV, OneLineParser, one_line, positive_float, positive_int
 from search.delivery import deliver
-from search.execution import RunSession, SignalGuard, exit_code, open_storage, study_signals
+from search.execution import (
+    RunSession,
+    SignalGuard,
+    exit_code,
+    open_storage,
+    optuna_logging,
+    study_signals,
+)
 from search.inputs import DEFAULT_RETRY_S, DEFAULT_STUDY, Plan, prepare
 from search.store import StorageUnavailable
 from space import InputError
@@ -51,10 +58,11 @@ def execute(plan: Plan) -> int:
     A storage that stops answering mid-study is retried for ``plan.storage_retry_s``; when
     it does not come back the run stops with one line and the resume command (exit 75).
     Trials it had in flight stay RUNNING in the storage until the rerun fails them (their
-    driver is gone) and evaluates them again.
+    driver is gone) and evaluates them again. Optuna's INFO lines are shown only with
+    ``--verbose`` (:func:`~search.execution.optuna_logging`).
     """
     out_is_new = not plan.out.exists()
-    with SignalGuard() as guard:
+    with SignalGuard() as guard, optuna_logging(plan.verbose):
         try:
             plan.out.mkdir(parents=True, exist_ok=True)
             storage = open_storage(plan, _log)
@@ -161,6 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--no-report", action="store_true", help="skip the HTML report (faster in tests)"
+    )
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also show Optuna's INFO lines (studies created, trials told); by default "
+        "only its warnings",
     )
     return p
 

@@ -1,6 +1,6 @@
 """What a candidate is: anchors, stitch configurations, stitching layers, stitched networks."""
 
-from space.anchor import SUPPORTED_FAMILIES, Anchor, FeatureInfo
+from space.anchor import SUPPORTED_FAMILIES, Anchor, FeatureInfo, anchor_id_problem
 from space.artifact import LoadedExport, load_export, read_export
 from space.config import Candidate, StitchConfig
 from space.errors import InputError
@@ -63,6 +63,7 @@ __all__ = [
     "TokenStitch",
     "TokenToConv",
     "adapt_images",
+    "anchor_id_problem",
     "anchor_record",
     "atomic_write",
     "back_input_size",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,29 @@ Layout = Literal["NCHW", "NLC"]
 #: The built-in families (see :mod:`space.families`; ``family_names()`` also lists families
 #: registered later).
 SUPPORTED_FAMILIES = family_names()
+
+#: What an anchor id given by the user may be: a letter or digit, then letters, digits and
+#: ``. _ - + :``, at most 64 characters (it names files, keys and labels, so no path
+#: separators, spaces or brackets).
+_ANCHOR_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+:-]{0,63}")
+
+
+def anchor_id_problem(value: object) -> str | None:
+    """Why ``value`` is not a valid anchor id, or None when it is one.
+
+    An id names an anchor in candidate keys, labels, caches, latency tables and exports
+    (default: the name it was loaded by), so that two checkpoints of one architecture can be
+    told apart (``resnet50`` and ``resnet50-moco``).
+    """
+    if not isinstance(value, str) or not value:
+        return f"must be a non-empty string such as 'resnet50-moco', got {value!r}"
+    if not _ANCHOR_ID.fullmatch(value):
+        return (
+            f"{value!r} is not a valid anchor id; use up to 64 letters, digits and . _ - + : "
+            "starting with a letter or digit (no spaces or path separators), e.g. "
+            "'resnet50-moco'"
+        )
+    return None
 
 
 @dataclass(frozen=True)
@@ -76,7 +100,10 @@ class Anchor:
     (:meth:`load_trained`).
 
     Attributes:
-        name: The name the anchor was loaded by (a timm name or ``zoo:<name>``).
+        name: The anchor's id: what candidate keys, labels, caches, latency tables and exports
+            call it (default: :attr:`model_name`; two checkpoints of one architecture in one
+            study have different ids).
+        model_name: The name the anchor was loaded by (a timm name or ``zoo:<name>``).
         model: The timm module.
         family: The family's name (one of :data:`SUPPORTED_FAMILIES`, or a family registered
             with :func:`space.families.register_family`).
@@ -99,6 +126,7 @@ class Anchor:
         timm_kwargs: dict[str, Any] | None = None,
         checkpoint_sha256: str | None = None,
         input_size: tuple[int, int, int] | None = None,
+        model_name: str | None = None,
     ) -> None:
         family = family_of(model)
         if family is None:
@@ -107,6 +135,7 @@ class Anchor:
                 f"supported: {', '.join(family_names())}"
             )
         self.name = name
+        self.model_name = model_name or name
         self.model = model.eval()
         self._family = family
         self.family = family.name
@@ -125,8 +154,9 @@ class Anchor:
         self.trained_sha256: str | None = None
 
     def __repr__(self) -> str:
+        model = "" if self.model_name == self.name else f", model_name={self.model_name!r}"
         return (
-            f"Anchor({self.name!r}, family={self.family!r}, num_blocks={self.num_blocks}, "
+            f"Anchor({self.name!r}{model}, family={self.family!r}, num_blocks={self.num_blocks}, "
             f"input_size={self.input_size})"
         )
 
@@ -190,6 +220,7 @@ class Anchor:
                     pretrained=self.pretrained,
                     timm_kwargs=self.timm_kwargs,
                     checkpoint_sha256=self._checkpoint_sha256,
+                    model_name=self.model_name,
                 )
                 view._views = self._views
             view._input_size = (c, resolution, resolution)

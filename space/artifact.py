@@ -116,11 +116,11 @@ def read_export(path: str | Path) -> LoadedExport:
     loaded: dict[str, Anchor] = {}
     anchors: dict[str, Anchor] = {}
     for i, rec in enumerate(manifest.anchors):
-        if rec.name in loaded:
+        if rec.id in loaded:
             check_same_anchor(path, manifest.anchors, i)
-            anchors[rec.role] = loaded[rec.name]
+            anchors[rec.role] = loaded[rec.id]
             continue
-        anchors[rec.role] = loaded[rec.name] = anchor_from_record(path, i, rec)
+        anchors[rec.role] = loaded[rec.id] = anchor_from_record(path, i, rec)
     resolution = manifest.candidate.resolution
     if resolution is not None:
         try:
@@ -144,12 +144,12 @@ def read_export(path: str | Path) -> LoadedExport:
 def check_same_anchor(path: Path, records: tuple[AnchorRecord, ...], i: int) -> None:
     """A self-stitch lists its anchor twice; both records must agree (role aside)."""
     rec = records[i].to_dict()
-    first = next(r for r in records if r.name == records[i].name).to_dict()
+    first = next(r for r in records if r.id == records[i].id).to_dict()
     for key in sorted(rec.keys() | first.keys()):
         if key != "role" and rec.get(key) != first.get(key):
             raise ExportError(
                 path,
-                f"is {rec.get(key)!r} but the other record of anchor {rec['name']!r} says "
+                f"is {rec.get(key)!r} but the other record of anchor {rec['id']!r} says "
                 f"{first.get(key)!r}",
                 field=f"anchors[{i}].{key}",
             )
@@ -194,7 +194,7 @@ def anchor_from_record(path: Path, i: int, rec: AnchorRecord) -> Anchor:
                 fix="an export must record the SHA-256 of the zoo weights it was made with",
             )
         try:
-            anchor = load_anchor(name)
+            anchor = load_anchor(name, anchor_id=rec.id)
         except ValueError as e:
             raise ExportError(path, str(e), field=f"{where}.name") from None
         if anchor.checkpoint_sha256 != rec.checkpoint_sha256:
@@ -232,6 +232,7 @@ def anchor_from_record(path: Path, i: int, rec: AnchorRecord) -> Anchor:
         try:
             anchor = load_anchor(
                 name,
+                anchor_id=rec.id,
                 checkpoint=checkpoint,
                 pretrained=rec.pretrained,
                 input_size=tuple(rec.input_size),

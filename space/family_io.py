@@ -211,7 +211,7 @@ def load_family(path: str | Path) -> StitchedFamily:
         raise ExportError(path, "must list the family's anchors", field="anchors")
     anchors: dict[str, Anchor] = {}
     for i, rec in enumerate(recs):
-        name = rec.get("name") if isinstance(rec, Mapping) else None
+        name = rec.get("id", rec.get("name")) if isinstance(rec, Mapping) else None
         record = AnchorRecord.from_dict(rec, path, index=i, role=FAMILY_ROLE, name=name)
         anchor = anchor_from_record(path, i, record)
         if anchor.name in anchors:

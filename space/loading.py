@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from space import zoo
-from space.anchor import Anchor
+from space.anchor import Anchor, anchor_id_problem
 from space.errors import InputError, close_matches
 from space.families import family_names, family_of
 
@@ -118,6 +118,7 @@ def _fit_state_dict(
 def load_anchor(
     name: str,
     *,
+    anchor_id: str | None = None,
     checkpoint: str | Path | None = None,
     pretrained: bool = False,
     input_size: tuple[int, int, int] | None = None,
@@ -129,6 +130,9 @@ def load_anchor(
     Args:
         name: A timm model name (``"resnet18"``, ``"deit_tiny_patch16_224"``, ...) or a zoo
             anchor (``"zoo:resnet-s"``; see ``python -m space.zoo list``).
+        anchor_id: The anchor's id (:attr:`Anchor.name`): what keys, labels and exports call
+            it, so that two checkpoints of one architecture can be told apart (default:
+            ``name``). Not passed to timm.
         checkpoint: A local ``.safetensors`` or ``.pth`` file with timm key names. Pickled
             code is never executed.
         pretrained: Load timm's pretrained weights (needs the model hub).
@@ -147,8 +151,10 @@ def load_anchor(
     Raises:
         InputError: Unknown model or zoo name (close matches are suggested), unsupported
             family, bad timm kwargs, missing, unreadable or altered checkpoint, or a
-            checkpoint that does not fit.
+            checkpoint that does not fit, or an invalid ``anchor_id``.
     """
+    if anchor_id is not None and (problem := anchor_id_problem(anchor_id)) is not None:
+        raise InputError(f"model {name!r}: anchor_id {problem}")
     if name.startswith(zoo.PREFIX):
         if checkpoint is not None or pretrained or timm_kwargs or input_size is not None:
             raise InputError(
@@ -158,7 +164,8 @@ def load_anchor(
         entry = zoo.resolve(name)
         return _create(
             entry.timm_name,
-            anchor_name=entry.name,
+            anchor_name=anchor_id or entry.name,
+            model_name=entry.name,
             checkpoint=entry.checkpoint,
             checkpoint_sha256=entry.sha256,
             pretrained=False,
@@ -169,7 +176,8 @@ def load_anchor(
         )
     return _create(
         name,
-        anchor_name=name,
+        anchor_name=anchor_id or name,
+        model_name=name,
         checkpoint=checkpoint,
         checkpoint_sha256=None,
         pretrained=pretrained,
@@ -183,6 +191,7 @@ def _create(
     name: str,
     *,
     anchor_name: str,
+    model_name: str,
     checkpoint: str | Path | None,
     checkpoint_sha256: str | None,
     pretrained: bool,
@@ -191,7 +200,9 @@ def _create(
     timm_kwargs: dict[str, Any],
     data_config: dict[str, Any] | None = None,
 ) -> Anchor:
-    """Builds timm model ``name`` and wraps it as the anchor ``anchor_name``.
+    """Builds timm model ``name`` and wraps it as the anchor ``anchor_name`` (its id).
+
+    ``model_name`` is the name it was loaded by (``name``, or a zoo anchor's ``zoo:<name>``).
 
     ``data_config`` (timm data-config entries such as ``mean`` and ``std``) overrides the
     model's ``pretrained_cfg``, which timm's ``resolve_data_config`` reads.
@@ -240,4 +251,5 @@ def _create(
         timm_kwargs=timm_kwargs,
         checkpoint_sha256=checkpoint_sha256,
         input_size=input_size,
+        model_name=model_name,
     )

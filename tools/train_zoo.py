@@ -3,10 +3,14 @@
 ::
 
     python -m tools.train_zoo [--anchors NAME ...] [--out DIR] [--data DIR] [--epochs N]
+                              [--seed N]
 
 trains the named zoo anchors (default: all, see :mod:`tools.zoo_recipes`) from scratch and
 (re)writes their ``.safetensors`` weights and ``manifest.json`` in ``--out`` (default: the
-package's zoo, ``space/zoo``). Bad input prints one line and exits 2.
+package's zoo, ``space/zoo``). ``--seed`` trains a copy with another seed (into another
+``--out``): a second checkpoint of the same architecture, which a study stitches to the zoo
+anchor under an ``id`` of its own (``studies/same_architecture.yaml``). Bad input prints one
+line and exits 2.
 """
 
 from __future__ import annotations
@@ -69,11 +73,16 @@ def evaluate(model: nn.Module, loader) -> float:
 
 
 def train_anchor(
-    spec: ZooSpec, data, *, epochs: int | None = None, log=print
+    spec: ZooSpec, data, *, epochs: int | None = None, seed: int | None = None, log=print
 ) -> tuple[nn.Module, dict]:
-    """Trains one zoo anchor from scratch; returns the model and its metrics."""
-    torch.manual_seed(RECIPE["seed"])
-    g = torch.Generator().manual_seed(RECIPE["seed"])
+    """Trains one zoo anchor from scratch; returns the model and its metrics.
+
+    ``seed`` (default: the recipe's) seeds the initialisation, the augmentation and the
+    data order.
+    """
+    seed = RECIPE["seed"] if seed is None else seed
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
     model = timm.create_model(spec.timm_name, **spec.timm_kwargs)
     epochs = epochs or spec.epochs
     opt = torch.optim.AdamW(_param_groups(model, 0.05), lr=spec.lr, betas=(0.9, 0.999))
@@ -128,9 +137,13 @@ def run_training(
     *,
     data_root: str | None = None,
     epochs: int | None = None,
+    seed: int | None = None,
     log=print,
 ) -> dict:
-    """Trains the named anchors and (re)writes their weights and the manifest in ``out_dir``."""
+    """Trains the named anchors and (re)writes their weights and the manifest in ``out_dir``.
+
+    A ``seed`` other than the recipe's is recorded in each anchor's entry (``seed``).
+    """
     torch.set_num_threads(RECIPE["threads"])
     data = fashion_mnist_splits(
         data_root, validation=5000, calibration=512, batch_size=RECIPE["batch_size"]
@@ -145,7 +158,7 @@ def run_training(
         spec = SPECS[name]
         n_epochs = spec.epochs if epochs is None else epochs
         log(f"training {name} ({spec.timm_name}, {n_epochs} epochs)")
-        model, metrics = train_anchor(spec, data, epochs=epochs, log=log)
+        model, metrics = train_anchor(spec, data, epochs=epochs, seed=seed, log=log)
         weights = out_dir / f"{name}.safetensors"
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
         manifest["anchors"][name] = {
@@ -157,6 +170,7 @@ def run_training(
             "macs": count_macs(model, (1, 1, 28, 28)),
             "params": count_params(model),
             **metrics,
+            **({"seed": seed} if seed is not None and seed != RECIPE["seed"] else {}),
             "trained_on": f"{platform.machine()} CPU, {RECIPE['threads']} threads, "
             f"torch {torch.__version__}, timm {timm.__version__}, python {sys.version.split()[0]}",
         }
@@ -188,6 +202,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--data", default=None, help="Fashion-MNIST directory (default: auto-detect)"
     )
     parser.add_argument("--epochs", type=int, default=None, help="override every anchor's epochs")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help=f"train with another seed (default: the recipe's, {RECIPE['seed']}); needs an --out "
+        "other than the package's zoo",
+    )
     return parser
 
 
@@ -200,8 +221,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"error: --anchors: unknown {bad}; choose from {sorted(SPECS)}\n")
     if args.epochs is not None and args.epochs < 1:
         parser.exit(2, f"error: --epochs must be >= 1, got {args.epochs}\n")
+    if args.seed not in (None, RECIPE["seed"]) and args.out.resolve() == ZOO_DIR.resolve():
+        parser.exit(
+            2,
+            f"error: --seed {args.seed} would overwrite the package's zoo (seed "
+            f"{RECIPE['seed']}); give --out DIR for the copy\n",
+        )
     try:
-        run_training(args.anchors, args.out, data_root=args.data, epochs=args.epochs)
+        run_training(
+            args.anchors, args.out, data_root=args.data, epochs=args.epochs, seed=args.seed
+        )
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -169,7 +169,8 @@ def _page(
 <h1>{esc(title)}</h1>
 <p class="meta">Study <code>{esc(study_name)}</code>: {len(trials)} trials,
 {len(budgets)} devices. Hover over a point for its configuration; click legend entries to
-hide or show them. Pruned trials were not trained and sit on the strip at the bottom.</p>
+hide or show them. The plot opens on the fronts, the anchors and the picks; "all trials"
+shows every trial (pruned ones were not trained and sit on the strip at the bottom).</p>
 {plot}
 <h2>Chosen configuration per device</h2>
 {_chosen_table(budgets, chosen, by_number, device_latency, measure)}

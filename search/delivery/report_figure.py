@@ -1,6 +1,10 @@
 """The report's figure: accuracy against MACs, with fronts, budgets and picks.
 
-Every trial of both rungs, the Pareto fronts, each device's MACs budget and its pick.
+Every trial of both rungs, the Pareto fronts, each device's MACs budget and its pick. The
+first view zooms on the fronts, the anchors and the picks (the interesting points sit at the
+top of an axis that reaches down to the worst stitch); a button shows every trial. Budget
+labels stand upright at the foot of their lines and each picked point carries one label
+for all the devices that chose it, so that no label lies on another.
 """
 
 from __future__ import annotations
@@ -99,27 +103,31 @@ def _add_higher(
             hoverinfo="text",
         )
     )
+    # Arrows as a line trace (clipped to the axes, unlike annotations, so that a zoomed view
+    # does not draw them over the margins), the head on the higher rung's point.
+    xs: list[float | None] = []
+    ys: list[float | None] = []
+    sizes: list[int] = []
     for t in rows:
         before = number(t.get(lower_key))
         if before is None:
             continue
-        x = math.log10(float(t["macs"]))  # annotations on a log axis take log10 positions
-        fig.add_annotation(
-            x=x,
-            y=float(t["val_acc"]),
-            ax=x,
-            ay=before,
-            xref="x",
-            yref="y",
-            axref="x",
-            ayref="y",
-            showarrow=True,
-            arrowhead=2,
-            arrowsize=1,
-            arrowwidth=1,
-            arrowcolor=colour,
-            opacity=0.7,
-            text="",
+        xs += [float(t["macs"]), float(t["macs"]), None]
+        ys += [before, float(t["val_acc"]), None]
+        sizes += [0, 9, 0]
+    if xs:
+        fig.add_trace(
+            go.Scatter(
+                x=xs,
+                y=ys,
+                mode="lines+markers",
+                line={"color": colour, "width": 1},
+                marker={"symbol": "arrow", "angleref": "previous", "size": sizes, "color": colour},
+                opacity=0.7,
+                name=f"{name}: from rung {rung - 1}",
+                showlegend=False,
+                hoverinfo="skip",
+            )
         )
     if front:
         fig.add_trace(
@@ -132,6 +140,21 @@ def _add_higher(
                 hoverinfo="skip",
             )
         )
+
+
+def _focus(
+    rows: Sequence[Mapping[str, Any]], y_bottom: float, y_top: float
+) -> tuple[float, float] | None:
+    """The y range around ``rows`` (fronts, anchors, picks), or None when it is no zoom."""
+    accs = [a for t in rows if (a := number(t.get("val_acc"))) is not None]
+    if not accs:
+        return None
+    lo, hi = min(accs), max(accs)
+    span = max(hi - lo, 2.0)
+    low, high = max(lo - 0.25 * span, y_bottom), min(hi + 0.15 * span, y_top)
+    if (high - low) > 0.7 * (y_top - y_bottom):
+        return None
+    return low, high
 
 
 def _y_layout(trials: Sequence[Mapping[str, Any]]) -> tuple[float, float, float]:
@@ -180,18 +203,25 @@ def figure(
         if rows:  # the front is drawn for the highest rung (every candidate at its best)
             front = best_rung_front(trials) if r == top else []
             _add_higher(fig, r, rows, front, measure)
-    plot.anchors([t for t in rung0 if t.get("kind") == "anchor" and status(t) is not None])
-    _add_front(fig, rung0, tuned=bool(top))
+    anchors = [t for t in rung0 if t.get("kind") == "anchor" and status(t) is not None]
     macs = [float(t["macs"]) for t in trials if status(t) in PLOTTED and t.get("macs")]
     x_middle = math.sqrt(min(macs) * max(macs)) if macs else 0.0  # the log axis' middle
+    plot.anchors(anchors, x_middle)
+    _add_front(fig, rung0, tuned=bool(top))
+    picks: dict[str, tuple[Mapping[str, Any], list[str]]] = {}
     for i, budget in enumerate(budgets):
         if budget.max_macs is not None:
             plot.budget_line(i, budget, y_bottom, y_top)
         picked = chosen.get(budget.device)
         pick = by_number.get(row_id(picked)) if picked is not None else None
         if pick is not None and status(pick) is not None:
-            plot.pick(i, budget, pick, x_middle)
-    _layout(fig, trials, strip, y_bottom, y_top, measure)
+            plot.pick(i, budget, pick)
+            picks.setdefault(row_id(pick), (pick, []))[1].append(plot_text(budget.device))
+    plot.pick_labels(list(picks.values()), x_middle)
+    # The first view: the candidates at their best rung that no other beats, the anchors
+    # and the picks (not the least-squares front below a fine-tuned one).
+    shown = [*best_rung_front(trials), *anchors, *(p for p, _ in picks.values())]
+    _layout(fig, trials, strip, y_bottom, y_top, measure, _focus(shown, y_bottom, y_top))
     return fig
 
 
@@ -224,7 +254,12 @@ class _Plot:
             )
         )
 
-    def anchors(self, anchors: Sequence[Mapping[str, Any]]) -> None:
+    def anchors(self, anchors: Sequence[Mapping[str, Any]], x_middle: float) -> None:
+        """The anchors ringed, labelled above and towards the plot's middle.
+
+        Two checkpoints of one architecture have the same MACs: their labels stack above
+        their own points instead of spreading sideways over each other.
+        """
         if not anchors:
             return
         self.fig.add_trace(
@@ -234,7 +269,9 @@ class _Plot:
                 mode="markers+text",
                 name="anchors",
                 text=[plot_text(t.get("label", "")) for t in anchors],
-                textposition="top center",
+                textposition=[
+                    "top right" if float(t["macs"]) <= x_middle else "top left" for t in anchors
+                ],
                 textfont={"size": 10},
                 marker={
                     "symbol": "circle-open",
@@ -249,17 +286,27 @@ class _Plot:
         )
 
     def budget_line(self, i: int, budget: DeviceBudget, y_bottom: float, y_top: float) -> None:
+        """The budget's dashed line over the whole axis, its label upright at the foot."""
         colour = _DEVICE_COLOURS[i % len(_DEVICE_COLOURS)]
         name = plot_text(budget.device)
-        label_y = y_top - (0.03 + (i % 4) * 0.045) * (y_top - y_bottom)
+        self.fig.add_annotation(
+            x=math.log10(budget.max_macs),  # annotations on a log axis take log10 positions
+            xref="x",
+            y=0.01,
+            yref="paper",
+            text=name,  # the limit is in the legend and the hover text
+            textangle=-90,
+            xanchor="right",
+            yanchor="bottom",
+            showarrow=False,
+            font={"color": colour, "size": 11},
+            bgcolor="rgba(255,255,255,0.8)",
+        )
         self.fig.add_trace(
             go.Scatter(
                 x=[budget.max_macs, budget.max_macs],
-                y=[y_bottom, label_y],
-                mode="lines+text",
-                text=["", f" {name}"],
-                textposition="middle right",
-                textfont={"color": colour, "size": 11},
+                y=[y_bottom, y_top],
+                mode="lines",
                 line={"color": colour, "dash": "dash", "width": 1.5},
                 name=f"{name}: MACs ≤ {format_quantity(budget.max_macs)}",
                 legendgroup=f"device-{i}",
@@ -268,19 +315,15 @@ class _Plot:
             )
         )
 
-    def pick(self, i: int, budget: DeviceBudget, pick: Mapping[str, Any], x_middle: float) -> None:
+    def pick(self, i: int, budget: DeviceBudget, pick: Mapping[str, Any]) -> None:
+        """The device's marker on its pick (labelled by :meth:`pick_labels`)."""
         colour = _DEVICE_COLOURS[i % len(_DEVICE_COLOURS)]
         name = plot_text(budget.device)
         self.fig.add_trace(
             go.Scatter(
                 x=[float(pick["macs"])],
                 y=[self.y_of(pick)],
-                mode="markers+text",
-                text=[f"{name} → {plot_text(row_id(pick))}"],
-                # Towards the plot's middle, so that a label is not cut off at its edge.
-                textposition=("bottom " if i % 2 else "top ")
-                + ("right" if float(pick["macs"]) <= x_middle else "left"),
-                textfont={"color": colour, "size": 11},
+                mode="markers",
                 marker={
                     "symbol": _DEVICE_SYMBOLS[i % len(_DEVICE_SYMBOLS)],
                     "size": 17,
@@ -291,6 +334,34 @@ class _Plot:
                 legendgroup=f"device-{i}",
                 hovertext=f"chosen for {name}<br>{self.hover(pick)}",
                 hoverinfo="text",
+                cliponaxis=False,
+            )
+        )
+
+    def pick_labels(
+        self, picks: Sequence[tuple[Mapping[str, Any], Sequence[str]]], x_middle: float
+    ) -> None:
+        """One label per picked point, naming every device that chose it, below the point.
+
+        Below, because the anchors' labels sit above theirs; towards the plot's middle, so
+        that a label is not cut off at its edge.
+        """
+        if not picks:
+            return
+        self.fig.add_trace(
+            go.Scatter(
+                x=[float(p["macs"]) for p, _ in picks],
+                y=[self.y_of(p) for p, _ in picks],
+                mode="text",
+                text=[f"{', '.join(devices)} → {plot_text(row_id(p))}" for p, devices in picks],
+                textposition=[
+                    "bottom right" if float(p["macs"]) <= x_middle else "bottom left"
+                    for p, _ in picks
+                ],
+                textfont={"size": 11, "color": "#333"},
+                name="chosen (labels)",
+                showlegend=False,
+                hoverinfo="skip",
                 cliponaxis=False,
             )
         )
@@ -330,8 +401,14 @@ def _layout(
     y_bottom: float,
     y_top: float,
     measure: str,
+    focus: tuple[float, float] | None = None,
 ) -> None:
-    """Axes, the strip of pruned trials, and a note when there are no trials yet."""
+    """Axes, the strip of pruned trials, and a note when there are no trials yet.
+
+    With a ``focus`` the first view shows that y range, and two buttons switch between it
+    and every trial (the pruned ones on their strip included).
+    """
+    full = [y_bottom, y_top]
     fig.update_layout(
         height=640,
         margin={"l": 60, "r": 30, "t": 30, "b": 60},
@@ -341,9 +418,37 @@ def _layout(
         xaxis={"type": "log", "title": {"text": "MACs per image (log scale)"}},
         yaxis={
             "title": {"text": f"validation {plot_text(measure)} (%)"},
-            "range": [y_bottom, y_top],
+            "range": list(focus) if focus else full,
         },
     )
+    if focus:
+        fig.update_layout(
+            updatemenus=[
+                {
+                    "type": "buttons",
+                    "direction": "right",
+                    "x": 0.0,
+                    "xanchor": "left",
+                    "y": 1.0,
+                    "yanchor": "bottom",
+                    "pad": {"b": 4},
+                    "showactive": True,
+                    "buttons": [
+                        {
+                            "label": "fronts, anchors and picks",
+                            "method": "relayout",
+                            "args": [{"yaxis.range": list(focus)}],
+                        },
+                        {
+                            "label": "all trials",
+                            "method": "relayout",
+                            "args": [{"yaxis.range": full}],
+                        },
+                    ],
+                }
+            ],
+            margin={"l": 60, "r": 30, "t": 50, "b": 60},
+        )
     if any(status(t) == "pruned" for t in trials):
         fig.add_shape(
             type="line",

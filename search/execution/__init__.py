@@ -3,10 +3,16 @@
 The pair signals (CKA, pruning signals), the run session (:class:`RunSession`: studies,
 heartbeats, set-up, sampler), the rounds of Ray Tune trials at each rung
 (:mod:`~search.execution.driver`), the trial contexts the workers evaluate with, and the
-console (progress bar, Ctrl-C and SIGTERM as a clean stop).
+console (progress bar, Optuna's log level, Ctrl-C and SIGTERM as a clean stop).
 """
 
-from search.execution.console import FamilyProgress, Progress, SignalGuard, exit_code
+from search.execution.console import (
+    FamilyProgress,
+    Progress,
+    SignalGuard,
+    exit_code,
+    optuna_logging,
+)
 from search.execution.contexts import (
     family_settings,
     family_teacher,
@@ -53,6 +59,7 @@ __all__ = [
     "finetune_settings",
     "fingerprint",
     "open_storage",
+    "optuna_logging",
     "pruning_signals",
     "run_family",
     "run_rung1",

@@ -1,4 +1,4 @@
-"""What the person at the terminal sees and does: the progress bar, and Ctrl-C / SIGTERM."""
+"""What the person at the terminal sees and does: progress, Optuna's log level, Ctrl-C, SIGTERM."""
 
 from __future__ import annotations
 
@@ -10,10 +10,27 @@ import threading
 from collections.abc import Iterable, Iterator
 from typing import IO, Any
 
+import optuna
 from optuna.trial import FrozenTrial
 from tqdm import tqdm
 
 from search.core import OBJECTIVES, Attr, format_quantity
+
+
+@contextlib.contextmanager
+def optuna_logging(verbose: bool = False) -> Iterator[None]:
+    """Optuna's own log lines at WARNING for the block (INFO when ``verbose``).
+
+    Optuna logs an INFO line per study created and per trial told (``[I 2026-12-02 ...] A
+    new study created in RDB ...``) that would interrupt the progress bar; ``--verbose``
+    shows them. The previous level is restored afterwards.
+    """
+    before = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.WARNING)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(before)
 
 
 class Progress:

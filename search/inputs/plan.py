@@ -52,7 +52,7 @@ class Plan:
         budgets: The devices and their budgets.
         budget_path: The budget CSV.
         anchors: The loaded anchors by name.
-        anchor_kwargs: ``load_anchor`` keyword arguments by anchor name (workers rebuild the
+        anchor_kwargs: ``load_anchor`` keyword arguments by anchor id (workers rebuild the
             anchors from them).
         data: The data splits (calibration sized for CKA and fitting).
         out: The output folder.
@@ -68,6 +68,7 @@ class Plan:
         driver_id: This run's id (written into its trials and heartbeat).
         command: The command line, for "run it again" hints; a password in ``--storage``
             is left out (a shell comment then says to set ``$PGPASSWORD``).
+        verbose: Show Optuna's INFO lines (``--verbose``); by default only its warnings.
     """
 
     study: Study
@@ -88,6 +89,7 @@ class Plan:
     report: bool
     driver_id: str
     command: str
+    verbose: bool = False
 
     @functools.cached_property
     def space(self) -> SearchSpace:
@@ -157,6 +159,7 @@ def prepare(args: argparse.Namespace, argv: Sequence[str] = ()) -> Plan:
         report=not args.no_report,
         driver_id=uuid.uuid4().hex,
         command=_display_command(argv, args.storage),
+        verbose=bool(getattr(args, "verbose", False)),
     )
 
 

@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from space import anchor_id_problem
+
 
 class StrictModel(BaseModel):
     """A study section: unknown fields are errors, values are frozen."""
@@ -24,6 +26,9 @@ class AnchorSpec(StrictModel):
 
     Attributes:
         name: A zoo name (``zoo:resnet-s``) or a timm model name.
+        id: What the study calls the anchor: in the search space, candidate keys, labels,
+            caches, latency tables, exports and the report (default: ``name``). Two
+            checkpoints of one architecture need ids of their own (``resnet50-moco``).
         checkpoint: Local ``.safetensors``/``.pth`` weights (relative to the study file).
         pretrained: Use timm's pretrained weights (needs the model hub).
         timm_kwargs: Passed to ``timm.create_model``.
@@ -31,10 +36,23 @@ class AnchorSpec(StrictModel):
     """
 
     name: str = Field(min_length=1)
+    id: str | None = None
     checkpoint: str | None = None
     pretrained: bool = False
     timm_kwargs: dict[str, Any] = Field(default_factory=dict)
     input_size: tuple[int, int, int] | None = None
+
+    @field_validator("id")
+    @classmethod
+    def _valid_id(cls, value: str | None) -> str | None:
+        if value is not None and (problem := anchor_id_problem(value)) is not None:
+            raise ValueError(problem)
+        return value
+
+    @property
+    def anchor_id(self) -> str:
+        """The anchor's id: ``id``, else ``name``."""
+        return self.id or self.name
 
     @model_validator(mode="after")
     def _check(self) -> AnchorSpec:
@@ -49,10 +67,14 @@ class AnchorSpec(StrictModel):
     def load_kwargs(self, base: Path | None = None) -> dict[str, Any]:
         """Keyword arguments for :func:`space.load_anchor` (checkpoint resolved from ``base``).
 
+        ``anchor_id`` is among them when the anchor has an id other than its name.
+
         A relative checkpoint becomes an absolute path (``base / checkpoint``): the workers
         that rebuild the anchor from these arguments run in another working directory.
         """
         kw: dict[str, Any] = dict(self.timm_kwargs)
+        if self.id is not None and self.id != self.name:
+            kw["anchor_id"] = self.id
         if self.checkpoint:
             path = Path(self.checkpoint).expanduser()
             if not path.is_absolute() and base is not None:

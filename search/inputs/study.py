@@ -160,10 +160,8 @@ class Study(StrictModel):
 
     @model_validator(mode="after")
     def _unique_anchors(self) -> Study:
-        names = [a.name for a in self.anchors]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise ValueError(f"anchors are listed twice: {dup}")
+        self._check_ids()
+        names = self.anchor_ids
         if "pruning" in self.model_fields_set and (
             self.cka.threshold > 0 or self.cka.top_k is not None
         ):
@@ -179,6 +177,30 @@ class Study(StrictModel):
         self._check_label_free(names)
         self._check_family(names)
         return self
+
+    def _check_ids(self) -> None:
+        """Every anchor has an id of its own (its ``id``, else its ``name``)."""
+        first: dict[str, int] = {}
+        for j, spec in enumerate(self.anchors):
+            i = first.setdefault(spec.anchor_id, j)
+            if i == j:
+                continue
+            if spec.id is None and self.anchors[i].id is None:
+                raise ValueError(
+                    f"anchors[{j}].name {spec.name!r} is listed twice (anchors[{i}] too); to "
+                    "stitch two checkpoints of one architecture, give each an id of its own: "
+                    f"{{id: {spec.name}-b, name: {spec.name}, checkpoint: ...}}"
+                )
+            field = "id" if spec.id is not None else "name"
+            raise ValueError(
+                f"anchors[{j}].{field} {spec.anchor_id!r} is the id of anchors[{i}] too; give "
+                f"each anchor an id of its own (e.g. id: {spec.anchor_id}-b)"
+            )
+
+    @property
+    def anchor_ids(self) -> list[str]:
+        """The anchors' ids (each ``id``, else its ``name``), in the study's order."""
+        return [a.anchor_id for a in self.anchors]
 
     def _check_family(self, names: list[str]) -> None:
         """The family's teacher is an anchor; the family runs at the anchors' native sizes."""

@@ -21,7 +21,8 @@ def load_anchors(
         study_path: Its file (checkpoint paths are relative to its folder).
 
     Returns:
-        The anchors by name, and the ``load_anchor`` keyword arguments of each.
+        The anchors by id (:attr:`space.Anchor.name`), and the ``load_anchor`` keyword
+        arguments of each, its timm (or zoo) ``name`` among them.
 
     Raises:
         InputError: An anchor cannot be loaded (the message names ``anchors[i]``), or cannot
@@ -30,12 +31,12 @@ def load_anchors(
     anchors: dict[str, Anchor] = {}
     kwargs: dict[str, dict[str, Any]] = {}
     for i, spec in enumerate(study.anchors):
-        kw = spec.load_kwargs(study_path.parent)
+        kw = {"name": spec.name, **spec.load_kwargs(study_path.parent)}
         try:
-            anchors[spec.name] = load_anchor(spec.name, **kw)
+            anchors[spec.anchor_id] = load_anchor(**kw)
         except InputError as e:
             raise InputError(f"{study_path}: field 'anchors[{i}]' ({spec.name}): {e}") from None
-        kwargs[spec.name] = kw
+        kwargs[spec.anchor_id] = kw
     check_resolutions(study, anchors, study_path)
     study_space(study, anchors, study_path)
     return anchors, kwargs

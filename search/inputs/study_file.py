@@ -63,7 +63,7 @@ def parse_study(data: Any, *, source: str = "<study>") -> Study:
             allowed = _allowed_fields(loc[:-1])
             msg = "unknown field" + (f"; known fields: {', '.join(allowed)}" if allowed else "")
         if not loc:  # a check across fields; its message starts with the field it is about
-            about = re.match(r"^([a-z_]+(?:\.[a-z_]+)+) |^(objective) '", msg)
+            about = re.match(r"^([a-z_]+(?:\[\d+\])?(?:\.[a-z_]+)+) |^(objective) '", msg)
             if about:
                 field = about.group(1) or "objectives"
         # A check across fields echoes its values itself, not the whole study.

@@ -42,7 +42,8 @@ class TrialContext:
     """Everything a worker needs besides the candidate (shipped once via the object store).
 
     Attributes:
-        anchors: Anchor name -> keyword arguments for :func:`space.load_anchor`.
+        anchors: Anchor id -> keyword arguments for :func:`space.load_anchor` (its timm or
+            zoo ``name`` among them; the id when they have none).
         data: The data splits.
         fit_steps: Stitch fine-tuning steps after least squares.
         fit_lr: Fine-tuning learning rate.
@@ -140,10 +141,10 @@ def trained_family(path: str) -> StitchedFamily:
 
 
 def anchors_from_specs(specs: dict[str, dict[str, Any]]) -> dict[str, Anchor]:
-    """Loads every anchor of a study (by name, with its load kwargs)."""
+    """Loads every anchor of a study (by id, with its load kwargs; ``name`` defaults to the id)."""
     out = {}
-    for name, kwargs in specs.items():
-        out[name] = load_anchor(name, **kwargs)
+    for anchor_id, kwargs in specs.items():
+        out[anchor_id] = load_anchor(**{"name": anchor_id, **kwargs})
     return out
 
 

@@ -59,7 +59,10 @@ ANCHOR_FIELDS = frozenset(
 #: anchor without checkpoint (a seeded random initialisation) rebuildable. ``trained``: the
 #: anchor was trained with its family, ``{"weights": file, "sha256": ...}`` (the other fields
 #: say what it started from).
-ANCHOR_OPTIONAL = frozenset({"weights_sha256", "trained"})
+#: ``id``: the anchor's id (what the candidate calls it) when the study gave one; ``name``
+#: is then the timm (or zoo) name it is built from. Exports written before ids had no
+#: ``id``: the id is the name.
+ANCHOR_OPTIONAL = frozenset({"weights_sha256", "trained", "id"})
 #: Fields of an anchor record's ``trained``.
 TRAINED_FIELDS = frozenset({"weights", "sha256"})
 #: Fields of the ``stitch`` record.

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from space.anchor import FeatureInfo
+from space.anchor import FeatureInfo, anchor_id_problem
 from space.files import file_sha256
 from space.manifest._format import (
     ANCHOR_FIELDS,
@@ -33,7 +33,7 @@ class AnchorRecord:
 
     Attributes:
         role: ``"front"`` or ``"back"``.
-        name: The anchor's name (a timm name or ``zoo:<name>``).
+        name: The name the anchor is built from (a timm name or ``zoo:<name>``).
         family: Its family.
         num_blocks: Its number of blocks.
         input_size: ``(C, H, W)``.
@@ -48,6 +48,10 @@ class AnchorRecord:
         trained: ``{"weights": file, "sha256": ...}`` when the anchor was trained with its
             family: its trained weights, relative to the manifest's folder (the other fields
             say what it started from).
+        id: The anchor's id, what the candidate calls it (:attr:`space.Anchor.name`); the
+            name when the study gave none, and in exports written before ids existed. The
+            JSON form holds it only when it differs from the name, so that exports of
+            anchors without ids stay as they were.
     """
 
     role: str
@@ -62,6 +66,11 @@ class AnchorRecord:
     timm_kwargs: dict[str, Any] | None = None
     weights_sha256: str | None = None
     trained: dict[str, str] | None = None
+    id: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.id:
+            object.__setattr__(self, "id", self.name)
 
     @classmethod
     def of(cls, anchor: Anchor, role: str, *, trained: str | None = None) -> AnchorRecord:
@@ -82,10 +91,11 @@ class AnchorRecord:
                 f"anchor {anchor.name!r}: give its trained weights' file name exactly when it "
                 f"was trained (trained_sha256 {anchor.trained_sha256}, file {trained!r})"
             )
-        zoo = anchor.name.startswith("zoo:")
+        zoo = anchor.model_name.startswith("zoo:")
         return cls(
             role=role,
-            name=anchor.name,
+            id=anchor.name,
+            name=anchor.model_name,
             family=anchor.family,
             num_blocks=anchor.num_blocks,
             input_size=tuple(anchor.input_size),
@@ -108,9 +118,11 @@ class AnchorRecord:
         return self.name.startswith("zoo:")
 
     def to_dict(self) -> dict[str, Any]:
-        """The record's JSON form (optional fields only when set)."""
-        rec: dict[str, Any] = {
-            "role": self.role,
+        """The record's JSON form (optional fields only when set; ``id`` when not the name)."""
+        rec: dict[str, Any] = {"role": self.role}
+        if self.id != self.name:
+            rec["id"] = self.id
+        rec |= {
             "name": self.name,
             "family": self.family,
             "num_blocks": self.num_blocks,
@@ -132,6 +144,9 @@ class AnchorRecord:
     def from_dict(cls, rec: Any, path: Path, *, index: int, role: str, name: Any) -> AnchorRecord:
         """Parses and validates ``anchors[index]``, which must be the ``role`` anchor ``name``.
 
+        ``name`` is the anchor's id as the candidate gives it: the record's ``id``, or its
+        ``name`` in an export written before ids existed.
+
         Raises:
             ExportError: Missing, unknown or invalid fields, or another role or name.
         """
@@ -143,11 +158,16 @@ class AnchorRecord:
         check_fields(path, rec, required, where, ANCHOR_OPTIONAL)
         if rec["role"] != role:
             raise ExportError(path, f"must be {role!r}, got {rec['role']!r}", field=f"{where}.role")
-        if rec["name"] != name:
+        expect(path, rec["name"], "str", f"{where}.name")
+        anchor_id = rec.get("id", rec["name"])
+        if "id" in rec and (problem := anchor_id_problem(anchor_id)) is not None:
+            raise ExportError(path, problem, field=f"{where}.id")
+        if anchor_id != name:
+            key = "id" if "id" in rec else "name"
             raise ExportError(
                 path,
-                f"is {rec['name']!r} but the candidate's {role} anchor is {name!r}",
-                field=f"{where}.name",
+                f"is {anchor_id!r} but the candidate's {role} anchor is {name!r}",
+                field=f"{where}.{key}",
             )
         expect(path, rec["family"], "str", f"{where}.family")
         expect(path, rec["num_blocks"], "pos_int", f"{where}.num_blocks")
@@ -188,6 +208,7 @@ class AnchorRecord:
             )
         return cls(
             role=role,
+            id=anchor_id,
             name=rec["name"],
             family=rec["family"],
             num_blocks=rec["num_blocks"],

@@ -432,6 +432,35 @@ CASES: dict[str, Case] = {
         "seed: 0\ncuts: stages",
         "field 'cuts': anchor 'vit_tiny_patch16_224' (vit) has no stages",
     ),
+    # anchor ids (issue 25): two checkpoints of one architecture need ids of their own
+    "yaml-anchor-id-twice": _yaml(
+        "  - name: vit_tiny_patch16_224\n",
+        "  - id: resnet10t\n    name: vit_tiny_patch16_224\n",
+        "field 'anchors[1].id': anchors[1].id 'resnet10t' is the id of anchors[0] too; give "
+        "each anchor an id of its own",
+    ),
+    "yaml-anchor-name-twice": _yaml(
+        "data:\n",
+        "  - name: resnet10t\n    timm_kwargs: {num_classes: 4}\ndata:\n",
+        "field 'anchors[2].name': anchors[2].name 'resnet10t' is listed twice (anchors[0] too); "
+        "to stitch two checkpoints of one architecture, give each an id of its own: {id: "
+        "resnet10t-b, name: resnet10t, checkpoint: ...}",
+    ),
+    "yaml-anchor-id-empty": _yaml(
+        "  - name: resnet10t\n",
+        "  - name: resnet10t\n    id: ''\n",
+        "field 'anchors[0].id': must be a non-empty string",
+    ),
+    "yaml-anchor-id-path": _yaml(
+        "  - name: resnet10t\n",
+        "  - name: resnet10t\n    id: runs/r10\n",
+        "field 'anchors[0].id': 'runs/r10' is not a valid anchor id; use up to 64 letters",
+    ),
+    "yaml-anchor-id-backslash": _yaml(
+        "  - name: resnet10t\n",
+        "  - name: resnet10t\n    id: 'C:\\r10'\n",
+        "field 'anchors[0].id': 'C:\\\\r10' is not a valid anchor id",
+    ),
     # checkpoints
     "ckpt-missing": _checkpoint(lambda x, w: x.root / "nope.safetensors", "nope.safetensors"),
     "ckpt-truncated": _checkpoint(_truncated, "trunc.safetensors"),

@@ -229,3 +229,54 @@ def test_rewrite_is_atomic_and_leaves_no_temp_files(tmp_path):
     write_report(path, TRIALS[:3], BUDGETS, study_name="s", chosen=CHOSEN)
     assert [p.name for p in tmp_path.iterdir()] == ["r.html"]
     assert "Plotly.newPlot" in path.read_text(encoding="utf-8")
+
+
+def figure_layout(page: str) -> dict:
+    """The layout passed to Plotly.newPlot (after the data array)."""
+    start = page.index("Plotly.newPlot(\n") if "Plotly.newPlot(\n" in page else None
+    start = page.index("Plotly.newPlot(") if start is None else start
+    decoder = json.JSONDecoder()
+    i = page.index("[", start)
+    _, end = decoder.raw_decode(page, i)
+    i = page.index("{", end)
+    layout, _ = decoder.raw_decode(page, i)
+    return layout
+
+
+def test_first_view_zooms_on_fronts_anchors_and_picks_with_labels_apart(tmp_path):
+    # Issue 25: the interesting points are no longer squeezed into the top of the axis, and
+    # the device labels no longer sit on the anchors' labels at the top.
+    page = write_report(
+        tmp_path / "r.html", TRIALS, BUDGETS, study_name="s", chosen=CHOSEN
+    ).read_text(encoding="utf-8")
+    data, layout = figure_json(page), figure_layout(page)
+    first = layout["yaxis"]["range"]
+    assert 85.0 < first[0] < 88.1 and first[1] > 90.4  # worse trials below the first view
+    buttons = layout["updatemenus"][0]["buttons"]
+    assert [b["label"] for b in buttons] == ["fronts, anchors and picks", "all trials"]
+    assert buttons[0]["args"][0]["yaxis.range"] == first
+    full = buttons[1]["args"][0]["yaxis.range"]
+    pruned = next(t for t in data if t.get("name", "").startswith("pruned"))
+    assert full[0] < pruned["y"][0] < 85.0 < full[1]  # every trial reachable
+    # Budget labels upright at the foot of their lines, in their device's colour.
+    labels = [a for a in layout["annotations"] if a.get("textangle") == -90]
+    assert sorted(a["text"] for a in labels) == sorted(
+        ["cortex-m7-mcu", html.escape(NASTY, quote=False), "tiny-sensor"]
+    )
+    assert all(a["yref"] == "paper" and a["y"] < 0.05 for a in labels)
+    # One label per picked point, below it (the anchors' labels are above theirs).
+    texts = next(t for t in data if t.get("name") == "chosen (labels)")
+    assert len(texts["text"]) == 3
+    assert all(p.startswith("bottom") for p in texts["textposition"])
+    anchor_labels = next(t for t in data if t.get("name") == "anchors")["textposition"]
+    assert all(p.startswith("top") for p in anchor_labels)
+    assert not any(t.get("mode") == "lines+text" for t in data)
+
+
+def test_one_label_names_every_device_that_chose_a_point(tmp_path):
+    budgets = [DeviceBudget("a", max_macs=1e7), DeviceBudget("b", max_macs=2e7)]
+    page = write_report(
+        tmp_path / "r.html", TRIALS, budgets, study_name="s", chosen={"a": 1, "b": 1}
+    ).read_text(encoding="utf-8")
+    texts = next(t for t in figure_json(page) if t.get("name") == "chosen (labels)")
+    assert texts["text"] == ["a, b → #1"]

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+import space.zoo as zoo
 from search.inputs import StudyError, load_study, parse_study
 
 REPO = Path(__file__).resolve().parents[3]
@@ -21,6 +22,17 @@ def test_default_study_is_valid() -> None:
     assert study.directions[:2] == ["maximize", "minimize"]
 
 
+def test_the_same_architecture_example_names_its_two_resnets_by_id() -> None:
+    study = load_study(REPO / "studies" / "same_architecture.yaml")
+    assert study.anchor_ids == ["zoo:resnet-s", "resnet-s-seed1"]
+    copy = study.anchors[1]
+    assert copy.name == "resnet18" and copy.checkpoint == "../runs/zoo-seed1/resnet-s.safetensors"
+    # The copy is the zoo's architecture: the same timm kwargs as the zoo records.
+    entry = zoo.manifest()["anchors"]["resnet-s"]
+    assert entry["timm_name"] == "resnet18"
+    assert copy.timm_kwargs == entry["timm_kwargs"]
+
+
 def test_anchor_mappings_and_aliases(tmp_path) -> None:
     study = parse_study(
         {
@@ -34,6 +46,30 @@ def test_anchor_mappings_and_aliases(tmp_path) -> None:
     assert study.objectives == ["accuracy", "macs", "latency_ms"]
     kw = study.anchors[1].load_kwargs(tmp_path)
     assert kw == {"num_classes": 10, "checkpoint": str(tmp_path / "w.pth")}
+
+
+def test_anchor_ids_default_to_names_and_travel_in_the_load_kwargs(tmp_path) -> None:
+    study = parse_study(
+        {
+            "anchors": [
+                {"name": "resnet18", "checkpoint": "a.pth"},
+                {"id": "resnet18-b", "name": "resnet18", "checkpoint": "b.pth"},
+                {"id": "zoo:resnet-s", "name": "zoo:resnet-s"},
+            ],
+            "finetune": {"teacher": "resnet18-b"},
+        }
+    )
+    assert study.anchor_ids == ["resnet18", "resnet18-b", "zoo:resnet-s"]
+    assert "anchor_id" not in study.anchors[0].load_kwargs(tmp_path)
+    assert study.anchors[1].load_kwargs(tmp_path)["anchor_id"] == "resnet18-b"
+    assert "anchor_id" not in study.anchors[2].load_kwargs(tmp_path)
+    with pytest.raises(StudyError, match="finetune.teacher 'resnet18' is not one"):
+        parse_study(
+            {
+                "anchors": [{"id": "r-a", "name": "resnet18"}, {"id": "r-b", "name": "resnet18"}],
+                "finetune": {"teacher": "resnet18"},
+            }
+        )
 
 
 def test_a_relative_checkpoint_becomes_absolute(tmp_path, monkeypatch) -> None:
@@ -60,7 +96,9 @@ def test_a_relative_checkpoint_becomes_absolute(tmp_path, monkeypatch) -> None:
             "objectives",
             "flops",
         ),
-        ({"anchors": ["a", "a"]}, "<top level>", None),
+        ({"anchors": ["a", "a"]}, "anchors[1].name", "give each an id of its own"),
+        ({"anchors": ["a", {"name": "b", "id": "a"}]}, "anchors[1].id", "'a' is the id of"),
+        ({"anchors": ["a", {"name": "b", "id": "b/c"}]}, "anchors[1].id", "'b/c'"),
         (
             {"anchors": ["a", {"name": "b", "checkpoint": "x", "pretrained": True}]},
             "anchors[1]",
