@@ -33,7 +33,7 @@ from evaluators import (
     evaluate_candidate,
     evaluate_member,
 )
-from search.core import Attr, finetune_attrs
+from search.core import Attr, finetune_attrs, macs_uncounted_text
 from space import Anchor, Candidate, StitchedFamily, load_anchor, load_family, member_name
 
 
@@ -54,6 +54,8 @@ class TrialContext:
         teacher: The anchor distilled from at rung 1 (``finetune.distill > 0``).
         family: The trained family's JSON (:func:`space.save_family`): its members are
             evaluated as they are at rung 2; None when there is none.
+        macs_allow: Operators fvcore cannot count that may count as zero MACs (the study's
+            ``macs.allow_unsupported``).
     """
 
     anchors: dict[str, dict[str, Any]]
@@ -66,6 +68,7 @@ class TrialContext:
     finetune: FinetuneSettings | None = None
     teacher: str | None = None
     family: str | None = None
+    macs_allow: tuple[str, ...] = ()
     _cache_key: str = field(default="", repr=False)
 
     def __post_init__(self) -> None:
@@ -102,6 +105,7 @@ class TrialContext:
                 threads=self.threads,
                 measure_latency=measure_latency,
                 latency_batch=self.latency_batch,
+                macs_allow=self.macs_allow,
             )
         tune = self.finetune if rung >= 1 and not candidate.is_anchor else None
         if rung >= 1 and self.finetune is None:
@@ -124,6 +128,7 @@ class TrialContext:
             finetune=tune,
             teacher=teacher,
             resolution=candidate.resolution,
+            macs_allow=self.macs_allow,
         )
 
 
@@ -185,6 +190,8 @@ def run_candidate(
             k: v for k, v in out.items() if not isinstance(v, dict | list) or k == "fit_residual"
         }
         out.update(finetune_attrs(result.finetune))
+        if result.macs_uncounted:
+            out[Attr.MACS_UNCOUNTED] = macs_uncounted_text(result.macs_uncounted)
         if isinstance(out.get("fit_residual"), dict):
             out["fit_residual"] = {k: float(v) for k, v in out["fit_residual"].items()}
         if fault == "nan":

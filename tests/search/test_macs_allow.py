@@ -1,0 +1,34 @@
+"""The study's ``macs.allow_unsupported`` (issue 26, item 5a): from the YAML to the trial."""
+
+from __future__ import annotations
+
+from evaluators import synthetic_splits
+from search.core import RESULT_ATTRS, Attr
+from search.inputs import parse_study
+from search.workers.evaluation import TrialContext, run_candidate
+from space import Candidate
+
+GRN = "aten::linalg_vector_norm"
+
+
+def test_the_trial_records_allowed_operators_and_fails_with_the_refusal() -> None:
+    data = synthetic_splits(num_classes=4, calibration=16, validation=16, test=16)
+    kwargs = {"input_size": (3, 32, 32), "depths": (1, 1, 1, 1), "dims": (8, 16, 24, 32)}
+    specs = {"convnextv2_atto": {**kwargs, "num_classes": 4}}
+    config = {"candidate": Candidate.anchor("convnextv2_atto").to_json()}
+    refused = run_candidate(config, TrialContext(anchors=specs, data=data))
+    assert refused["error"].startswith("UncountedOpsError: MACs of anchor 'convnextv2_atto'")
+    assert Attr.MACS_UNCOUNTED not in refused
+    ok = run_candidate(config, TrialContext(anchors=specs, data=data, macs_allow=(GRN,)))
+    assert "error" not in ok, ok
+    assert ok[Attr.MACS_UNCOUNTED] == f"{GRN} x4"
+    assert Attr.MACS_UNCOUNTED in RESULT_ATTRS  # stored on the trial by the recorder
+
+
+def test_the_study_field_is_parsed() -> None:
+    study = parse_study(
+        {"anchors": ["zoo:resnet-s", "zoo:vit-s"], "macs": {"allow_unsupported": [GRN]}},
+        source="s.yaml",
+    )
+    assert study.macs.allow_unsupported == [GRN]
+    assert parse_study({"anchors": ["zoo:resnet-s", "zoo:vit-s"]}).macs.allow_unsupported == []
