@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from evaluators import synthetic_splits
 from search.core import RESULT_ATTRS, Attr
 from search.inputs import parse_study
+from search.run import main
 from search.workers.evaluation import TrialContext, run_candidate
 from space import Candidate
 
@@ -32,3 +35,39 @@ def test_the_study_field_is_parsed() -> None:
     )
     assert study.macs.allow_unsupported == [GRN]
     assert parse_study({"anchors": ["zoo:resnet-s", "zoo:vit-s"]}).macs.allow_unsupported == []
+
+
+STUDY = Path(__file__).resolve().parent / "data" / "tiny_study.yaml"
+
+
+def _uncountable_study(tmp_path: Path) -> Path:
+    """The tiny study with a ConvNeXt-V2 anchor, whose MACs the depth rule counts first."""
+    text = STUDY.read_text()
+    for old, new in [
+        (
+            "resnet10t\n    timm_kwargs: {num_classes: 4}",
+            "convnextv2_atto\n    timm_kwargs: {num_classes: 4, depths: [1, 1, 1, 1], "
+            "dims: [8, 16, 24, 32]}",
+        ),
+        ("  threshold: 0.0\n  top_k: 2\n", "pruning: {signal: cka, depth: 1}\n"),
+    ]:
+        assert old in text, old
+        text = text.replace(old, new, 1)
+    path = tmp_path / "s.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_an_uncountable_anchor_stops_the_run_with_one_line(tmp_path, capsys) -> None:
+    devices = tmp_path / "devices.csv"
+    devices.write_text("device,max_macs\nsmall,10M\n")
+    out = tmp_path / "out"
+    study = _uncountable_study(tmp_path)
+    rc = main(["--budget-table", str(devices), "--study", str(study), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"error: MACs of 'convnextv2_atto': fvcore has no handle for {GRN}")
+    assert f"macs: {{allow_unsupported: [{GRN}]}}" in last
+    assert not out.exists()  # the run created it; an input error removes it
