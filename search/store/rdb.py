@@ -26,11 +26,20 @@ from sqlalchemy.exc import (
     InterfaceError,
     OperationalError,
     ProgrammingError,
+    SQLAlchemyError,
 )
 
 from search.core import masked_url, server_said, url_without_password
 from search.inputs import DEFAULT_RETRY_S, StorageError
 from search.store import optuna_access
+
+#: Errors of the storage itself (the database or Optuna's layer over it): what a periodic,
+#: skippable storage chore may swallow. A storage gone for good (:class:`StorageUnavailable`)
+#: and programming errors are not among them.
+STORAGE_ERRORS: tuple[type[Exception], ...] = (
+    SQLAlchemyError,
+    optuna.exceptions.StorageInternalError,
+)
 
 
 class StorageUnavailable(RuntimeError):
