@@ -111,10 +111,10 @@ class ResilientRDBStorage(optuna.storages.RDBStorage):
                         self._outage_since = now
                         self._report(
                             f"storage {masked_url(self.url)} does not answer "
-                            f"({_cause_line(e)}); retrying for up to {self.retry_s:g} s"
+                            f"({cause_line(e)}); retrying for up to {self.retry_s:g} s"
                         )
                 if now - first + delay > self.retry_s:
-                    raise StorageUnavailable(self.url, _cause_line(e), self.retry_s) from None
+                    raise StorageUnavailable(self.url, cause_line(e), self.retry_s) from None
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue
@@ -127,7 +127,7 @@ class ResilientRDBStorage(optuna.storages.RDBStorage):
             return result
 
 
-def _cause_line(error: BaseException) -> str:
+def cause_line(error: BaseException) -> str:
     """The database's own words for an error, on one line."""
     while isinstance(error.__cause__, BaseException) and not isinstance(error, DBAPIError):
         error = error.__cause__
@@ -169,7 +169,7 @@ def make_storage(
         storage = _open(url)
     except (DBAPIError, optuna.exceptions.StorageInternalError) as e:
         raise StorageError(
-            f"--storage: cannot open {masked_url(url)}: {_cause_line(e)}; check it and run again"
+            f"--storage: cannot open {masked_url(url)}: {cause_line(e)}; check it and run again"
         ) from None
     storage.retry_s = retry_s
     storage.on_retry = on_retry
