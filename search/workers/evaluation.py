@@ -48,7 +48,8 @@ class TrialContext:
         fit_lr: Fine-tuning learning rate.
         latency_batch: Batch size of the extra latency measurement.
         threads: Torch threads per trial (the trial's CPU share).
-        use_gpu: Evaluate on the GPU when the worker has one.
+        use_gpu: The worker was assigned a GPU: evaluate there (a trial fails when CUDA is
+            not usable, see :func:`trial_device`).
         finetune: Rung 1's stitch-only fine-tuning settings (``data.train`` holds its
             training images), or None when the study has no rung 1.
         teacher: The anchor distilled from at rung 1 (``finetune.distill > 0``).
@@ -160,6 +161,25 @@ def _anchors(ctx: TrialContext) -> dict[str, Anchor]:
     return _ANCHORS[ctx._cache_key]
 
 
+def trial_device(use_gpu: bool) -> str:
+    """Where a trial evaluates: ``"cuda"`` when its worker was assigned a GPU, else ``"cpu"``.
+
+    Raises:
+        RuntimeError: A GPU was assigned but CUDA is not usable in this process; the trial
+            fails with that reason rather than being measured on the CPU unnoticed.
+    """
+    if not use_gpu:
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    raise RuntimeError(
+        f"this trial's worker was assigned a GPU, but CUDA is not usable in its evaluation "
+        f"process (torch {torch.__version__}, built for CUDA {torch.version.cuda}, "
+        f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); it is not "
+        "measured on the CPU instead: fix the worker's CUDA set-up, or run without GPUs"
+    )
+
+
 def run_candidate(
     config: dict[str, Any], ctx: TrialContext, *, fault: str | None = None
 ) -> dict[str, Any]:
@@ -173,7 +193,7 @@ def run_candidate(
     start = time.perf_counter()
     try:
         torch.set_num_threads(max(1, ctx.threads))
-        device = "cuda" if ctx.use_gpu and torch.cuda.is_available() else "cpu"
+        device = trial_device(ctx.use_gpu)
         candidate = Candidate.from_json(config["candidate"])
         _inject(fault)
         rung = int(config.get("rung", 0))
