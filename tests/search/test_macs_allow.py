@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import optuna
+
 from evaluators import synthetic_splits
-from search.core import RESULT_ATTRS, Attr
+from search.core import RESULT_ATTRS, Attr, evaluated_trials
 from search.inputs import parse_study
 from search.run import main
 from search.workers.evaluation import TrialContext, run_candidate
@@ -40,7 +42,7 @@ def test_the_study_field_is_parsed() -> None:
 STUDY = Path(__file__).resolve().parent / "data" / "tiny_study.yaml"
 
 
-def _uncountable_study(tmp_path: Path) -> Path:
+def _uncountable_study(tmp_path: Path, allow: str = "") -> Path:
     """The tiny study with a ConvNeXt-V2 anchor, whose MACs the depth rule counts first."""
     text = STUDY.read_text()
     for old, new in [
@@ -54,6 +56,7 @@ def _uncountable_study(tmp_path: Path) -> Path:
         assert old in text, old
         text = text.replace(old, new, 1)
     path = tmp_path / "s.yaml"
+    text += allow
     path.write_text(text)
     return path
 
@@ -71,3 +74,19 @@ def test_an_uncountable_anchor_stops_the_run_with_one_line(tmp_path, capsys) -> 
     assert last.startswith(f"error: MACs of 'convnextv2_atto': fvcore has no handle for {GRN}")
     assert f"macs: {{allow_unsupported: [{GRN}]}}" in last
     assert not out.exists()  # the run created it; an input error removes it
+
+
+def test_an_allowed_operator_is_recorded_on_the_trials(tmp_path, ray_cluster) -> None:
+    devices = tmp_path / "devices.csv"
+    devices.write_text("device,max_macs\nsmall,10M\n")
+    out = tmp_path / "out"
+    study = _uncountable_study(tmp_path, allow=f"macs: {{allow_unsupported: [{GRN}]}}\n")
+    argv = ["--budget-table", str(devices), "--study", str(study), "--out", str(out)]
+    assert main([*argv, "--trials", "3"]) == 0
+    trials = evaluated_trials(
+        optuna.load_study(study_name="tiny", storage=f"sqlite:///{out}/study.db")
+    )
+    by_label = {t.user_attrs[Attr.LABEL]: t for t in trials}
+    assert by_label["convnextv2_atto (anchor)"].user_attrs[Attr.MACS_UNCOUNTED] == f"{GRN} x4"
+    vit = by_label["vit_tiny_patch16_224 (anchor)"]
+    assert Attr.MACS_UNCOUNTED not in vit.user_attrs and vit.user_attrs[Attr.MACS] > 0
