@@ -315,7 +315,11 @@ def test_the_rung1_loss_is_the_hand_computed_distillation(distill, temp, tiny_an
     assert not torch.isclose(kl, temp * temp * reverse, rtol=1e-3)
     if temp != 1.0:
         assert not torch.isclose(got, want / (temp * temp), rtol=1e-3)
-    assert not torch.isclose(kl, kl / 10, rtol=1e-3)  # "mean" would divide by the 10 classes
+    # reduction="mean" (over every element) would give a tenth: it averages the 10 classes.
+    p_t = torch.softmax(t_logits / temp, dim=1)
+    by_element = (p_t * (torch.log(p_t) - torch.log_softmax(student / temp, dim=1))).mean()
+    assert torch.isclose(temp * temp * by_element * 10, kl, rtol=1e-4)
+    assert not torch.isclose(got, want - distill * kl * 0.9, rtol=1e-3)
     assert kl > 0
 
 
