@@ -66,16 +66,23 @@ from evaluators.latency_parts import (
 from evaluators.latency_profile import count_steps, profile_parts, time_calls, torch_runner
 from evaluators.latency_table import TABLE_FORMAT, LatencyTable, LatencyTableError
 from evaluators.macs import (
+    ANY_OP,
+    NO_MAC_OPS,
+    MacsCount,
+    UncountedOpsError,
+    count_macs,
+    fvcore_macs,
+    stitched_macs,
+)
+from evaluators.pair_cache import anchor_identity, loader_identity
+from evaluators.params import (
     anchor_param_count,
     anchor_used_parameters,
-    count_macs,
     count_params,
-    stitched_macs,
     stitched_param_counts,
     stitched_parameters,
     used_parameters,
 )
-from evaluators.pair_cache import anchor_identity, loader_identity
 from evaluators.signals import (
     FIT_SIGNALS,
     SIGNALS,
@@ -87,8 +94,10 @@ from evaluators.signals import (
 from evaluators.teacher import label_by_teacher, largest_anchor, top1_predictions
 
 __all__ = [
+    "ANY_OP",
     "CKA_MODES",
     "FIT_SIGNALS",
+    "NO_MAC_OPS",
     "SIGNALS",
     "TABLE_FORMAT",
     "Accuracy",
@@ -109,10 +118,12 @@ __all__ = [
     "LatencyTable",
     "LatencyTableError",
     "LiveBytes",
+    "MacsCount",
     "MemberSampler",
     "MemoryResult",
     "MinibatchCKA",
     "RecipeError",
+    "UncountedOpsError",
     "accuracy",
     "anchor_identity",
     "anchor_key",
@@ -134,6 +145,7 @@ __all__ = [
     "finetune_stitch",
     "finetune_stitch_layer",
     "fit_stitch",
+    "fvcore_macs",
     "image_splits",
     "imagefolder_splits",
     "label_by_teacher",

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
@@ -27,13 +27,9 @@ from evaluators.data import DataSplits
 from evaluators.finetune import FinetuneSettings, finetune_stitch_layer
 from evaluators.fit import FitResult, accuracy, fit_stitch
 from evaluators.latency import measure_latency, measure_memory
-from evaluators.macs import (
-    anchor_used_parameters,
-    count_macs,
-    stitched_param_counts,
-    stitched_parameters,
-)
+from evaluators.macs import MacsCount, fvcore_macs
 from evaluators.pair_cache import anchor_identity
+from evaluators.params import anchor_used_parameters, stitched_param_counts, stitched_parameters
 from space import Anchor, StitchConfig, StitchedFamily, StitchedNet, build_stitched
 
 
@@ -50,6 +46,8 @@ class CandidateResult:
         test_acc: Test top-1 in percent, ``None`` unless asked for.
         test_top5: Test top-5 in percent, ``None`` unless asked for (and > 5 classes).
         macs: Multiply-accumulates of one image (fvcore).
+        macs_uncounted: Operators fvcore could not count (counted as zero) that the study
+            allowed (``macs_allow``), with their calls; empty for a full count.
         params: Parameters the forward pass uses: the front anchor's stem and blocks
             ``[0, k)``, the stitching layer, the back anchor's blocks ``[j, n)`` and head
             (a tensor shared by both halves of a self-stitch counts once); for an anchor,
@@ -108,31 +106,27 @@ class CandidateResult:
     finetune: dict[str, Any] | None = None
     residual: float | None = None
     input_size: list[int] | None = None
+    macs_uncounted: dict[str, int] = field(default_factory=dict)
     net: nn.Module | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable dict of every field except ``net``."""
-        out: dict[str, Any] = {}
-        for f in fields(self):
-            if f.name == "net":
-                continue
-            value = getattr(self, f.name)
-            if isinstance(value, dict):
-                value = dict(value)
-            elif isinstance(value, list):
-                value = list(value)
-            out[f.name] = value
-        return out
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "net"}
+        return {k: type(v)(v) if type(v) in (dict, list) else v for k, v in values.items()}
 
 
 # (front identity, back identity, k, j, input size) -> MACs of one image; process-wide.
-_MACS: dict[tuple, int] = {}
+_MACS: dict[tuple, MacsCount] = {}
 
 
-def _macs(key: tuple, model: nn.Module, input_size: tuple[int, ...]) -> int:
+def _macs(
+    key: tuple, model: nn.Module, input_size: tuple[int, ...], allow: Collection[str], label: str
+) -> tuple[int, dict[str, int]]:
+    """MACs of one image (cached) and the allowed uncounted operators; refuses the others."""
     if key not in _MACS:
-        _MACS[key] = count_macs(model, input_size)
-    return _MACS[key]
+        _MACS[key] = fvcore_macs(model, input_size)
+    count = _MACS[key]
+    return count.total, count.check(allow, label)
 
 
 @contextlib.contextmanager
@@ -198,6 +192,7 @@ def evaluate_candidate(
     finetune: FinetuneSettings | None = None,
     teacher: nn.Module | None = None,
     resolution: int | None = None,
+    macs_allow: Collection[str] = (),
 ) -> CandidateResult:
     """Builds, fits and measures one candidate.
 
@@ -224,11 +219,15 @@ def evaluate_candidate(
         resolution: Run at ``resolution`` x ``resolution`` pixels: both anchors see the
             images resized to it (:meth:`space.Anchor.at_resolution`), and MACs, latency and
             memory are measured there. ``None``: the front anchor's native size.
+        macs_allow: Operators fvcore cannot count that may count as zero MACs (the study's
+            ``macs.allow_unsupported``); the result records those it met.
 
     Returns:
         The result; ``result.net`` holds the fitted network.
 
     Raises:
+        evaluators.UncountedOpsError: fvcore cannot count an operator of the candidate that
+            ``macs_allow`` does not list.
         ValueError: Unknown anchors, a class count that differs from the data's, a bad
             configuration, an anchor that cannot run at ``resolution``, non-finite
             activations or logits.
@@ -247,6 +246,7 @@ def evaluate_candidate(
             latency=measure_latency,
             latency_batch=latency_batch,
             latency_seconds=latency_seconds,
+            macs_allow=tuple(macs_allow),
         )
         if isinstance(candidate, str):
             return _evaluate_anchor(candidate, anchors, data, run)
@@ -279,6 +279,7 @@ class _Run:
     latency: bool
     latency_batch: int
     latency_seconds: float
+    macs_allow: tuple[str, ...] = ()
 
 
 def _check_classes(anchor: Anchor, data: DataSplits) -> None:
@@ -321,7 +322,7 @@ def _measure_stitch(
     front, back, config = net.front, net.back, net.config
     key = (anchor_identity(front), anchor_identity(back), config.front_block, config.back_block)
     key += (tuple(front.input_size), tuple(back.input_size))
-    macs = _macs(key, net, net.input_size)
+    macs, uncounted = _macs(key, net, net.input_size, run.macs_allow, f"candidate {config}")
     counts = stitched_param_counts(net)
     used = stitched_parameters(net)
     cost = _cost(net, net.input_size, used, run)
@@ -344,6 +345,7 @@ def _measure_stitch(
         finetune=tuned,
         residual=fit.total_residual,
         input_size=list(net.input_size),
+        macs_uncounted=uncounted,
         net=net,
     )
 
@@ -401,10 +403,12 @@ def _evaluate_anchor(
     model = anchor.model
     t1 = time.perf_counter()
     scores = _scores(model, data, run, anchor.input_size)
-    macs = _macs(
+    macs, uncounted = _macs(
         (anchor_identity(anchor), None, None, None, tuple(anchor.input_size), None),
         model,
         anchor.input_size,
+        run.macs_allow,
+        f"anchor {anchor.name!r}",
     )
     used = anchor_used_parameters(anchor)
     cost = _cost(model, anchor.input_size, used, run)
@@ -425,6 +429,7 @@ def _evaluate_anchor(
         device=str(run.device),
         threads=run.threads,
         input_size=list(anchor.input_size),
+        macs_uncounted=uncounted,
         net=model,
     )
 
@@ -440,6 +445,7 @@ def evaluate_member(
     measure_latency: bool = False,
     latency_batch: int = 1,
     latency_seconds: float = 1.0,
+    macs_allow: Collection[str] = (),
 ) -> CandidateResult:
     """Measures one member of a trained family as it is (nothing is fitted).
 
@@ -453,6 +459,7 @@ def evaluate_member(
         measure_latency: Measure latency and memory.
         latency_batch: Batch size of the second latency measurement.
         latency_seconds: Time cap of each latency measurement.
+        macs_allow: As for :func:`evaluate_candidate`.
 
     Returns:
         The result; ``result.net`` is the member (a :class:`space.StitchedNet` sharing the
@@ -471,6 +478,7 @@ def evaluate_member(
             latency=measure_latency,
             latency_batch=latency_batch,
             latency_seconds=latency_seconds,
+            macs_allow=tuple(macs_allow),
         )
         if c.is_anchor:
             return _evaluate_anchor(c.front, family.anchors, data, run)

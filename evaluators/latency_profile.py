@@ -314,8 +314,12 @@ def _fit_networks(
 
 
 def _runtime_entry(parts: dict[str, Any], fit: Sequence[FitPoint]) -> dict[str, Any]:
-    """A runtime's entry at one batch size: the fitted overhead, the fit's errors, the parts."""
-    scale, overhead = fit_overhead([s for _, _, s in fit], [m for _, m, _ in fit])
+    """A runtime's entry at one batch size: the fitted overhead, the fit's errors, the parts.
+
+    ``fit.fallback`` says why the scale is 1 instead of the least-squares fit (``None``: the
+    fit was used; see :func:`fit_overhead`).
+    """
+    scale, overhead, fallback = fit_overhead([s for _, _, s in fit], [m for _, m, _ in fit])
     errors = [abs(scale * s + overhead - m) / m * 100 for _, m, s in fit if m > 0]
     return {
         "scale": scale,
@@ -326,32 +330,48 @@ def _runtime_entry(parts: dict[str, Any], fit: Sequence[FitPoint]) -> dict[str, 
             ],
             "median_abs_error_pct": statistics.median(errors) if errors else 0.0,
             "max_abs_error_pct": max(errors, default=0.0),
+            "fallback": fallback,
         },
         "parts": parts,
     }
 
 
-def fit_overhead(parts_ms: Sequence[float], measured_ms: Sequence[float]) -> tuple[float, float]:
+#: The fitted scales :func:`fit_overhead` accepts.
+SCALE_RANGE = (0.5, 2.0)
+
+
+def fit_overhead(
+    parts_ms: Sequence[float], measured_ms: Sequence[float]
+) -> tuple[float, float, str | None]:
     """Fits ``measured = scale * sum of parts + overhead`` over networks timed end to end.
 
     Least squares over the networks; with fewer than three networks, or a scale outside
-    ``[0.5, 2]`` (too few or too similar networks), the scale is 1 and the overhead the
-    median difference.
+    :data:`SCALE_RANGE` (too few or too similar networks), the scale is 1 and the overhead
+    the median difference, and the third value says so.
 
     Returns:
-        ``(scale, overhead_ms)``.
+        ``(scale, overhead_ms, fallback)``: ``fallback`` is ``None`` when the least-squares
+        fit was used, else one line saying why it was not and what replaced it.
     """
     if not parts_ms:
-        return 1.0, 0.0
-    if len(parts_ms) >= 3:
+        return 1.0, 0.0, "no network was timed end to end: scale 1, no overhead"
+    n = len(parts_ms)
+    why = f"{n} network(s) timed end to end are too few to fit a scale (3 needed)"
+    if n >= 3:
         x = torch.tensor(parts_ms, dtype=torch.float64)
         y = torch.tensor(measured_ms, dtype=torch.float64)
         a = torch.stack([x, torch.ones_like(x)], dim=1)
         sol = torch.linalg.lstsq(a, y[:, None]).solution[:, 0]
         scale, overhead = float(sol[0]), float(sol[1])
-        if 0.5 <= scale <= 2.0:
-            return scale, overhead
-    return 1.0, statistics.median(m - s for s, m in zip(parts_ms, measured_ms, strict=True))
+        low, high = SCALE_RANGE
+        if low <= scale <= high:
+            return scale, overhead, None
+        why = (
+            f"the fitted scale {scale:.3g} is outside [{low:g}, {high:g}] (the {n} networks "
+            "timed end to end are too few or too alike)"
+        )
+    overhead = statistics.median(m - s for s, m in zip(parts_ms, measured_ms, strict=True))
+    return 1.0, overhead, f"{why}: scale 1 and the median difference {overhead:+.3f} ms used"
 
 
 def count_steps(

@@ -1,4 +1,4 @@
-"""MACs (multiply-accumulates) and parameter counts.
+"""MACs (multiply-accumulates); parameter counts are in :mod:`evaluators.params`.
 
 fvcore's "flops" are MACs. It traces the model with TorchScript and counts matmuls,
 convolutions, linear layers, norms, pooling and upsampling with its own handles. It has no
@@ -6,11 +6,24 @@ handle for ``aten::scaled_dot_product_attention``, which timm ViTs use by defaul
 module registers one: ``B * H * N * M * (d_qk + d_v)`` MACs for ``Q @ K^T`` and
 ``softmax(.) @ V``.
 
-Ops that remain ignored, and why: element-wise arithmetic and activations (``add``, ``mul``,
-``div``, ``gelu``, ``relu``, ``softmax``, ``sigmoid``, ...) are not multiply-accumulates and
-are negligible next to the layers around them; shape ops (``reshape``, ``cat``, ``expand``,
-...) carry no compute. This matches the convention of the published figures (resnet18
-1.819 G, deit_tiny 1.258 G at 224 px).
+Ops that are ignored, and why (:data:`NO_MAC_OPS`, an explicit allow-list): element-wise
+arithmetic and activations (``add``, ``mul``, ``addcmul``, ``div``, ``gelu``, ``relu``,
+``hardtanh``, ``softmax``, ``sigmoid``, ...) are not multiply-accumulates in this convention
+and are negligible next to the layers around them; max and windowed average pooling are
+comparisons and additions; shape and scalar ops (``reshape_as``, ``ceil`` of TF-"same"
+padding, ``pad``, ...) carry no compute. fvcore ignores further shape ops on its own
+(``view``, ``cat``, ``expand``, ...). This matches the convention of the published figures
+(resnet18 1.819 G, deit_tiny 1.258 G at 224 px). The list holds every such op that the zoo's
+ResNets and ViTs, the tiny test anchors of every family and a sample of timm models
+(EfficientNet-Lite, MobileNetV3, RegNet, GhostNet, DenseNet, MobileViT, Swin, EfficientViT,
+LeViT, VGG, Inception) trace to.
+
+**No silent zeros.** Any other operator fvcore has no handle for (its ``unsupported_ops()``)
+would count as zero MACs, so :func:`count_macs` refuses it: :class:`UncountedOpsError` names
+the operators and the model. Some do carry multiply-accumulates (ConvNeXt-V2's
+``aten::linalg_vector_norm``, a sum of squares); a study that accepts counting them as zero
+lists them (``macs: {allow_unsupported: [...]}``), and the trial records which it met
+(:attr:`CandidateResult.macs_uncounted`). Only the fvcore backend checks.
 
 ``backend="torch"`` counts with ``torch.utils.flop_counter.FlopCounterMode`` instead
 (``flops / 2``), given a mapping for the CPU attention kernel it does not know. It counts
@@ -18,34 +31,30 @@ only matrix products and convolutions (no norms, pooling or resampling), so it i
 tenths of a percent below fvcore for ResNets and ViTs and a few percent below for
 EfficientNet/MobileNet (squeeze-excitation pooling and BatchNorm); fvcore stays the
 reference.
-
-**Parameters of a stitched network** (:func:`stitched_param_counts`) are those its forward
-pass actually uses: the front anchor's stem and blocks ``[0, k)``, the stitching layer, the
-back anchor's blocks ``[j, n)`` and head. The front anchor's head and the back anchor's
-stem do not count. "Used" is decided structurally, by which parameters receive a gradient
-(``autograd.grad(..., allow_unused=True)``) from one forward pass of each part, so it holds
-for every timm family without per-family bookkeeping; a tensor used by both halves of a
-self-stitch counts once.
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
-import weakref
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
 from math import prod
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
 
+from space import InputError
+
 if TYPE_CHECKING:
     from space import Anchor, StitchedNet
 
 MacsBackend = Literal["fvcore", "torch"]
 
-_IGNORED_OPS = (
+#: Operators fvcore has no handle for that carry no multiply-accumulates by nature (see the
+#: module docstring); they count as zero without being reported.
+NO_MAC_OPS = (
     "aten::add",
     "aten::add_",
     "aten::mul",
@@ -68,7 +77,64 @@ _IGNORED_OPS = (
     "aten::clamp_min",
     "aten::expand_as",
     "aten::pad",
+    "aten::addcmul",
+    "aten::hardtanh",
+    "aten::hardtanh_",
+    "aten::max_pool1d",
+    "aten::max_pool2d",
+    "aten::max_pool3d",
+    "aten::avg_pool1d",
+    "aten::avg_pool2d",
+    "aten::avg_pool3d",
+    "aten::ceil",
+    "aten::reshape_as",
+    "aten::view_as",
 )
+
+#: ``allow_unsupported`` that accepts every operator: for re-measuring a figure a study has
+#: already accepted (``--check`` of an export) or ranking anchors, never for a search.
+ANY_OP = "*"
+
+
+class UncountedOpsError(InputError):
+    """fvcore has no handle for operators of a model, which would count as zero MACs."""
+
+
+@dataclass(frozen=True)
+class MacsCount:
+    """An fvcore count and the operators it could not count.
+
+    Attributes:
+        total: Multiply-accumulates of the counted operators.
+        uncounted: Operators fvcore has no handle for (counted as zero), outside
+            :data:`NO_MAC_OPS`, with the number of calls of each.
+    """
+
+    total: int
+    uncounted: Mapping[str, int]
+
+    def check(self, allow: Collection[str], label: str) -> dict[str, int]:
+        """The uncounted operators, when ``allow`` lists every one of them.
+
+        Args:
+            allow: Operators a study accepts counting as zero (:data:`ANY_OP`: all).
+            label: The model, for the message (an anchor or candidate label).
+
+        Returns:
+            The uncounted operators with their calls (empty when there are none).
+
+        Raises:
+            UncountedOpsError: An uncounted operator that ``allow`` does not list.
+        """
+        refused = sorted(op for op in self.uncounted if op not in allow and ANY_OP not in allow)
+        if refused:
+            calls = ", ".join(f"{op} ({self.uncounted[op]} calls)" for op in refused)
+            raise UncountedOpsError(
+                f"MACs of {label}: fvcore has no handle for {calls}, which would count as "
+                f"zero; if they carry no multiply-accumulates, allow them in the study with "
+                f"macs: {{allow_unsupported: [{', '.join(refused)}]}}, else drop the anchor"
+            )
+        return dict(sorted(self.uncounted.items()))
 
 
 def _sdpa_handle(inputs: list[Any], outputs: list[Any]) -> int:
@@ -104,6 +170,8 @@ def count_macs(
     *,
     device: torch.device | str | None = None,
     backend: MacsBackend = "fvcore",
+    allow_unsupported: Collection[str] = (),
+    label: str | None = None,
 ) -> int:
     """Counts the MACs of one forward pass.
 
@@ -118,16 +186,38 @@ def count_macs(
         device: Where to trace (default: the model's device).
         backend: ``"fvcore"`` (the reference) or ``"torch"`` (FlopCounterMode; see the
             module docstring).
+        allow_unsupported: Operators without an fvcore handle that may count as zero
+            (fvcore only; see the module docstring).
+        label: Names the model in an :class:`UncountedOpsError` (default: its class).
 
     Returns:
         Multiply-accumulates for the whole batch.
-    """
-    with warnings.catch_warnings():  # fvcore's import touches the deprecated torch.jit
-        warnings.simplefilter("ignore", FutureWarning)
-        from fvcore.nn import FlopCountAnalysis
 
+    Raises:
+        UncountedOpsError: fvcore met an operator it cannot count that neither
+            :data:`NO_MAC_OPS` nor ``allow_unsupported`` lists.
+    """
     if backend not in ("fvcore", "torch"):
         raise ValueError(f"backend must be 'fvcore' or 'torch', got {backend!r}")
+    if backend == "torch":
+        x, was_training = _zero_input(model, input_shape, device)
+        try:
+            return _count_macs_torch(model, x)
+        finally:
+            model.train(was_training)
+    count = fvcore_macs(model, input_shape, device=device)
+    count.check(allow_unsupported, label or type(model).__name__)
+    return count.total
+
+
+def _zero_input(
+    model: nn.Module, input_shape: Sequence[int], device: torch.device | str | None
+) -> tuple[torch.Tensor, bool]:
+    """A zero input batch for ``model`` (see :func:`count_macs`); the model put in eval mode.
+
+    Returns:
+        The input and whether the model was training.
+    """
     shape = tuple(input_shape)
     if _needs_batch(model, shape):
         shape = (1, *shape)
@@ -138,12 +228,29 @@ def count_macs(
     x = torch.zeros(shape, device=device, dtype=dtype)
     was_training = model.training
     model.eval()
-    if backend == "torch":
-        try:
-            return _count_macs_torch(model, x)
-        finally:
-            model.train(was_training)
-    # fvcore logs unsupported/uncalled ops at WARNING on every call.
+    return x, was_training
+
+
+def fvcore_macs(
+    model: nn.Module, input_shape: Sequence[int], *, device: torch.device | str | None = None
+) -> MacsCount:
+    """The MACs fvcore counts in one forward pass, and the operators it could not count.
+
+    Args:
+        model: The module (run in eval mode, restored afterwards).
+        input_shape: As for :func:`count_macs`.
+        device: Where to trace (default: the model's device).
+
+    Returns:
+        The total and the uncounted operators outside :data:`NO_MAC_OPS`; nothing is
+        refused (:meth:`MacsCount.check` decides).
+    """
+    with warnings.catch_warnings():  # fvcore's import touches the deprecated torch.jit
+        warnings.simplefilter("ignore", FutureWarning)
+        from fvcore.nn import FlopCountAnalysis
+
+    x, was_training = _zero_input(model, input_shape, device)
+    # fvcore logs unsupported/uncalled ops at WARNING on every call; they are read below.
     logger = logging.getLogger("fvcore.nn.jit_analysis")
     level = logger.level
     logger.setLevel(logging.ERROR)
@@ -153,32 +260,16 @@ def count_macs(
             warnings.simplefilter("ignore", FutureWarning)
             analysis = FlopCountAnalysis(model, x)
             analysis.set_op_handle("aten::scaled_dot_product_attention", _sdpa_handle)
-            analysis.set_op_handle(*[a for op in _IGNORED_OPS for a in (op, None)])
+            analysis.set_op_handle(*[a for op in NO_MAC_OPS for a in (op, None)])
             analysis.unsupported_ops_warnings(False)
             analysis.uncalled_modules_warnings(False)
             analysis.tracer_warnings("none")
             total = int(analysis.total())
+            uncounted = {str(op): int(n) for op, n in analysis.unsupported_ops().items()}
     finally:
         logger.setLevel(level)
         model.train(was_training)
-    return total
-
-
-def count_params(model: nn.Module, *, trainable_only: bool = False) -> int:
-    """Counts parameters, each shared tensor once.
-
-    Args:
-        model: The module.
-        trainable_only: Count only parameters with ``requires_grad``.
-    """
-    seen: set[int] = set()
-    total = 0
-    for p in model.parameters():
-        if id(p) in seen or (trainable_only and not p.requires_grad):
-            continue
-        seen.add(id(p))
-        total += p.numel()
-    return total
+    return MacsCount(total=total, uncounted=uncounted)
 
 
 def _needs_batch(model: nn.Module, shape: tuple[int, ...]) -> bool:
@@ -234,12 +325,15 @@ class BackPart(nn.Module):
         return self._anchor.forward_back(h, self.j)
 
 
-def stitched_macs(net: StitchedNet, *, batch_size: int = 1) -> dict[str, int]:
+def stitched_macs(
+    net: StitchedNet, *, batch_size: int = 1, allow_unsupported: Collection[str] = ()
+) -> dict[str, int]:
     """MACs of a stitched network's three parts, each counted on its own.
 
     Args:
         net: The stitched network.
         batch_size: Images per forward pass.
+        allow_unsupported: As for :func:`count_macs`.
 
     Returns:
         ``{"front": ..., "stitch": ..., "back": ..., "total": ...}``; ``total`` is the sum,
@@ -248,10 +342,23 @@ def stitched_macs(net: StitchedNet, *, batch_size: int = 1) -> dict[str, int]:
     k, j = net.config.front_block, net.config.back_block
     src = net.stitch.src.shape
     dst = net.stitch.dst.shape
+    allow = allow_unsupported
     parts = {
-        "front": count_macs(FrontPart(net.front, k), (batch_size, *net.input_size)),
-        "stitch": stitch_layer_macs(net.stitch, src, batch_size=batch_size),
-        "back": count_macs(BackPart(net.back, j), (batch_size, *dst)),
+        "front": count_macs(
+            FrontPart(net.front, k),
+            (batch_size, *net.input_size),
+            allow_unsupported=allow,
+            label=f"{net.front.name!r} blocks [0, {k})",
+        ),
+        "stitch": stitch_layer_macs(
+            net.stitch, src, batch_size=batch_size, allow_unsupported=allow
+        ),
+        "back": count_macs(
+            BackPart(net.back, j),
+            (batch_size, *dst),
+            allow_unsupported=allow,
+            label=f"{net.back.name!r} blocks [{j}, end)",
+        ),
     }
     parts["total"] = sum(parts.values())
     return parts
@@ -268,102 +375,24 @@ class _Wrapped(nn.Module):
         return self.module(x)
 
 
-def stitch_layer_macs(layer: nn.Module, src_shape: tuple[int, ...], *, batch_size: int = 1) -> int:
+def stitch_layer_macs(
+    layer: nn.Module,
+    src_shape: tuple[int, ...],
+    *,
+    batch_size: int = 1,
+    allow_unsupported: Collection[str] = (),
+) -> int:
     """MACs of a stitching layer on ``batch_size`` activations of its source cut's shape.
 
     Args:
         layer: The stitching layer.
         src_shape: Its input's shape without the batch dimension (``FeatureInfo.shape``).
         batch_size: Activations per forward pass.
+        allow_unsupported: As for :func:`count_macs`.
     """
-    return count_macs(_Wrapped(layer, 1 + len(src_shape)), (batch_size, *src_shape))
-
-
-def used_parameters(model: nn.Module, inputs: torch.Tensor) -> list[nn.Parameter]:
-    """The parameters of ``model`` that one forward pass on ``inputs`` actually uses.
-
-    A parameter is used when the output depends on it structurally (it gets a gradient,
-    possibly zero). ``requires_grad`` is switched on for the pass and restored afterwards;
-    values are never touched.
-    """
-    params = list(dict.fromkeys(model.parameters()))
-    flags = [p.requires_grad for p in params]
-    was_training = model.training
-    model.eval()
-    try:
-        for p in params:
-            p.requires_grad_(True)
-        with torch.enable_grad():
-            out = model(inputs)
-            outs = [t for t in (out if isinstance(out, tuple | list) else [out])]
-            total = sum(t.float().sum() for t in outs if isinstance(t, torch.Tensor))
-            grads = torch.autograd.grad(total, params, allow_unused=True)
-    finally:
-        for p, flag in zip(params, flags, strict=True):
-            p.requires_grad_(flag)
-        model.train(was_training)
-    return [p for p, g in zip(params, grads, strict=True) if g is not None]
-
-
-# Per anchor object: (side, cut, input shape) -> names of the used parameters.
-_USED: weakref.WeakKeyDictionary[Any, dict[tuple, frozenset[str]]] = weakref.WeakKeyDictionary()
-
-
-def _used_names(anchor: Anchor, side: str, cut: int) -> frozenset[str]:
-    per = _USED.setdefault(anchor, {})
-    key = (side, cut, tuple(anchor.input_size))
-    if key not in per:
-        param = next(anchor.model.parameters())
-        if side == "front":
-            part: nn.Module = FrontPart(anchor, cut)
-            shape = anchor.input_size
-        else:
-            part = BackPart(anchor, cut)
-            shape = anchor.feature_info(cut).shape
-        x = torch.zeros((1, *shape), dtype=param.dtype, device=param.device)
-        used = {id(p) for p in used_parameters(part, x)}
-        per[key] = frozenset(n for n, p in anchor.model.named_parameters() if id(p) in used)
-    return per[key]
-
-
-def _named(anchor: Anchor, names: frozenset[str]) -> list[nn.Parameter]:
-    return [p for n, p in anchor.model.named_parameters() if n in names]
-
-
-def anchor_used_parameters(anchor: Anchor) -> list[nn.Parameter]:
-    """Parameters an anchor's own forward pass uses (stem, all blocks, head)."""
-    names = _used_names(anchor, "front", anchor.num_blocks)
-    names |= _used_names(anchor, "back", anchor.num_blocks)
-    return _named(anchor, names)
-
-
-def anchor_param_count(anchor: Anchor) -> int:
-    """Number of parameters an anchor's own forward pass uses."""
-    return sum(p.numel() for p in anchor_used_parameters(anchor))
-
-
-def stitched_parameters(net: StitchedNet) -> list[nn.Parameter]:
-    """Parameters a stitched network's forward pass uses, each once (see the module docs)."""
-    k, j = net.config.front_block, net.config.back_block
-    params = _named(net.front, _used_names(net.front, "front", k))
-    params += list(net.stitch.parameters())
-    params += _named(net.back, _used_names(net.back, "back", j))
-    return list(dict.fromkeys(params))
-
-
-def stitched_param_counts(net: StitchedNet) -> dict[str, int]:
-    """Parameters of a stitched network that its forward pass uses, by part.
-
-    See the module docstring for what counts.
-
-    Returns:
-        ``{"front": ..., "stitch": ..., "back": ..., "total": ...}``; for a self-stitch whose
-        halves share tensors, ``total`` counts each once (so it can be below the sum).
-    """
-    k, j = net.config.front_block, net.config.back_block
-    return {
-        "front": sum(p.numel() for p in _named(net.front, _used_names(net.front, "front", k))),
-        "stitch": count_params(net.stitch),
-        "back": sum(p.numel() for p in _named(net.back, _used_names(net.back, "back", j))),
-        "total": sum(p.numel() for p in stitched_parameters(net)),
-    }
+    return count_macs(
+        _Wrapped(layer, 1 + len(src_shape)),
+        (batch_size, *src_shape),
+        allow_unsupported=allow_unsupported,
+        label=f"the stitching layer {type(layer).__name__}",
+    )

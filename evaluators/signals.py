@@ -38,7 +38,7 @@ rules that weigh a signal against cost.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -316,7 +316,11 @@ def _check_finite(out: dict[str, np.ndarray], front: Anchor, back: Anchor) -> No
 
 @torch.no_grad()
 def stitch_macs(
-    front: Anchor, back: Anchor, points: Sequence[tuple[int, int]] | None = None
+    front: Anchor,
+    back: Anchor,
+    points: Sequence[tuple[int, int]] | None = None,
+    *,
+    allow_unsupported: Collection[str] = (),
 ) -> np.ndarray:
     """MACs of one image through every stitch point of an ordered pair.
 
@@ -328,6 +332,7 @@ def stitch_macs(
         front: The front anchor.
         back: The back anchor.
         points: Count only these stitch points ``(k, j)`` (default: all of them).
+        allow_unsupported: Operators that may count as zero (:func:`evaluators.count_macs`).
 
     Returns:
         An int64-valued float array ``(front.num_blocks + 1, back.num_blocks + 1)``, NaN
@@ -335,15 +340,23 @@ def stitch_macs(
     """
     points = stitch_points(front, back, points)
     size = front.input_size
-    fronts = {k: count_macs(FrontPart(front, k), (1, *size)) for k in {k for k, _ in points}}
+    allow = allow_unsupported
+    fronts = {
+        k: count_macs(
+            FrontPart(front, k), (1, *size), allow_unsupported=allow, label=f"{front.name!r}"
+        )
+        for k in {k for k, _ in points}
+    }
     backs: dict[int, int] = {}
     out = np.full((front.num_blocks + 1, back.num_blocks + 1), np.nan)
     param = next(front.model.parameters())
     for k, j in points:
         src, dst = stitch_cuts(front, back, StitchConfig(front.name, back.name, k, j))
         if j not in backs:
-            backs[j] = count_macs(BackPart(back, j), (1, *dst.shape))
+            backs[j] = count_macs(
+                BackPart(back, j), (1, *dst.shape), allow_unsupported=allow, label=repr(back.name)
+            )
         layer = make_stitching_layer(src, dst).to(device=param.device, dtype=param.dtype)
-        stitch = stitch_layer_macs(layer, src.shape)
+        stitch = stitch_layer_macs(layer, src.shape, allow_unsupported=allow)
         out[k, j] = fronts[k] + stitch + backs[j]
     return out

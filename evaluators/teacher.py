@@ -17,7 +17,7 @@ import torch
 
 from evaluators.data import DataError, DatasetLoader, DataSplits, make_splits
 from evaluators.fit import fit_input
-from evaluators.macs import count_macs
+from evaluators.macs import ANY_OP, count_macs
 from space import Anchor
 
 
@@ -26,7 +26,11 @@ def largest_anchor(anchors: Mapping[str, Anchor]) -> str:
 
     Ties go to the anchor listed first.
     """
-    macs = {name: count_macs(a.model, tuple(a.input_size)) for name, a in anchors.items()}
+    # Only a ranking: operators fvcore cannot count are refused when candidates are measured.
+    macs = {
+        name: count_macs(a.model, tuple(a.input_size), allow_unsupported=[ANY_OP])
+        for name, a in anchors.items()
+    }
     return max(macs, key=lambda name: macs[name])
 
 

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from evaluators import count_steps, profile_parts, torch_runner
+from evaluators import LatencyTable, count_steps, profile_parts, torch_runner
 from search.core import OneLineParser, one_line
 from search.delivery import export_onnx
 from search.execution import SignalGuard
@@ -273,21 +273,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         bar.close()
         print(f"python -m search.profile: error: {one_line(str(e))}", file=sys.stderr)
         return 1
-    for rt, batches_of in table.runtimes.items():
-        for batch, entry in batches_of.items():
-            fit = entry["fit"]
-            print(
-                f"{rt} batch {batch}: {len(entry['parts'])} parts, overhead "
-                f"{entry['overhead_ms']:+.3f} ms, fit on {len(fit['networks'])} networks: "
-                f"median error {fit['median_abs_error_pct']:.1f}%, max "
-                f"{fit['max_abs_error_pct']:.1f}%",
-                file=sys.stderr,
-            )
+    for line in fit_lines(table):
+        print(line, file=sys.stderr)
     print(
         f"latency table: {out} ({table.profile_seconds:.1f}s); name it in the budget CSV's "
         f"latency_table column for device {device!r}"
     )
     return 0
+
+
+def fit_lines(table: LatencyTable) -> list[str]:
+    """One line per runtime and batch size on the overhead fit, and one more per fallback."""
+    lines = []
+    for rt, batches_of in table.runtimes.items():
+        for batch, entry in batches_of.items():
+            fit = entry["fit"]
+            lines.append(
+                f"{rt} batch {batch}: {len(entry['parts'])} parts, overhead "
+                f"{entry['overhead_ms']:+.3f} ms, fit on {len(fit['networks'])} networks: "
+                f"median error {fit['median_abs_error_pct']:.1f}%, max "
+                f"{fit['max_abs_error_pct']:.1f}%"
+            )
+            if fit.get("fallback"):
+                lines.append(f"warning: {rt} batch {batch}: {fit['fallback']}")
+    return lines
 
 
 if __name__ == "__main__":

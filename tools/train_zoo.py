@@ -31,7 +31,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from evaluators.data import fashion_mnist_splits
-from evaluators.macs import count_macs, count_params
+from evaluators.macs import count_macs
+from evaluators.params import count_params
 from space import InputError, file_sha256
 from space.zoo import ZOO_DIR
 from tools.zoo_recipes import DATA_CONFIG, RECIPE, SPECS, ZooSpec, spec_dict

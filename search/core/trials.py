@@ -57,6 +57,9 @@ class Attr:
     VAL_ACC = "val_acc"
     VAL_TOP5 = "val_top5"
     MACS = "macs"
+    #: Operators fvcore could not count that the study allowed to count as zero
+    #: (``"aten::foo x12, ..."``; absent when every operator was counted).
+    MACS_UNCOUNTED = "macs_uncounted"
     PARAMS = "params"
     STITCH_PARAMS = "stitch_params"
     LATENCY_MS = "latency_ms"
@@ -120,6 +123,7 @@ RESULT_ATTRS = frozenset(
         Attr.VAL_ACC,
         Attr.VAL_TOP5,
         Attr.MACS,
+        Attr.MACS_UNCOUNTED,
         Attr.PARAMS,
         Attr.STITCH_PARAMS,
         Attr.LATENCY_MS,
@@ -190,6 +194,11 @@ def finetune_attrs(finetune: Mapping[str, Any] | None) -> dict[str, Any]:
         Attr.LOSS_MIN: float(finetune["loss_min"]),
         Attr.LOSS_CURVE: [round(float(v), 5) for v in finetune["loss_curve"]],
     }
+
+
+def macs_uncounted_text(uncounted: Mapping[str, int]) -> str:
+    """The operators a MAC count left out, as stored on a trial (``"aten::foo x12, ..."``)."""
+    return ", ".join(f"{op} x{n}" for op, n in sorted(uncounted.items()))
 
 
 #: The metrics device budgets are checked against.

@@ -12,7 +12,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from evaluators import accuracy, anchor_param_count, count_macs, stitched_param_counts
+from evaluators import (
+    ANY_OP,
+    accuracy,
+    anchor_param_count,
+    count_macs,
+    stitched_param_counts,
+)
 from search.delivery.check import CheckResult, CheckRow, splits_for
 from space import ExportError, StitchedFamily, StitchedNet, load_family
 from space.manifest import check_data, read_json_object
@@ -93,7 +99,7 @@ def _measure(family: StitchedFamily, name: str, splits: Any, path: Path) -> dict
     return {
         "test_accuracy": test.top1,
         "accuracy": val.top1,
-        "macs": count_macs(model, size),
+        "macs": count_macs(model, size, allow_unsupported=[ANY_OP]),  # as the study counted
         "params": params,
     }
 

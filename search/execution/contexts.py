@@ -48,6 +48,7 @@ def trial_context(
         finetune=finetune_settings(plan) if ft.enabled and rung >= 1 else None,
         teacher=teacher,
         family=family,
+        macs_allow=tuple(plan.study.macs.allow_unsupported),
     )
 
 

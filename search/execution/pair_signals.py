@@ -83,7 +83,8 @@ def pruning_signals(
             )
             values[key] = sig[rule.signal]
         if macs is not None:
-            macs[key] = stitch_macs(front, back, points)
+            allow = plan.study.macs.allow_unsupported
+            macs[key] = stitch_macs(front, back, points, allow_unsupported=allow)
         log(
             f"\rpruning signal {rule.signal!r}: {i}/{len(keys)} {_pairs_word(space)} "
             f"({time.perf_counter() - t0:.1f}s)",

@@ -97,7 +97,8 @@ class RunSession:
             name = family_study_name(plan.study.name)
             self.family, _ = open_study(self.storage, plan.study, plan.driver_id, name=name)
         for study in self.studies():
-            self._beats.enter_context(Heartbeat(study, plan.driver_id))
+            beat = Heartbeat(study, plan.driver_id, log=lambda m: self.log(f"\n{m}"))
+            self._beats.enter_context(beat)
         try:
             self._set_up(created)
         except BaseException:

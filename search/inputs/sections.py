@@ -7,6 +7,7 @@ assembles them.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -157,6 +158,32 @@ class PruningSpec(StrictModel):
         if self.signal == "cka" and self.threshold is not None and self.threshold > 1:
             raise ValueError(f"a CKA threshold lies in [0, 1], got {self.threshold}")
         return self
+
+
+class MacsSpec(StrictModel):
+    """How MACs are counted.
+
+    Attributes:
+        allow_unsupported: Operators fvcore has no handle for that may count as zero MACs
+            (``aten::linalg_vector_norm``); any other such operator fails the count (see
+            :mod:`evaluators.macs`). Trials record the allowed ones they met.
+    """
+
+    allow_unsupported: list[Annotated[str, Field(strict=True)]] = Field(default_factory=list)
+
+    @field_validator("allow_unsupported")
+    @classmethod
+    def _operator_names(cls, value: list[str]) -> list[str]:
+        for i, op in enumerate(value):
+            if not re.fullmatch(r"[A-Za-z_][\w.]*::[\w.]+", op):
+                raise ValueError(
+                    f"item {i} {op!r} is not an operator name; give TorchScript names such "
+                    "as aten::linalg_vector_norm"
+                )
+        twice = sorted({op for op in value if value.count(op) > 1})
+        if twice:
+            raise ValueError(f"lists {twice} twice; give each operator once")
+        return value
 
 
 class FitSpec(StrictModel):

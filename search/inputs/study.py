@@ -19,6 +19,7 @@ from search.inputs.sections import (
     FamilySpec,
     FinetuneSpec,
     FitSpec,
+    MacsSpec,
     PruningSpec,
     StrictModel,
 )
@@ -57,6 +58,7 @@ class Study(StrictModel):
         fit: Stitch fitting settings (rung 0).
         finetune: Rung 1: stitch-only fine-tuning of promoted candidates.
         family: The family: anchors and promoted stitches trained jointly (the last rung).
+        macs: How MACs are counted: operators fvcore cannot count that may count as zero.
         latency_batch: Batch size for the latency measurement (latency at batch 1 is
             always measured).
         trial_timeout_s: Seconds after which a trial is stopped and recorded as failed.
@@ -84,6 +86,7 @@ class Study(StrictModel):
     fit: FitSpec = Field(default_factory=FitSpec)
     finetune: FinetuneSpec = Field(default_factory=FinetuneSpec)
     family: FamilySpec = Field(default_factory=FamilySpec)
+    macs: MacsSpec = Field(default_factory=MacsSpec)
     latency_batch: int = Field(default=1, ge=1)
     trial_timeout_s: float = Field(default=600.0, gt=0)
     max_retries: int = Field(default=1, ge=0)

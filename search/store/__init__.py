@@ -19,13 +19,19 @@ from search.store.liveness import (
     heartbeats,
     live_drivers,
 )
-from search.store.rdb import ResilientRDBStorage, StorageUnavailable, make_storage
+from search.store.rdb import (
+    STORAGE_ERRORS,
+    ResilientRDBStorage,
+    StorageUnavailable,
+    make_storage,
+)
 from search.store.studies import fail_own_trials, open_study
 
 __all__ = [
     "HEARTBEAT_INTERVAL_S",
     "HEARTBEAT_KEY",
     "STALE_AFTER_S",
+    "STORAGE_ERRORS",
     "Heartbeat",
     "ResilientRDBStorage",
     "StorageUnavailable",

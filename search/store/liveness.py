@@ -11,9 +11,10 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from optuna.trial import TrialState
 
 from search.core import Attr
 from search.store import optuna_access
+from search.store.rdb import cause_line
 
 #: Study user-attribute key prefix of a driver's heartbeat (``heartbeat:<driver id>``).
 HEARTBEAT_KEY = "heartbeat:"
@@ -147,27 +149,64 @@ def fail_stale_trials(
     return failed
 
 
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
 class Heartbeat:
-    """Writes this driver's heartbeat (time, host, process) into the study periodically."""
+    """Writes this driver's heartbeat (time, host, process) into the study periodically.
+
+    A beat that cannot be written does not stop the run, but it is not silent either: the
+    first failed beat of an outage prints one warning line through ``log`` (other drivers
+    sharing the study take this driver for dead after :data:`STALE_AFTER_S` without one, at
+    least five beats later); a beat written again re-arms the warning.
+
+    Args:
+        study: The study.
+        driver_id: This driver.
+        interval: Seconds between two beats.
+        log: Prints the warning line (default: standard error).
+    """
 
     def __init__(
-        self, study: optuna.Study, driver_id: str, interval: float = HEARTBEAT_INTERVAL_S
+        self,
+        study: optuna.Study,
+        driver_id: str,
+        interval: float = HEARTBEAT_INTERVAL_S,
+        *,
+        log: Callable[[str], Any] = _stderr,
     ) -> None:
         self.study = study
         self.key = HEARTBEAT_KEY + driver_id
         self.interval = interval
         self.identity = driver_identity()
+        self.log = log
+        self.failing = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
 
     def _beat(self, **extra: Any) -> None:
         self.study.set_user_attr(self.key, {**self.identity, "time": time.time(), **extra})
 
+    def beat(self) -> None:
+        """Writes one heartbeat; a failure warns once (until a beat succeeds again)."""
+        try:
+            self._beat()
+        except Exception as e:  # the storage being unavailable must not kill the run
+            if not self.failing:
+                self.failing = True
+                self.log(
+                    f"warning: this driver's heartbeat could not be written to study "
+                    f"{self.study.study_name!r} ({cause_line(e)}); other drivers "
+                    f"sharing the study take it for dead after {STALE_AFTER_S:g} s without one "
+                    "and fail its running trials"
+                )
+            return
+        self.failing = False
+
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            # The storage being briefly unavailable must not kill the run.
-            with contextlib.suppress(Exception):
-                self._beat()
+            self.beat()
 
     def __enter__(self) -> Heartbeat:
         self._beat()

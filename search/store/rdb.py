@@ -26,11 +26,20 @@ from sqlalchemy.exc import (
     InterfaceError,
     OperationalError,
     ProgrammingError,
+    SQLAlchemyError,
 )
 
 from search.core import masked_url, server_said, url_without_password
 from search.inputs import DEFAULT_RETRY_S, StorageError
 from search.store import optuna_access
+
+#: Errors of the storage itself (the database or Optuna's layer over it): what a periodic,
+#: skippable storage chore may swallow. A storage gone for good (:class:`StorageUnavailable`)
+#: and programming errors are not among them.
+STORAGE_ERRORS: tuple[type[Exception], ...] = (
+    SQLAlchemyError,
+    optuna.exceptions.StorageInternalError,
+)
 
 
 class StorageUnavailable(RuntimeError):
@@ -102,10 +111,10 @@ class ResilientRDBStorage(optuna.storages.RDBStorage):
                         self._outage_since = now
                         self._report(
                             f"storage {masked_url(self.url)} does not answer "
-                            f"({_cause_line(e)}); retrying for up to {self.retry_s:g} s"
+                            f"({cause_line(e)}); retrying for up to {self.retry_s:g} s"
                         )
                 if now - first + delay > self.retry_s:
-                    raise StorageUnavailable(self.url, _cause_line(e), self.retry_s) from None
+                    raise StorageUnavailable(self.url, cause_line(e), self.retry_s) from None
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue
@@ -118,7 +127,7 @@ class ResilientRDBStorage(optuna.storages.RDBStorage):
             return result
 
 
-def _cause_line(error: BaseException) -> str:
+def cause_line(error: BaseException) -> str:
     """The database's own words for an error, on one line."""
     while isinstance(error.__cause__, BaseException) and not isinstance(error, DBAPIError):
         error = error.__cause__
@@ -160,7 +169,7 @@ def make_storage(
         storage = _open(url)
     except (DBAPIError, optuna.exceptions.StorageInternalError) as e:
         raise StorageError(
-            f"--storage: cannot open {masked_url(url)}: {_cause_line(e)}; check it and run again"
+            f"--storage: cannot open {masked_url(url)}: {cause_line(e)}; check it and run again"
         ) from None
     storage.retry_s = retry_s
     storage.on_retry = on_retry

@@ -24,7 +24,7 @@ import optuna
 from optuna.trial import TrialState
 
 from search.core import Attr, evaluated_trials, is_repeat
-from search.store import fail_stale_trials, optuna_access
+from search.store import STORAGE_ERRORS, fail_stale_trials, optuna_access
 from space import Candidate
 
 
@@ -93,7 +93,9 @@ class Ledger:
         """
         if time.monotonic() - self._last_stale_check > self.stale_check_s:
             self._last_stale_check = time.monotonic()
-            with contextlib.suppress(Exception):  # a storage hiccup must not stop the run
+            # A storage hiccup must not stop the run (the next sweep tries again); any other
+            # error is a bug and propagates.
+            with contextlib.suppress(*STORAGE_ERRORS):
                 fail_stale_trials(self.study)
         trials = optuna_access.trials(self.study, (TrialState.COMPLETE, TrialState.RUNNING))
         evaluated = running = 0

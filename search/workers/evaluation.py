@@ -33,7 +33,7 @@ from evaluators import (
     evaluate_candidate,
     evaluate_member,
 )
-from search.core import Attr, finetune_attrs
+from search.core import Attr, finetune_attrs, macs_uncounted_text
 from space import Anchor, Candidate, StitchedFamily, load_anchor, load_family, member_name
 
 
@@ -49,12 +49,15 @@ class TrialContext:
         fit_lr: Fine-tuning learning rate.
         latency_batch: Batch size of the extra latency measurement.
         threads: Torch threads per trial (the trial's CPU share).
-        use_gpu: Evaluate on the GPU when the worker has one.
+        use_gpu: The worker was assigned a GPU: evaluate there (a trial fails when CUDA is
+            not usable, see :func:`trial_device`).
         finetune: Rung 1's stitch-only fine-tuning settings (``data.train`` holds its
             training images), or None when the study has no rung 1.
         teacher: The anchor distilled from at rung 1 (``finetune.distill > 0``).
         family: The trained family's JSON (:func:`space.save_family`): its members are
             evaluated as they are at rung 2; None when there is none.
+        macs_allow: Operators fvcore cannot count that may count as zero MACs (the study's
+            ``macs.allow_unsupported``).
     """
 
     anchors: dict[str, dict[str, Any]]
@@ -67,6 +70,7 @@ class TrialContext:
     finetune: FinetuneSettings | None = None
     teacher: str | None = None
     family: str | None = None
+    macs_allow: tuple[str, ...] = ()
     _cache_key: str = field(default="", repr=False)
 
     def __post_init__(self) -> None:
@@ -103,6 +107,7 @@ class TrialContext:
                 threads=self.threads,
                 measure_latency=measure_latency,
                 latency_batch=self.latency_batch,
+                macs_allow=self.macs_allow,
             )
         tune = self.finetune if rung >= 1 and not candidate.is_anchor else None
         if rung >= 1 and self.finetune is None:
@@ -125,6 +130,7 @@ class TrialContext:
             finetune=tune,
             teacher=teacher,
             resolution=candidate.resolution,
+            macs_allow=self.macs_allow,
         )
 
 
@@ -156,6 +162,25 @@ def _anchors(ctx: TrialContext) -> dict[str, Anchor]:
     return _ANCHORS[ctx._cache_key]
 
 
+def trial_device(use_gpu: bool) -> str:
+    """Where a trial evaluates: ``"cuda"`` when its worker was assigned a GPU, else ``"cpu"``.
+
+    Raises:
+        RuntimeError: A GPU was assigned but CUDA is not usable in this process; the trial
+            fails with that reason rather than being measured on the CPU unnoticed.
+    """
+    if not use_gpu:
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    raise RuntimeError(
+        f"this trial's worker was assigned a GPU, but CUDA is not usable in its evaluation "
+        f"process (torch {torch.__version__}, built for CUDA {torch.version.cuda}, "
+        f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); it is not "
+        "measured on the CPU instead: fix the worker's CUDA set-up, or run without GPUs"
+    )
+
+
 def run_candidate(
     config: dict[str, Any], ctx: TrialContext, *, fault: str | None = None
 ) -> dict[str, Any]:
@@ -169,7 +194,7 @@ def run_candidate(
     start = time.perf_counter()
     try:
         torch.set_num_threads(max(1, ctx.threads))
-        device = "cuda" if ctx.use_gpu and torch.cuda.is_available() else "cpu"
+        device = trial_device(ctx.use_gpu)
         candidate = Candidate.from_json(config["candidate"])
         _inject(fault)
         rung = int(config.get("rung", 0))
@@ -186,6 +211,8 @@ def run_candidate(
             k: v for k, v in out.items() if not isinstance(v, dict | list) or k == "fit_residual"
         }
         out.update(finetune_attrs(result.finetune))
+        if result.macs_uncounted:
+            out[Attr.MACS_UNCOUNTED] = macs_uncounted_text(result.macs_uncounted)
         if isinstance(out.get("fit_residual"), dict):
             out["fit_residual"] = {k: float(v) for k, v in out["fit_residual"].items()}
         if fault == "nan":

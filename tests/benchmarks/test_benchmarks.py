@@ -19,6 +19,7 @@ from benchmarks import (
     bench_ground_truth,
     bench_pruning,
     bench_rung1,
+    bench_scaling,
     bench_search,
     bench_trial_cost,
     run_all,
@@ -211,7 +212,30 @@ def test_scaling(tmp_path) -> None:
     res = json.loads(out.read_text())
     assert [r["workers"] for r in res["runs"]] == [1, 2]
     assert all(r["evaluated"] == 4 for r in res["runs"])
-    assert res["summary"]["1"]["speedup"] == pytest.approx(1.0)
+    # The speed-up is the runs' throughput over the one-worker runs', each run's throughput
+    # its evaluated trials over its tuning window.
+    for r in res["runs"]:
+        assert r["trials_per_minute"] == pytest.approx(60 * r["evaluated"] / r["window_seconds"])
+    rate = {r["workers"]: r["trials_per_minute"] for r in res["runs"]}
+    assert res["summary"]["2"]["speedup"] == pytest.approx(rate[2] / rate[1])
+    assert res["summary"]["2"]["trials_per_minute"] == [rate[2]]
+
+
+def test_scaling_summary_averages_repeats_and_divides_by_the_baseline() -> None:
+    runs = [
+        {"workers": 1, "trials_per_minute": 10.0, "wall": 6.0},
+        {"workers": 1, "trials_per_minute": 14.0, "wall": 5.0},
+        {"workers": 2, "trials_per_minute": 18.0, "wall": 4.0},
+        {"workers": 2, "trials_per_minute": 30.0, "wall": 2.0},
+        {"workers": 4, "trials_per_minute": 6.0, "wall": 9.0},
+    ]
+    columns = {"trials_per_minute": "trials_per_minute", "wall_seconds": "wall"}
+    summary = bench_scaling.summarise(runs, [1, 2, 4], columns)
+    assert summary["2"]["speedup"] == pytest.approx(24.0 / 12.0)  # mean over mean, not per run
+    assert summary["4"]["speedup"] == pytest.approx(0.5)  # a slow-down stays visible
+    assert summary["2"]["wall_seconds"] == [4.0, 2.0]
+    # The baseline need not be one worker: the first count listed is.
+    assert bench_scaling.summarise(runs, [2, 1], columns)["1"]["speedup"] == pytest.approx(0.5)
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from itertools import pairwise
 
 import pytest
 import torch
@@ -167,3 +168,38 @@ def test_distillation_needs_a_teacher() -> None:
     family, train = _family()
     with pytest.raises(ValueError, match="needs a teacher"):
         FamilyTrainer(family, train, FamilySettings(distill=0.5))
+
+
+def _cos(start: float, end: float, pct: float) -> float:
+    return end + (start - end) / 2 * (1 + math.cos(math.pi * pct))
+
+
+def test_the_one_cycle_schedule_runs_step_by_step_over_all_epochs() -> None:
+    # Issue 26, item 4: the learning rate of every step the training loop takes, read from
+    # its optimiser, against one-cycle's shape over both epochs (the anchors' group peaks at
+    # anchor_lr on the same schedule).
+    family, train = _family()
+    settings = FamilySettings(epochs=2, batch_size=16, lr=0.01, anchor_lr=0.002, distill=0.0)
+    trainer = FamilyTrainer(family, train, settings)
+    total = trainer.steps * settings.epochs  # 4 steps of 16 images per epoch
+    assert total == 8
+    lrs = [[g["lr"] for g in trainer.optimizer.param_groups]]  # before the first step
+    for _ in range(settings.epochs):
+        trainer.train_epoch(
+            lambda step, loss: lrs.append([g["lr"] for g in trainer.optimizer.param_groups])
+        )
+    lrs = lrs[:total]  # the rate each of the 8 steps ran at
+    top = settings.warmup * total - 1  # 1.4: the peak lies between steps 1 and 2
+    for group, peak in ((0, 0.01), (1, 0.002)):
+        first, last = peak / 25, peak / 25 / 1e4
+        want = [
+            _cos(first, peak, s / top)
+            if s <= top
+            else _cos(peak, last, (s - top) / (total - 1 - top))
+            for s in range(total)
+        ]
+        got = [step[group] for step in lrs]
+        assert got == pytest.approx(want, rel=1e-9), group
+        assert got[0] == pytest.approx(first) and got[-1] == pytest.approx(last)
+        assert got[0] < got[1] and max(got) in (got[1], got[2])  # warm-up, then the peak
+        assert all(a > b for a, b in pairwise(got[2:]))  # decay to the end

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
+from itertools import pairwise
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from evaluators import ArrayLoader, accuracy, fit_stitch, synthetic_splits
@@ -13,6 +16,8 @@ from evaluators.finetune import (
     CURVE_POINTS,
     FinetuneResult,
     FinetuneSettings,
+    _batch_loss,
+    _scheduler,
     finetune_stitch_layer,
     train_subset,
 )
@@ -269,3 +274,106 @@ def test_a_training_set_smaller_than_a_batch_is_used_whole(tiny_anchor, train) -
     small = ArrayLoader(train.images[:10], train.labels[:10], mean=train.mean, std=train.std)
     res = finetune_stitch_layer(_net(front, back), small, FinetuneSettings(steps=3, batch_size=16))
     assert res.steps == 3 and res.images_seen == 30
+
+
+# Checks that would catch a wrong implementation (issue 26, item 4).
+
+
+def _by_hand(student, t_logits, y, distill: float, temp: float) -> torch.Tensor:
+    """``(1 - d) * CE + d * T^2 * KL(teacher || student)`` at ``T``, KL summed over classes
+    and averaged over the batch, written out without ``F.kl_div``."""
+    p_t = torch.softmax(t_logits / temp, dim=1)
+    log_s = torch.log_softmax(student / temp, dim=1)
+    kl = (p_t * (torch.log(p_t) - log_s)).sum(dim=1).mean()
+    tempered = distill * temp * temp * kl
+    if distill >= 1.0:
+        return tempered
+    return (1.0 - distill) * F.cross_entropy(student, y) + tempered
+
+
+@pytest.mark.parametrize(("distill", "temp"), [(0.25, 1.0), (0.25, 3.0), (0.5, 0.5), (1.0, 2.0)])
+def test_the_rung1_loss_is_the_hand_computed_distillation(distill, temp, tiny_anchor) -> None:
+    front, back = tiny_anchor("resnet"), tiny_anchor("vit")
+    net = _net(front, back)
+    teacher = tiny_anchor("convnext").model
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 3, 32, 32, generator=g)
+    y = torch.randint(0, 10, (6,), generator=g)
+    if distill >= 1.0:
+        y = torch.full((6,), -1)  # pure distillation reads no label
+    settings = FinetuneSettings(distill=distill, temperature=temp)
+    with torch.no_grad():
+        student, t_logits = net(x), teacher(x)
+        got = _batch_loss(net, x, y, settings, teacher)
+    want = _by_hand(student, t_logits, y, distill, temp)
+    assert torch.isclose(got, want, rtol=1e-5), (got, want)
+    # What a wrong implementation would give differs: the reverse KL (sign of the
+    # direction), no T^2, and a mean over classes too (the reduction).
+    p_s = torch.softmax(student / temp, dim=1)
+    reverse = (p_s * (torch.log(p_s) - torch.log_softmax(t_logits / temp, dim=1))).sum(1).mean()
+    kl = (want - (0 if distill >= 1 else (1 - distill) * F.cross_entropy(student, y))) / distill
+    assert not torch.isclose(kl, temp * temp * reverse, rtol=1e-3)
+    if temp != 1.0:
+        assert not torch.isclose(got, want / (temp * temp), rtol=1e-3)
+    # reduction="mean" (over every element) would give a tenth: it averages the 10 classes.
+    p_t = torch.softmax(t_logits / temp, dim=1)
+    by_element = (p_t * (torch.log(p_t) - torch.log_softmax(student / temp, dim=1))).mean()
+    assert torch.isclose(temp * temp * by_element * 10, kl, rtol=1e-4)
+    assert not torch.isclose(got, want - distill * kl * 0.9, rtol=1e-3)
+    assert kl > 0
+
+
+def test_plain_cross_entropy_without_distillation(tiny_anchor) -> None:
+    net = _net(tiny_anchor("resnet"), tiny_anchor("vit"))
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 3, 9, 1])
+    with torch.no_grad():
+        got = _batch_loss(net, x, y, FinetuneSettings(), None)
+        want = -torch.log_softmax(net(x), dim=1)[torch.arange(4), y].mean()
+    assert torch.isclose(got, want, rtol=1e-5)
+
+
+def _lrs(settings: FinetuneSettings) -> list[float]:
+    """The learning rate of each step as the fine-tuning loop runs them."""
+    p = nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([p], lr=settings.lr, weight_decay=settings.weight_decay)
+    sched = _scheduler(opt, settings)
+    out = []
+    for _ in range(settings.steps):
+        out.append(opt.param_groups[0]["lr"])
+        p.grad = torch.ones(1)
+        opt.step()
+        if sched is not None:
+            sched.step()
+    return out
+
+
+def _cos(start: float, end: float, pct: float) -> float:
+    return end + (start - end) / 2 * (1 + math.cos(math.pi * pct))
+
+
+def test_onecycle_warms_up_peaks_at_the_warmup_step_and_decays() -> None:
+    peak, steps = 0.01, 10
+    lrs = _lrs(FinetuneSettings(steps=steps, lr=peak, schedule="onecycle", warmup=0.3))
+    first, last = peak / 25, peak / 25 / 1e4  # OneCycleLR's div_factor and final_div_factor
+    top = 2  # round(0.3 * 10) - 1: the last warm-up step
+    want = [_cos(first, peak, i / top) for i in range(top + 1)]
+    want += [_cos(peak, last, (i - top) / (steps - 1 - top)) for i in range(top + 1, steps)]
+    assert lrs == pytest.approx(want, rel=1e-9)
+    assert lrs[0] == pytest.approx(first) and lrs[top] == pytest.approx(peak)
+    assert lrs[-1] == pytest.approx(last)
+    assert all(a < b for a, b in pairwise(lrs[: top + 1]))
+    assert all(a > b for a, b in pairwise(lrs[top:]))
+    assert max(lrs) == lrs[top]
+
+
+def test_cosine_starts_at_the_peak_and_decays_towards_zero() -> None:
+    peak, steps = 0.02, 8
+    lrs = _lrs(FinetuneSettings(steps=steps, lr=peak, schedule="cosine"))
+    assert lrs == pytest.approx([_cos(peak, 0.0, t / steps) for t in range(steps)], rel=1e-9)
+    assert lrs[0] == peak and all(a > b for a, b in pairwise(lrs))
+    assert 0 < lrs[-1] < peak * 0.05
+
+
+def test_constant_keeps_the_peak() -> None:
+    assert _lrs(FinetuneSettings(steps=5, lr=0.003, schedule="constant")) == [0.003] * 5

@@ -21,6 +21,7 @@ from evaluators import (
     torch_runner,
 )
 from evaluators.latency_parts import fit_keys, split_cut
+from evaluators.latency_profile import fit_overhead
 from search.core import SearchSpace
 from space import Candidate
 from tests.conftest import make_tiny
@@ -150,3 +151,16 @@ def test_an_old_format_table_is_refused(profiled) -> None:
     doc["format"] = "something-else"
     with pytest.raises(LatencyTableError, match="not a latency table of this version"):
         LatencyTable.from_json(json.dumps(doc))
+
+
+# A clamped fit says so (issue 26, item 5e).
+
+
+def test_a_scale_out_of_range_falls_back_and_says_why() -> None:
+    # 9x the parts: a scale far outside [0.5, 2] is replaced by 1 and the median difference.
+    scale, overhead, why = fit_overhead([1.0, 2.0, 3.0], [1.0, 10.0, 19.0])
+    assert (scale, overhead) == (1.0, 8.0)
+    assert why.startswith("the fitted scale 9 is outside [0.5, 2]")
+    assert why.endswith("scale 1 and the median difference +8.000 ms used")
+    assert fit_overhead([1.0, 2.0, 3.0], [1.5, 2.5, 3.5]) == pytest.approx((1.0, 0.5, None))
+    assert "2 network(s) timed end to end are too few" in fit_overhead([1.0, 2.0], [2.0, 3.0])[2]

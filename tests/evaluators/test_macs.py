@@ -2,20 +2,28 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pytest
 import timm
 import torch
 
 from evaluators import (
+    ANY_OP,
+    UncountedOpsError,
     anchor_param_count,
     count_macs,
     count_params,
+    evaluate_candidate,
+    fvcore_macs,
+    stitch_macs,
     stitched_macs,
     stitched_param_counts,
     stitched_parameters,
+    synthetic_splits,
 )
 from evaluators.macs import BackPart, FrontPart
-from space import StitchConfig, build_stitched
+from space import Anchor, StitchConfig, build_stitched, load_anchor
+from tests.conftest import TINY, make_tiny
 
 
 @pytest.mark.parametrize(
@@ -124,3 +132,65 @@ def test_count_macs_keeps_modes(tiny_anchor) -> None:
     assert net.stitch.training and not anchor.model.training
     x = torch.randn(2, *anchor.input_size)
     assert torch.isfinite(net(x)).all()
+
+
+# No silent zeros (issue 26, item 5a): fvcore's unsupported operators are read, not ignored.
+
+GRN = "aten::linalg_vector_norm"  # ConvNeXt-V2's global response norm: a sum of squares
+
+
+def convnextv2() -> Anchor:
+    """A tiny ConvNeXt-V2: its GRN traces to an operator fvcore cannot count."""
+    return load_anchor(
+        "convnextv2_atto",
+        input_size=(3, 32, 32),
+        depths=(1, 1, 1, 1),
+        dims=(8, 16, 24, 32),
+        num_classes=4,
+    )
+
+
+@pytest.mark.parametrize("family", sorted(TINY))
+def test_every_tiny_family_is_counted_whole(family: str, tiny_anchor) -> None:
+    anchor = tiny_anchor(family)
+    count = fvcore_macs(anchor.model, anchor.input_size)
+    assert count.uncounted == {}, count.uncounted
+    assert count.total == count_macs(anchor.model, anchor.input_size) > 0
+
+
+def test_an_operator_fvcore_cannot_count_is_refused_unless_allowed() -> None:
+    anchor = convnextv2()
+    with pytest.raises(UncountedOpsError) as err:
+        count_macs(anchor.model, anchor.input_size, label="anchor 'v2'")
+    line = str(err.value)
+    assert "\n" not in line
+    assert "anchor 'v2'" in line and f"{GRN} (4 calls)" in line
+    assert f"macs: {{allow_unsupported: [{GRN}]}}" in line
+    allowed = count_macs(anchor.model, anchor.input_size, allow_unsupported=[GRN])
+    assert allowed == fvcore_macs(anchor.model, anchor.input_size).total > 0
+    assert count_macs(anchor.model, anchor.input_size, allow_unsupported=[ANY_OP]) == allowed
+    with pytest.raises(UncountedOpsError):  # another operator allowed is not this one
+        count_macs(anchor.model, anchor.input_size, allow_unsupported=["aten::cdist"])
+    # The fast backend does not read fvcore's list: it is not checked there.
+    assert count_macs(anchor.model, anchor.input_size, backend="torch") > 0
+
+
+def test_stitch_macs_refuse_per_anchor_part() -> None:
+    v2, other = convnextv2(), make_tiny("resnet")
+    with pytest.raises(UncountedOpsError, match=r"'convnextv2_atto'.*linalg_vector_norm"):
+        stitch_macs(v2, other, [(2, 2)])
+    with pytest.raises(UncountedOpsError, match=r"'convnextv2_atto'.*linalg_vector_norm"):
+        stitch_macs(other, v2, [(2, 2)])  # as the back anchor
+    allowed = stitch_macs(v2, other, [(2, 2)], allow_unsupported=[GRN])
+    assert np.isfinite(allowed[2, 2]) and allowed[2, 2] > 0
+
+
+def test_a_candidate_records_the_allowed_operators_and_refuses_the_others() -> None:
+    v2 = convnextv2()
+    data = synthetic_splits(num_classes=4, calibration=16, validation=16, test=16)
+    anchors = {v2.name: v2}
+    with pytest.raises(UncountedOpsError, match="anchor 'convnextv2_atto'"):
+        evaluate_candidate(v2.name, anchors, data, measure_latency=False)
+    result = evaluate_candidate(v2.name, anchors, data, measure_latency=False, macs_allow=[GRN])
+    assert result.macs_uncounted == {GRN: 4}
+    assert result.to_dict()["macs_uncounted"] == {GRN: 4}

@@ -91,3 +91,20 @@ def test_pure_distillation_trains_on_unlabelled_images(labelled, anchors) -> Non
     # Without distillation the unlabelled images (-1) cannot train.
     with pytest.raises((IndexError, RuntimeError, ValueError)):
         finetune_stitch_layer(net, out.train, FinetuneSettings(steps=1, batch_size=8))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_cuda_teacher_labels_cpu_images(labelled) -> None:
+    # Regression: top1_predictions moves the loader's CPU images to the teacher's device.
+    plain, _ = labelled
+    vit = make_tiny("vit")
+    on_cpu = top1_predictions(vit.model, plain.validation, vit.input_size)
+    vit.model.to("cuda")
+    try:
+        on_gpu = top1_predictions(vit.model, plain.validation, vit.input_size)
+    finally:
+        vit.model.to("cpu")
+    assert next(vit.model.parameters()).device.type == "cpu"
+    assert len(on_gpu) == len(on_cpu) == plain.validation.num_images
+    # The same classes up to float differences between the kernels: nearly all equal.
+    assert sum(a == b for a, b in zip(on_gpu, on_cpu, strict=True)) >= len(on_cpu) - 1

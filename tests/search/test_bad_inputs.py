@@ -376,6 +376,35 @@ CASES: dict[str, Case] = {
     ),
     "yaml-resolution-not-list": _yaml("seed: 0", "seed: 0\nresolutions: 48", "'resolutions'"),
     "yaml-resolution-empty": _yaml("seed: 0", "seed: 0\nresolutions: []", "'resolutions'"),
+    # operators MAC counting may skip (issue 26, item 5a)
+    "yaml-macs-allow-not-list": _yaml(
+        "seed: 0",
+        "seed: 0\nmacs: {allow_unsupported: aten::linalg_vector_norm}",
+        "field 'macs.allow_unsupported': Input should be a valid list",
+    ),
+    "yaml-macs-allow-number": _yaml(
+        "seed: 0",
+        "seed: 0\nmacs: {allow_unsupported: [3]}",
+        "field 'macs.allow_unsupported[0]': Input should be a valid string (got 3)",
+    ),
+    "yaml-macs-allow-empty-string": _yaml(
+        "seed: 0",
+        "seed: 0\nmacs: {allow_unsupported: ['']}",
+        "field 'macs.allow_unsupported': item 0 '' is not an operator name",
+    ),
+    "yaml-macs-allow-bare-name": _yaml(
+        "seed: 0",
+        "seed: 0\nmacs: {allow_unsupported: [linalg_vector_norm]}",
+        "item 0 'linalg_vector_norm' is not an operator name; give TorchScript names such as",
+    ),
+    "yaml-macs-allow-twice": _yaml(
+        "seed: 0",
+        "seed: 0\nmacs: {allow_unsupported: [aten::ceil, aten::ceil]}",
+        "field 'macs.allow_unsupported': lists ['aten::ceil'] twice",
+    ),
+    "yaml-macs-unknown-field": _yaml(
+        "seed: 0", "seed: 0\nmacs: {allow: [aten::ceil]}", "field 'macs.allow': unknown field"
+    ),
     # the family (issue 23): one line naming the field, exit 2
     "yaml-family-anchors": _yaml(
         "seed: 0", "seed: 0\nfamily: {enabled: true, anchors: melted}", "field 'family.anchors'"

@@ -13,11 +13,12 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from safetensors import safe_open
 
 from search.delivery import DEFAULT_OPSET, ONNX_ATOL, check_export, export_onnx, write_onnx
 from search.delivery.exports import EXPORT_FORMAT as WRITTEN_FORMAT
 from search.export import main
-from space import EXPORT_FORMAT, ExportError, build_stitched, load_export
+from space import EXPORT_FORMAT, ExportError, build_stitched, load_export, read_export
 from tests.space.test_export import _add, build_exports, copy_export, edit, make_export
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,8 +29,18 @@ def exports(tmp_path_factory):
     return build_exports(tmp_path_factory)
 
 
-def test_reader_and_writer_agree_on_the_format() -> None:
-    assert EXPORT_FORMAT == WRITTEN_FORMAT
+def test_the_writer_writes_the_format_the_reader_reads(exports, tmp_path) -> None:
+    # What search.delivery's writer put in the manifest and the stitch weights' metadata...
+    path, _, _ = exports["cnn_vit"]
+    doc = json.loads(path.read_text())
+    with safe_open(str(path.parent / doc["stitch"]["weights"]), "pt") as f:
+        weights_format = f.metadata()["format"]
+    assert doc["format"] == weights_format == WRITTEN_FORMAT
+    # ...is what the reader accepts, and the reader checks it: another format is refused.
+    assert read_export(path).manifest["format"] == EXPORT_FORMAT
+    other = edit(copy_export(path, tmp_path / "other"), lambda d: d.update(format="x/9"))
+    with pytest.raises(ExportError, match="x/9"):
+        read_export(other)
 
 
 # ---------------------------------------------------------------------- ONNX

@@ -22,7 +22,7 @@ from evaluators import (
 )
 from search.core import SearchSpace
 from search.inputs import load_anchors, load_study
-from search.profile import main
+from search.profile import fit_lines, main
 
 DATA = Path(__file__).resolve().parent / "data"
 STUDY = DATA / "tiny_study.yaml"
@@ -114,3 +114,21 @@ def test_ctrl_c_leaves_no_table(tmp_path) -> None:
     assert proc.returncode == 130, err
     assert "no table written" in err and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_fallback_is_recorded_in_the_table_and_printed_once(profiled) -> None:
+    out, rc = profiled
+    assert rc == 0
+    table = LatencyTable.from_json(out.read_text())
+    entry = table.runtimes["torch"]["1"]
+    fallback = entry["fit"]["fallback"]  # recorded: None when the least-squares fit was used
+    assert fallback is None or "scale 1 and the median difference" in fallback
+    # A table whose fit fell back: recorded in the file, one warning line per entry.
+    doc = json.loads(table.to_json())
+    doc["runtimes"]["torch"]["1"]["fit"]["fallback"] = "the fitted scale 9 is outside [0.5, 2]"
+    again = LatencyTable.from_json(json.dumps(doc))
+    assert again.runtimes["torch"]["1"]["fit"]["fallback"].startswith("the fitted scale 9")
+    lines = fit_lines(again)
+    warnings = [line for line in lines if line.startswith("warning:")]
+    assert warnings == ["warning: torch batch 1: the fitted scale 9 is outside [0.5, 2]"]
+    assert len(lines) == len(warnings) + sum(len(b) for b in again.runtimes.values())

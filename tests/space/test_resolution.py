@@ -97,6 +97,16 @@ def test_fixed_size_vit_keeps_its_own_size(order) -> None:
                 assert torch.isfinite(net(torch.randn(2, 3, 40, 40))).all()
 
 
-def test_tiny_families_are_declared_at_32px() -> None:
-    # The fixtures above rely on the tiny anchors' native size.
-    assert TINY["resnet"][2] == TINY["convnext"][2] == TINY["vit"][2] == (3, 32, 32)
+@pytest.mark.parametrize("family", ["resnet", "convnext", "vit"])
+def test_tiny_anchors_run_at_32px_as_the_tests_above_assume(family: str) -> None:
+    # The tests above take 32 px as the tiny anchors' native size: the loaded anchors say so,
+    # classify 32-px images, and the fixed-size ViT refuses any other size.
+    anchor = make_tiny(family)
+    assert anchor.input_size == TINY[family][2] == (3, 32, 32)
+    with torch.no_grad():
+        assert anchor.model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+        if family == "vit":
+            with pytest.raises(AssertionError, match="doesn't match model"):
+                anchor.model(torch.randn(1, 3, 40, 40))
+        else:
+            assert anchor.model(torch.randn(1, 3, 40, 40)).shape == (1, 10)
