@@ -79,7 +79,7 @@ class FamilySettings:
         seed: Seed of the batch order and of the member sampling.
     """
 
-    epochs: int = 4
+    epochs: int = 5
     batch_size: int = 128
     lr: float = 1e-3
     anchor_lr: float | None = 1e-3

@@ -283,7 +283,7 @@ class FamilySpec(StrictModel):
     enabled: bool = False
     members: Literal["auto"] | list[Annotated[str, Field(min_length=1)]] = "auto"
     max_members: int = Field(default=10, ge=1, le=1000)
-    epochs: int = Field(default=4, ge=1, le=10_000)
+    epochs: int = Field(default=5, ge=1, le=10_000)
     train_images: int | None = Field(default=None, ge=1)
     batch_size: int = Field(default=128, ge=1, le=65_536)
     lr: float = Field(default=1e-3, gt=0, le=1)

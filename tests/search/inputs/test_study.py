@@ -141,7 +141,7 @@ def test_file_errors(tmp_path) -> None:
 def test_the_family_section_defaults_and_label_free_rules() -> None:
     study = load_study(REPO / "studies" / "default.yaml")
     assert study.family.enabled and study.family.members == "auto"
-    assert study.family.epochs == 4 and study.family.distill == 0.5
+    assert study.family.epochs == 5 and study.family.distill == 0.5
     label_free = {
         "anchors": ["zoo:resnet-s", "zoo:resnet-l"],
         "data": {"dataset": "images", "root": "imgs"},
