@@ -10,7 +10,7 @@ for all the devices that chose it, so that no label lies on another.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Mapping, Sequence
 from typing import Any
 
 import plotly.graph_objects as go
@@ -206,7 +206,8 @@ def figure(
     anchors = [t for t in rung0 if t.get("kind") == "anchor" and status(t) is not None]
     macs = [float(t["macs"]) for t in trials if status(t) in PLOTTED and t.get("macs")]
     x_middle = math.sqrt(min(macs) * max(macs)) if macs else 0.0  # the log axis' middle
-    plot.anchors(anchors, x_middle)
+    raised = {t["number"] for rows in higher.values() for t in rows}
+    plot.anchors(anchors, x_middle, below=raised)
     _add_front(fig, rung0, tuned=bool(top))
     picks: dict[str, tuple[Mapping[str, Any], list[str]]] = {}
     for i, budget in enumerate(budgets):
@@ -254,11 +255,18 @@ class _Plot:
             )
         )
 
-    def anchors(self, anchors: Sequence[Mapping[str, Any]], x_middle: float) -> None:
+    def anchors(
+        self,
+        anchors: Sequence[Mapping[str, Any]],
+        x_middle: float,
+        below: Container[Any] = (),
+    ) -> None:
         """The anchors ringed, labelled above and towards the plot's middle.
 
         Two checkpoints of one architecture have the same MACs: their labels stack above
-        their own points instead of spreading sideways over each other.
+        their own points instead of spreading sideways over each other. An anchor whose
+        trial number is in ``below`` reached a higher rung, drawn above its ring with its own
+        label (a pick's), so its label goes below the ring.
         """
         if not anchors:
             return
@@ -270,7 +278,9 @@ class _Plot:
                 name="anchors",
                 text=[plot_text(t.get("label", "")) for t in anchors],
                 textposition=[
-                    "top right" if float(t["macs"]) <= x_middle else "top left" for t in anchors
+                    ("bottom" if t["number"] in below else "top")
+                    + (" right" if float(t["macs"]) <= x_middle else " left")
+                    for t in anchors
                 ],
                 textfont={"size": 10},
                 marker={

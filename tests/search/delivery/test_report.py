@@ -280,3 +280,21 @@ def test_one_label_names_every_device_that_chose_a_point(tmp_path):
     ).read_text(encoding="utf-8")
     texts = next(t for t in figure_json(page) if t.get("name") == "chosen (labels)")
     assert texts["text"] == ["a, b → #1"]
+
+
+def test_an_anchor_trained_in_the_family_is_labelled_below_its_ring(tmp_path):
+    # Its family point sits above the ring with the pick's label below it: the anchor's own
+    # label goes below the ring, so the two do not overlap.
+    retrained = {
+        **TRIALS[0],
+        "rung": 2,
+        "val_acc": 89.3,
+        "lower_val_acc": 88.1,
+        "label": "zoo:resnet-s",
+    }
+    page = write_report(
+        tmp_path / "r.html", [*TRIALS, retrained], BUDGETS, study_name="s", chosen=CHOSEN
+    ).read_text(encoding="utf-8")
+    anchors = next(t for t in figure_json(page) if t.get("name") == "anchors")
+    where = dict(zip(anchors["x"], anchors["textposition"], strict=True))
+    assert where[1_950_000].startswith("bottom") and where[9_300_000].startswith("top")
