@@ -4,7 +4,7 @@ fvcore's "flops" are MACs. It traces the model with TorchScript and counts matmu
 convolutions, linear layers, norms, pooling and upsampling with its own handles. It has no
 handle for ``aten::scaled_dot_product_attention``, which timm ViTs use by default, so this
 module registers one: ``B * H * N * M * (d_qk + d_v)`` MACs for ``Q @ K^T`` and
-``softmax(.) @ V``.
+``softmax(.) @ V``, and handles for the resampling it lacks (:data:`RESAMPLING_OPS`).
 
 Ops that are ignored, and why (:data:`NO_MAC_OPS`, an explicit allow-list): element-wise
 arithmetic and activations (``add``, ``mul``, ``addcmul``, ``div``, ``gelu``, ``relu``,
@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from math import prod
 from typing import TYPE_CHECKING, Any, Literal
@@ -135,6 +135,26 @@ class MacsCount:
                 f"macs: {{allow_unsupported: [{', '.join(refused)}]}}, else drop the anchor"
             )
         return dict(sorted(self.uncounted.items()))
+
+
+def _resampling_handle(taps: int) -> Callable[[list[Any], list[Any]], int]:
+    """A handle with fvcore's convention for ``upsample_bilinear2d``: ``taps`` MACs per output."""
+
+    def handle(inputs: list[Any], outputs: list[Any]) -> int:
+        return taps * prod(outputs[0].type().sizes())
+
+    return handle
+
+
+#: Resampling operators fvcore has no handle for, priced as fvcore prices
+#: ``aten::upsample_bilinear2d`` (4 MACs per output element; bicubic reads 16): a ViT built
+#: with ``dynamic_img_size`` resamples its position embedding this way at another
+#: resolution (``F.interpolate(..., antialias=True)``).
+RESAMPLING_OPS: dict[str, Callable[[list[Any], list[Any]], int]] = {
+    "aten::_upsample_bilinear2d_aa": _resampling_handle(4),
+    "aten::upsample_bicubic2d": _resampling_handle(16),
+    "aten::_upsample_bicubic2d_aa": _resampling_handle(16),
+}
 
 
 def _sdpa_handle(inputs: list[Any], outputs: list[Any]) -> int:
@@ -260,6 +280,7 @@ def fvcore_macs(
             warnings.simplefilter("ignore", FutureWarning)
             analysis = FlopCountAnalysis(model, x)
             analysis.set_op_handle("aten::scaled_dot_product_attention", _sdpa_handle)
+            analysis.set_op_handle(*[a for item in RESAMPLING_OPS.items() for a in item])
             analysis.set_op_handle(*[a for op in NO_MAC_OPS for a in (op, None)])
             analysis.unsupported_ops_warnings(False)
             analysis.uncalled_modules_warnings(False)

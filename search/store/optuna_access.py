@@ -53,13 +53,14 @@ def fail_trial(study: optuna.Study, trial: FrozenTrial, reason: str) -> bool:
     """Marks a RUNNING trial FAIL with ``reason``, whichever driver asked for it.
 
     Returns:
-        False when the trial was finished meanwhile (by its own, live, driver).
+        False when the trial was finished meanwhile (by its own, live, driver). A storage that
+        cannot be reached raises (``StorageUnavailable``): it is not a finished trial.
     """
     storage = study._storage
     try:
         storage.set_trial_user_attr(trial._trial_id, Attr.FAIL_REASON, reason)
         storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-    except (RuntimeError, ValueError):
+    except (optuna.exceptions.UpdateFinishedTrialError, ValueError):
         return False
     return True
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from typing import Any
 
 import optuna
 from optuna.trial import TrialState
@@ -74,6 +75,7 @@ def open_study(
                 f"anchors' native sizes), not {definition.resolutions}; use another study "
                 "name or --out"
             )
+        _check_anchor_ids(name, stored, definition)
         theirs_cuts = stored.get("cuts", "all")  # studies from before `cuts` hold every point
         if theirs_cuts != definition.cuts:
             raise InputError(
@@ -81,6 +83,26 @@ def open_study(
                 f"{definition.cuts}; use another study name or --out"
             )
     return study, False
+
+
+def _check_anchor_ids(name: str, stored: dict[str, Any], definition: Study) -> None:
+    """Refuses a resumed study whose anchors, the same models in the same order, were renamed.
+
+    The ids are the search space's choices: trials stored under the old ids would no longer
+    decode.
+    """
+    theirs = [a for a in stored.get("anchors") or [] if isinstance(a, dict)]
+    ours = definition.anchors
+    if len(theirs) != len(ours) or [a.get("name") for a in theirs] != [a.name for a in ours]:
+        return
+    old = [a.get("id") or a.get("name") for a in theirs]
+    new = [a.anchor_id for a in ours]
+    if old != new:
+        raise InputError(
+            f"study {name!r} in the storage calls its anchors {old}, not {new}; an anchor's id "
+            "is fixed when the study is created: keep the old ids, or use another study name "
+            "or --out"
+        )
 
 
 def fail_own_trials(study: optuna.Study, driver_id: str, why: str) -> list[int]:

@@ -194,3 +194,33 @@ def test_a_candidate_records_the_allowed_operators_and_refuses_the_others() -> N
     result = evaluate_candidate(v2.name, anchors, data, measure_latency=False, macs_allow=[GRN])
     assert result.macs_uncounted == {GRN: 4}
     assert result.to_dict()["macs_uncounted"] == {GRN: 4}
+
+
+def test_a_dynamic_vit_at_another_size_counts_its_position_embedding_resampling() -> None:
+    # A ViT built with dynamic_img_size resamples its 4x4 position embedding to 6x6 at 48 px
+    # (bicubic, antialiased), an operator fvcore has no handle for: it is priced, 16 MACs per
+    # output element, instead of being refused or counted as zero.
+    from fvcore.nn import FlopCountAnalysis
+
+    from evaluators.macs import NO_MAC_OPS, _sdpa_handle
+
+    vit = timm.create_model(
+        "vit_tiny_patch16_224",
+        img_size=32,
+        patch_size=8,
+        depth=2,
+        embed_dim=48,
+        num_heads=3,
+        num_classes=4,
+        dynamic_img_size=True,
+    ).eval()
+    count = fvcore_macs(vit, (3, 48, 48))
+    assert count.uncounted == {}
+    bare = FlopCountAnalysis(vit, torch.zeros(1, 3, 48, 48))
+    bare.set_op_handle("aten::scaled_dot_product_attention", _sdpa_handle)
+    bare.set_op_handle(*[a for op in NO_MAC_OPS for a in (op, None)])
+    bare.unsupported_ops_warnings(False)
+    total = int(bare.total())
+    assert "aten::_upsample_bicubic2d_aa" in bare.unsupported_ops()
+    assert count.total == total + 16 * 48 * 6 * 6
+    assert count_macs(vit, (3, 48, 48)) == count.total
