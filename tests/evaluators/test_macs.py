@@ -204,16 +204,8 @@ def test_a_dynamic_vit_at_another_size_counts_its_position_embedding_resampling(
 
     from evaluators.macs import NO_MAC_OPS, _sdpa_handle
 
-    vit = timm.create_model(
-        "vit_tiny_patch16_224",
-        img_size=32,
-        patch_size=8,
-        depth=2,
-        embed_dim=48,
-        num_heads=3,
-        num_classes=4,
-        dynamic_img_size=True,
-    ).eval()
+    name, kwargs, _ = TINY["vit"]  # 32 px, patches of 8, embed_dim 48
+    vit = timm.create_model(name, **kwargs, dynamic_img_size=True).eval()
     count = fvcore_macs(vit, (3, 48, 48))
     assert count.uncounted == {}
     bare = FlopCountAnalysis(vit, torch.zeros(1, 3, 48, 48))
