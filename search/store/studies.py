@@ -92,11 +92,10 @@ def _check_anchor_ids(name: str, stored: dict[str, Any], definition: Study) -> N
     decode.
     """
     theirs = [a for a in stored.get("anchors") or [] if isinstance(a, dict)]
-    ours = definition.anchors
-    if len(theirs) != len(ours) or [a.get("name") for a in theirs] != [a.name for a in ours]:
+    if [a.get("name") for a in theirs] != [a.name for a in definition.anchors]:
         return
     old = [a.get("id") or a.get("name") for a in theirs]
-    new = [a.anchor_id for a in ours]
+    new = [a.anchor_id for a in definition.anchors]
     if old != new:
         raise InputError(
             f"study {name!r} in the storage calls its anchors {old}, not {new}; an anchor's id "
