@@ -5,15 +5,18 @@ dominates each small block, and a part timed alone keeps its caches warm), so
 :func:`profile_parts` times large contiguous pieces instead: the prefixes, suffixes, bare
 anchors and stitching layers of :mod:`evaluators.latency_parts`.
 
-**Timing** (:func:`time_calls`): after warm-up, each repeat times a loop of calls long
-enough (about :data:`REPEAT_SECONDS`) that the timer's own cost vanishes, and reports the
-mean per call; the median over repeats is the part's latency, with its inter-quartile range.
+**Timing** (:mod:`evaluators.latency_timing`): every part and every calibration network is
+timed once per round, in a shuffled order, for R rounds, so that a slow moment of the
+machine hits them all alike; each keeps its median over the rounds and its spread, and the
+run measures its own noise floor (a reference network's drift, and how well each timing's
+two halves of the rounds agree).
 
 **Overhead.** A stitch's three pieces are three calls where the stitched network makes one.
 Per runtime and batch size, ``measured = scale * sum of pieces + overhead`` is fitted by
 least squares (:func:`fit_overhead`) over a spread sample of stitched networks timed end to
 end and the anchors (each as its prefix and suffix at its middle cut, :func:`split_cut`,
-against its end-to-end time), and the fit's errors on those networks are recorded.
+against its end-to-end time), and the fit's errors on those networks are recorded, with
+its leave-one-out error (:func:`fit_residual_pct`), which a prediction's interval uses.
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from evaluators.latency import percentile
 from evaluators.latency_parts import (
     anchor_key,
     anchor_latency_record,
@@ -41,14 +43,16 @@ from evaluators.latency_parts import (
     suffix_key,
 )
 from evaluators.latency_table import LatencyTable
+from evaluators.latency_timing import (
+    LOOP_SECONDS,
+    RunnerFactory,
+    clock_for,
+    interleaved_steps,
+    noise_floor,
+    time_interleaved,
+    timing_settings,
+)
 from space import Anchor, Candidate, FeatureInfo, StitchConfig, build_stitched, make_stitching_layer
-
-#: Seconds each timed repeat runs its loop of calls for (at least one call).
-REPEAT_SECONDS = 0.002
-
-#: A callable that prepares a part to run on a runtime: ``(module, input shape with the
-#: batch dimension) -> run``, where ``run()`` does one forward pass.
-RunnerFactory = Callable[[nn.Module, tuple[int, ...]], Callable[[], object]]
 
 
 class _Call(nn.Module):
@@ -120,61 +124,6 @@ def _part_modules(
     return out
 
 
-def time_calls(
-    run: Callable[[], object], *, warmup: int = 3, repeats: int = 15
-) -> dict[str, float | int]:
-    """Times ``run()``: warm-up, then ``repeats`` loops of calls; the mean call per loop.
-
-    Args:
-        run: One forward pass.
-        warmup: Untimed calls first.
-        repeats: Timed loops.
-
-    Returns:
-        ``median_ms``, ``p25_ms``, ``p75_ms``, ``iqr_ms``, ``repeats`` and ``calls`` (per
-        loop).
-    """
-    if repeats < 1 or warmup < 0:
-        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
-    for _ in range(warmup):
-        run()
-    once = math.inf
-    for _ in range(3):  # the fastest of three calls sets the loop length
-        t0 = time.perf_counter()
-        run()
-        once = min(once, time.perf_counter() - t0)
-    calls = max(1, min(10_000, math.ceil(REPEAT_SECONDS / max(once, 1e-7))))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            run()
-        times.append((time.perf_counter() - t0) * 1000.0 / calls)
-    s = sorted(times)
-    p25, p75 = percentile(s, 0.25), percentile(s, 0.75)
-    return {
-        "median_ms": statistics.median(s),
-        "p25_ms": p25,
-        "p75_ms": p75,
-        "iqr_ms": p75 - p25,
-        "repeats": repeats,
-        "calls": calls,
-    }
-
-
-def torch_runner(module: nn.Module, shape: tuple[int, ...]) -> Callable[[], object]:
-    """Runs ``module`` in PyTorch (inference mode) on a fixed random input of ``shape``."""
-    param = next(module.parameters(), None)
-    x = torch.randn(shape, dtype=param.dtype if param is not None else torch.float32)
-    module.eval()
-
-    def run() -> object:
-        with torch.inference_mode():
-            return module(x)
-
-    return run
-
-
 def calibration_stitches(candidates: Sequence[Candidate], count: int) -> list[Candidate]:
     """Up to ``count`` stitches spread evenly over the sorted stitches (deterministic)."""
     stitches = sorted(c for c in candidates if not c.is_anchor)
@@ -196,17 +145,22 @@ def profile_parts(
     runtimes: Mapping[str, RunnerFactory],
     batch_sizes: Sequence[int] = (1,),
     warmup: int = 3,
-    repeats: int = 15,
+    rounds: int = 20,
     calibration: int = 12,
     predict_runtime: str = "torch",
+    device_type: str = "cpu",
+    seed: int = 0,
     on_step: Callable[[str], None] | None = None,
 ) -> LatencyTable:
     """Measures every part the candidates use in context, and fits the per-call overhead.
 
-    Times each bare anchor end to end, each prefix and suffix a stitch cuts at (and each
-    anchor's at its :func:`split_cut`), and each stitching layer; then the calibration
-    stitches end to end, and fits ``measured = scale * sum of pieces + overhead`` over them
-    and the anchors (:func:`fit_keys`).
+    Per runtime and batch size, every part (each bare anchor end to end, each prefix and
+    suffix a stitch cuts at and each anchor's at its :func:`split_cut`, each stitching
+    layer) and every calibration stitch end to end are timed together in interleaved
+    rounds (:func:`evaluators.latency_timing.time_interleaved`: every one once per round,
+    in a shuffled order), with the first anchor as the reference of the noise floor; then
+    ``measured = scale * sum of pieces + overhead`` is fitted over the calibration
+    stitches and the anchors (:func:`fit_keys`).
 
     Args:
         anchors: The study's anchors by name, in the study's order (on the CPU).
@@ -216,11 +170,14 @@ def profile_parts(
         host: The device's identity (recorded).
         runtimes: Runtime name -> :data:`RunnerFactory` (``{"torch": torch_runner}``).
         batch_sizes: Batch sizes to time at (batch 1 first).
-        warmup: Untimed calls before each timing.
-        repeats: Timed loops per part.
+        warmup: Untimed calls of each part first.
+        rounds: Interleaved rounds (each part timed once per round; at least 2).
         calibration: Stitched networks measured end to end (besides every anchor) to fit
             the overhead.
         predict_runtime: The runtime predictions use (one of ``runtimes``).
+        device_type: ``"cpu"`` (``time.perf_counter``) or ``"cuda"`` (CUDA events); the
+            runners must run there.
+        seed: Seeds the order of the rounds.
         on_step: Called with a description after every timing (a progress bar).
 
     Returns:
@@ -228,6 +185,7 @@ def profile_parts(
     """
     if predict_runtime not in runtimes:
         raise ValueError(f"predict_runtime {predict_runtime!r} is not among {sorted(runtimes)}")
+    clock = clock_for(device_type)
     batches = sorted(set(batch_sizes))
     t_start = time.perf_counter()
     sizes = candidate_resolutions(candidates)
@@ -235,19 +193,29 @@ def profile_parts(
     by_name = {r["name"]: r for r in records}
     modules = _part_modules(anchors, candidates)
     anchor_networks = [Candidate.anchor(n, r) for r in (sizes or [None]) for n in anchors]
-    networks = anchor_networks + calibration_stitches(candidates, calibration)
-    timing = {"warmup": warmup, "repeats": repeats}
+    stitches = calibration_stitches(candidates, calibration)
+    stitch_nets = {network_key(c): candidate_network(anchors, c) for c in stitches}
+    reference = anchor_key(next(iter(anchors)), sizes[0] if sizes else None)
     table_runtimes: dict[str, dict[str, dict[str, Any]]] = {}
     for rt, factory in runtimes.items():
         table_runtimes[rt] = {}
         for batch in batches:
-            step = _prefixed(on_step, f"{rt} b{batch}")
-            parts = {}
-            for key, (module, shape) in modules.items():
-                parts[key] = time_calls(factory(module, (batch, *shape)), **timing)
-                step(key)
-            fit = _fit_networks(anchors, networks, parts, by_name, factory, batch, timing, step)
-            table_runtimes[rt][str(batch)] = _runtime_entry(parts, fit)
+            runners = {
+                key: factory(module, (batch, *shape))
+                for key, (module, shape) in {**modules, **stitch_nets}.items()
+            }
+            timings, ref = time_interleaved(
+                runners,
+                rounds=rounds,
+                warmup=warmup,
+                seed=seed,
+                clock=clock,
+                reference=reference,
+                on_step=_prefixed(on_step, f"{rt} b{batch}"),
+            )
+            parts = {key: timings[key] for key in modules}
+            fit = _fit_points(anchor_networks + stitches, parts, timings, by_name)
+            table_runtimes[rt][str(batch)] = _runtime_entry(parts, fit, noise_floor(timings, ref))
     study = {
         "name": study_name,
         "fingerprint": study_fingerprint(records),
@@ -260,16 +228,23 @@ def profile_parts(
         study=study,
         settings={
             "warmup": warmup,
-            "repeats": repeats,
-            "repeat_seconds": REPEAT_SECONDS,
+            "rounds": rounds,
+            "loop_seconds": LOOP_SECONDS,
+            "seed": seed,
             "batch_sizes": batches,
-            "calibration_networks": len(networks),
+            "calibration_networks": len(anchor_networks) + len(stitches),
             "runtimes": list(runtimes),
+            **timing_settings(device_type),
         },
         runtimes=table_runtimes,
         predict_runtime=predict_runtime,
         profile_seconds=time.perf_counter() - t_start,
     )
+
+
+def network_key(c: Candidate) -> str:
+    """The name a calibration stitch is timed under, end to end."""
+    return f"network|{c.label}"
 
 
 def _prefixed(on_step: Callable[[str], None] | None, prefix: str) -> Callable[[str], None]:
@@ -282,58 +257,81 @@ def _prefixed(on_step: Callable[[str], None] | None, prefix: str) -> Callable[[s
     return step
 
 
-#: One network of the overhead fit: ``(candidate, measured ms, sum of its pieces' ms)``.
-FitPoint = tuple[Candidate, float, float]
+#: One network of the overhead fit: ``(candidate, measured ms, sum of its pieces' ms,
+#: the measurement's std ms)``.
+FitPoint = tuple[Candidate, float, float, float]
 
 
-def _fit_networks(
-    anchors: Mapping[str, Anchor],
+def _fit_points(
     networks: Sequence[Candidate],
     parts: Mapping[str, Mapping[str, Any]],
+    timings: Mapping[str, Mapping[str, Any]],
     records: Mapping[str, Mapping[str, Any]],
-    factory: RunnerFactory,
-    batch: int,
-    timing: Mapping[str, int],
-    step: Callable[[str], None],
 ) -> list[FitPoint]:
     """Each network's end-to-end time beside the sum of its pieces (:func:`fit_keys`).
 
-    A bare anchor's end-to-end time is its part; a stitch is timed end to end here.
+    A bare anchor's end-to-end time is its part; a stitch's is its own timing.
     """
     fit = []
     for c in networks:
-        if c.is_anchor:  # timed end to end among the parts
-            measured = parts[anchor_key(c.front, c.resolution)]["median_ms"]
-        else:
-            net, size = _network(anchors, c)
-            measured = time_calls(factory(net, (batch, *size)), **timing)["median_ms"]
-            step(c.label)
+        key = anchor_key(c.front, c.resolution) if c.is_anchor else network_key(c)
+        timing = timings[key]
         total = sum(parts[k]["median_ms"] for k in fit_keys(c, records))
-        fit.append((c, measured, total))
+        fit.append((c, timing["median_ms"], total, timing["std_ms"]))
     return fit
 
 
-def _runtime_entry(parts: dict[str, Any], fit: Sequence[FitPoint]) -> dict[str, Any]:
+def _runtime_entry(
+    parts: dict[str, Any], fit: Sequence[FitPoint], noise: Mapping[str, Any]
+) -> dict[str, Any]:
     """A runtime's entry at one batch size: the fitted overhead, the fit's errors, the parts.
 
     ``fit.fallback`` says why the scale is 1 instead of the least-squares fit (``None``: the
-    fit was used; see :func:`fit_overhead`).
+    fit was used; see :func:`fit_overhead`). ``fit.residual_pct`` is the relative error a
+    stitch's prediction is expected to have from the fit alone (leave-one-out, see
+    :func:`fit_residual_pct`); ``noise`` is the run's :func:`noise_floor`.
     """
-    scale, overhead, fallback = fit_overhead([s for _, _, s in fit], [m for _, m, _ in fit])
-    errors = [abs(scale * s + overhead - m) / m * 100 for _, m, s in fit if m > 0]
+    xs, ys = [s for _, _, s, _ in fit], [m for _, m, _, _ in fit]
+    scale, overhead, fallback = fit_overhead(xs, ys)
+    errors = [abs(scale * s + overhead - m) / m * 100 for _, m, s, _ in fit if m > 0]
     return {
         "scale": scale,
         "overhead_ms": overhead,
         "fit": {
             "networks": [
-                {"candidate": c.label, "measured_ms": m, "parts_ms": s} for c, m, s in fit
+                {"candidate": c.label, "measured_ms": m, "parts_ms": s, "std_ms": sd}
+                for c, m, s, sd in fit
             ],
             "median_abs_error_pct": statistics.median(errors) if errors else 0.0,
             "max_abs_error_pct": max(errors, default=0.0),
+            "residual_pct": fit_residual_pct(xs, ys),
             "fallback": fallback,
         },
+        "noise": dict(noise),
         "parts": parts,
     }
+
+
+def fit_residual_pct(parts_ms: Sequence[float], measured_ms: Sequence[float]) -> float:
+    """The root-mean-square relative error of the overhead fit, in percent.
+
+    Leave-one-out when there are at least four networks (each predicted by the fit on the
+    others, so the error is out of sample); in sample with fewer; 0 with none.
+    """
+    n = len(parts_ms)
+    if n == 0:
+        return 0.0
+    errors = []
+    for i in range(n):
+        if n >= 4:
+            xs = [x for j, x in enumerate(parts_ms) if j != i]
+            ys = [y for j, y in enumerate(measured_ms) if j != i]
+        else:
+            xs, ys = list(parts_ms), list(measured_ms)
+        scale, overhead, _ = fit_overhead(xs, ys)
+        if measured_ms[i] > 0:
+            errors.append((scale * parts_ms[i] + overhead - measured_ms[i]) / measured_ms[i])
+    return math.sqrt(sum(e * e for e in errors) / len(errors)) * 100 if errors else 0.0
 
 
 #: The fitted scales :func:`fit_overhead` accepts.
@@ -381,14 +379,15 @@ def count_steps(
     runtimes: int,
     batch_sizes: Sequence[int],
     calibration: int,
+    rounds: int,
 ) -> int:
     """How many timings :func:`profile_parts` makes (for a progress bar's total)."""
-    parts = len(_part_modules(anchors, candidates))
-    stitches = len(calibration_stitches(candidates, calibration))  # anchors are parts
-    return runtimes * len(set(batch_sizes)) * (parts + stitches)
+    runners = len(_part_modules(anchors, candidates))
+    runners += len(calibration_stitches(candidates, calibration))  # anchors are parts
+    return runtimes * len(set(batch_sizes)) * interleaved_steps(runners, rounds)
 
 
-def _network(anchors: Mapping[str, Anchor], c: Candidate) -> tuple[nn.Module, tuple[int, ...]]:
+def candidate_network(anchors: Mapping[str, Anchor], c: Candidate) -> tuple[nn.Module, tuple[int, ...]]:
     """The candidate's network and the ``(C, H, W)`` it runs at.
 
     A stitch gets its layer at default init (timing only); the size is the candidate's

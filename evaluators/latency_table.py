@@ -1,9 +1,18 @@
 """Device latency tables: the versioned file of a device's part timings, and predictions.
 
 A table holds, per runtime and batch size, the timings of the parts a study's candidates are
-made of (:mod:`evaluators.latency_parts`; measured by :func:`evaluators.profile_parts`) and
-a fitted per-call overhead. A stitch is predicted as ``scale * (prefix + stitch + suffix) +
-overhead``, a bare anchor as its own measurement (:meth:`LatencyTable.predict`).
+made of (:mod:`evaluators.latency_parts`; measured by :func:`evaluators.profile_parts` in
+interleaved rounds), a fitted per-call overhead, and the run's noise floor. A stitch is
+predicted as ``scale * (prefix + stitch + suffix) + overhead``, a bare anchor as its own
+measurement (:meth:`LatencyTable.predict`).
+
+**Uncertainty** (:meth:`LatencyTable.estimate`): each prediction carries a standard
+deviation. A bare anchor's is its own timing's (the inter-quartile range over the rounds /
+1.349). A stitch's combines its parts' (``scale`` times their sum: a slow moment slows all
+parts of one run alike, so they add, not in quadrature) with the fit's leave-one-out
+relative error times the prediction, in quadrature. :meth:`LatencyTable.quantile` reads the
+prediction as a normal distribution: the 0.5 quantile is the prediction, 0.9 is
+``prediction + 1.28 std``.
 
 **The table** is versioned JSON (:data:`TABLE_FORMAT`; a table of another version is
 refused, to be re-profiled): the device's name and identity (CPU, threads, library
@@ -18,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +37,10 @@ from evaluators.latency_parts import anchor_key, part_keys, prefix_key
 from space import Candidate, InputError
 
 #: The format tag of a latency table; bumped when the layout changes (version 1 timed the
-#: stem, each block and the head alone; version 2 times prefixes, suffixes and anchors).
-TABLE_FORMAT = "stitchsearch-latency-table/2"
+#: stem, each block and the head alone; version 2 timed prefixes, suffixes and anchors one
+#: after another; version 3 times them in interleaved rounds, with spreads and the noise
+#: floor).
+TABLE_FORMAT = "stitchsearch-latency-table/3"
 
 
 class LatencyTableError(InputError):
@@ -59,7 +71,7 @@ class LatencyTable:
         study: ``{"name", "fingerprint", "anchors": [anchor_latency_record, ...]}``.
         settings: Warm-up, repeats, batch sizes, calibration networks.
         runtimes: Runtime -> batch size (a string) -> ``{"parts": {key: timing},
-            "scale": float, "overhead_ms": float, "fit": {...}}``.
+            "scale": float, "overhead_ms": float, "fit": {...}, "noise": {...}}``.
         predict_runtime: The runtime predictions use.
         profile_seconds: How long profiling took.
         sha256: SHA-256 of the file the table was read from (None when built in memory).
@@ -97,7 +109,7 @@ class LatencyTable:
         return sum(parts[k]["median_ms"] for k in part_keys(candidate, self.anchors))
 
     def predict(self, candidate: Candidate, *, batch: int = 1, runtime: str | None = None) -> float:
-        """Predicted latency of one call at ``batch``.
+        """Predicted latency of one call at ``batch`` (the median of :meth:`estimate`).
 
         A bare anchor: its own end-to-end measurement. A stitch: the sum of its front
         anchor's prefix, the stitching layer and its back anchor's suffix, times the fitted
@@ -106,11 +118,49 @@ class LatencyTable:
         Raises:
             KeyError: A part or anchor the table lacks (:meth:`missing_parts` says which).
         """
+        return self.estimate(candidate, batch=batch, runtime=runtime)[0]
+
+    def estimate(
+        self, candidate: Candidate, *, batch: int = 1, runtime: str | None = None
+    ) -> tuple[float, float]:
+        """``(predicted ms, its standard deviation in ms)`` (see the module docstring).
+
+        Raises:
+            KeyError: A part or anchor the table lacks.
+        """
         entry = self._entry(runtime, batch)
-        total = self.parts_sum(candidate, batch=batch, runtime=runtime)
+        parts = entry["parts"]
+        keys = part_keys(candidate, self.anchors)
+        total = sum(parts[k]["median_ms"] for k in keys)
+        spread = sum(parts[k].get("std_ms", 0.0) for k in keys)
         if candidate.is_anchor:
-            return total
-        return max(entry.get("scale", 1.0) * total + entry["overhead_ms"], 0.0)
+            return total, spread
+        scale = entry.get("scale", 1.0)
+        value = max(scale * total + entry["overhead_ms"], 0.0)
+        fit = entry["fit"].get("residual_pct", 0.0) / 100 * value
+        return value, math.hypot(scale * spread, fit)
+
+    def quantile(
+        self, candidate: Candidate, q: float, *, batch: int = 1, runtime: str | None = None
+    ) -> float:
+        """The ``q`` quantile of the predicted latency (normal; 0.5 is :meth:`predict`).
+
+        Raises:
+            ValueError: ``q`` outside (0, 1).
+        """
+        if not 0 < q < 1:
+            raise ValueError(f"a latency quantile must be between 0 and 1, got {q!r}")
+        value, std = self.estimate(candidate, batch=batch, runtime=runtime)
+        return max(value + statistics.NormalDist().inv_cdf(q) * std, 0.0)
+
+    @property
+    def noise(self) -> dict[str, Any]:
+        """The noise floor of the predicting runtime at batch 1."""
+        return self._entry(None, 1)["noise"]
+
+    def timing(self) -> dict[str, Any]:
+        """What the parts were timed under: ``device_type``, ``threads``, ``affinity``."""
+        return {k: self.settings.get(k) for k in ("device_type", "threads", "affinity")}
 
     def missing_parts(self, candidates: Iterable[Candidate], *, batch: int = 1) -> list[str]:
         """Parts the candidates use that the table has no timing for (in first-use order)."""
@@ -236,12 +286,14 @@ class LatencyTable:
                 if not isinstance(parts, dict):
                     raise LatencyTableError("must be a JSON object", f"{where}.parts")
                 for key, timing in parts.items():
-                    value = timing.get("median_ms") if isinstance(timing, dict) else None
-                    if not _is_number(value) or value < 0:
-                        raise LatencyTableError(
-                            f"must be a number >= 0, got {value!r}",
-                            f"{where}.parts.{key}.median_ms",
-                        )
+                    for name in ("median_ms", "std_ms"):
+                        value = timing.get(name) if isinstance(timing, dict) else None
+                        if not _is_number(value) or value < 0:
+                            raise LatencyTableError(
+                                f"must be a number >= 0, got {value!r}",
+                                f"{where}.parts.{key}.{name}",
+                            )
+                _check_fit_and_noise(entry, where)
         if "1" not in doc["runtimes"][doc["predict_runtime"]]:
             raise LatencyTableError(
                 "has no timings at batch 1", f"runtimes.{doc['predict_runtime']}"
@@ -276,8 +328,30 @@ class LatencyTable:
         return cls.from_json(raw)
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+def _check_fit_and_noise(entry: dict[str, Any], where: str) -> None:
+    """The fit's residual and the noise floor of one runtime and batch size."""
+    fit = entry.get("fit")
+    residual = fit.get("residual_pct") if isinstance(fit, dict) else None
+    if not _is_number(residual) or residual < 0:
+        raise LatencyTableError(
+            f"must be a number >= 0, got {residual!r}", f"{where}.fit.residual_pct"
+        )
+    noise = entry.get("noise")
+    if not isinstance(noise, dict):
+        raise LatencyTableError(
+            "missing: the noise floor this run measured (profile the device again)",
+            f"{where}.noise",
+        )
+    for key in ("floor_pct", "halves_median_diff_pct"):
+        value = noise.get(key)
+        if not _is_number(value) or value < 0:
+            raise LatencyTableError(f"must be a number >= 0, got {value!r}", f"{where}.noise.{key}")
+    share = noise.get("halves_within_10pct")
+    if not _is_number(share) or not 0 <= share <= 1:
+        raise LatencyTableError(
+            f"must be a share between 0 and 1, got {share!r}",
+            f"{where}.noise.halves_within_10pct",
+        )
 
 
 def _is_number(value: Any) -> bool:

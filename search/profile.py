@@ -7,9 +7,12 @@ and blocks ``[0, k)``) and suffix (blocks ``[j, n)`` and head) a stitch cuts it 
 every stitching layer by kind and shape, at batch 1 and at the study's ``latency_batch``,
 in PyTorch and, when installed, in onnxruntime (the export format); then it fits the
 per-call overhead on stitched networks and anchors measured end to end
-(:mod:`evaluators.latency_table`). The table is
-written atomically: an interrupted run (Ctrl-C) leaves no file. Bad input prints one line
-and exits 2, writing nothing.
+(:mod:`evaluators.latency_table`). Everything is timed in interleaved rounds (every part
+once per round, shuffled), so a slow minute hits every part alike; the run measures and
+prints its own noise floor, and warns with advice when it is worse than ±5%. ``--threads``
+and ``--cpus`` (CPU affinity) are applied and recorded; ``--device-type cuda`` times a GPU
+with CUDA events. The table is written atomically: an interrupted run (Ctrl-C) leaves no
+file. Bad input prints one line and exits 2, writing nothing.
 
 Name the table in the budget CSV's ``latency_table`` column to have the search predict
 that device's latency from it.
@@ -18,6 +21,7 @@ that device's latency from it.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import sys
@@ -32,7 +36,16 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from evaluators import LatencyTable, count_steps, profile_parts, torch_runner
+from evaluators import (
+    LatencyTable,
+    apply_timing,
+    count_steps,
+    noise_advice,
+    noise_line,
+    parse_cpus,
+    profile_parts,
+    torch_runner,
+)
 from search.core import OneLineParser, one_line
 from search.delivery import export_onnx
 from search.execution import SignalGuard
@@ -70,9 +83,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="the runtime the search predicts latency with (default: torch, as the search "
         "measures on its host)",
     )
+    p.add_argument(
+        "--device-type",
+        default="cpu",
+        choices=("cpu", "cuda"),
+        help="where to time: cpu (default) or cuda (a GPU, timed with CUDA events; torch only)",
+    )
     p.add_argument("--threads", type=_count("--threads", 1), default=None, help="torch threads")
+    p.add_argument(
+        "--cpus",
+        default=None,
+        metavar="LIST",
+        help="pin the profiler to these CPUs (e.g. 0 or 0-3; recorded in the table), where "
+        "the OS allows it",
+    )
+    p.add_argument(
+        "--batch-sizes",
+        default=None,
+        metavar="LIST",
+        help="comma-separated batch sizes (default: 1 and the study's latency_batch)",
+    )
     p.add_argument("--warmup", type=_count("--warmup", 0), default=3, help="untimed calls")
-    p.add_argument("--repeats", type=_count("--repeats", 1), default=15, help="timed loops")
+    p.add_argument(
+        "--rounds",
+        type=_count("--rounds", 2),
+        default=20,
+        help="interleaved rounds: every part is timed once per round, in a shuffled order "
+        "(default 20)",
+    )
+    p.add_argument("--seed", type=_count("--seed", 0), default=0, help="seeds the round order")
     p.add_argument(
         "--calibration",
         type=_count("--calibration", 0),
@@ -218,34 +257,58 @@ def main(argv: Sequence[str] | None = None) -> int:
         if out.is_dir():
             raise InputError(f"--out: {str(out)!r} is a folder; give the table's file path")
         study_path = Path(args.study)
+        cpus = _cpus(args.cpus)
+        _check_device_type(args.device_type, args.runtimes)
         study = load_study(study_path)
-        names = _runtimes(args.runtimes, args.predict_with)
+        names = _runtimes(args.runtimes or _default_runtimes(args.device_type), args.predict_with)
+        batches = _batch_sizes(args.batch_sizes, study.latency_batch)
         anchors, _ = load_anchors(study, study_path)
     except InputError as e:
         print(f"python -m search.profile: error: {one_line(str(e))}", file=sys.stderr)
         return 2
     threads = args.threads or torch.get_num_threads()
-    torch.set_num_threads(threads)
+    with apply_timing({"threads": threads, "affinity": cpus}):
+        return _profile(args, device, out, study, study_path, anchors, names, batches, cpus)
+
+
+def _profile(
+    args: argparse.Namespace,
+    device: str,
+    out: Path,
+    study: Any,
+    study_path: Path,
+    anchors: dict[str, Any],
+    names: list[str],
+    batches: list[int],
+    cpus: list[int] | None,
+) -> int:
+    """Profiles under the threads and CPUs given (:func:`main` has checked the input)."""
+    threads = torch.get_num_threads()
     for a in anchors.values():
-        a.model.cpu().eval()
+        a.model.to(args.device_type).eval()
     candidates = study_space(study, anchors, study_path).all_candidates()
-    batches = sorted({1, study.latency_batch})
     total = count_steps(
         anchors,
         candidates,
         runtimes=len(names),
         batch_sizes=batches,
         calibration=args.calibration,
+        rounds=args.rounds,
     )
+    where = "CUDA " + torch.cuda.get_device_name() if args.device_type == "cuda" else "CPU"
+    pinned = f", CPUs {','.join(map(str, cpus))}" if cpus is not None else ""
     print(
-        f"profiling {device!r} for study {study.name!r}: {len(candidates)} candidates, "
-        f"runtimes {', '.join(names)}, batch sizes {batches}, {threads} thread(s)",
+        f"profiling {device!r} for study {study.name!r} on the {where}: {len(candidates)} "
+        f"candidates, runtimes {', '.join(names)}, batch sizes {batches}, {threads} "
+        f"thread(s){pinned}, {args.rounds} interleaved rounds",
         file=sys.stderr,
     )
     bar = tqdm(total=total, desc="profile", unit="part", file=sys.stderr, mininterval=0.5)
     try:
         with SignalGuard(), tempfile.TemporaryDirectory(prefix="stitchsearch-profile-") as tmp:
-            runners: dict[str, Any] = {"torch": torch_runner}
+            runners: dict[str, Any] = {
+                "torch": functools.partial(torch_runner, device=args.device_type)
+            }
             if "onnxruntime" in names:
                 runners["onnxruntime"] = OnnxRunners(Path(tmp), threads)
             table = profile_parts(
@@ -257,9 +320,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 runtimes={n: runners[n] for n in names},
                 batch_sizes=batches,
                 warmup=args.warmup,
-                repeats=args.repeats,
+                rounds=args.rounds,
                 calibration=args.calibration,
                 predict_runtime=args.predict_with,
+                device_type=args.device_type,
+                seed=args.seed,
                 on_step=lambda _: bar.update(1),
             )
             table.created = datetime.now(UTC).isoformat(timespec="seconds")
@@ -283,20 +348,80 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def fit_lines(table: LatencyTable) -> list[str]:
-    """One line per runtime and batch size on the overhead fit, and one more per fallback."""
+    """Lines on the overhead fit, the noise floor and any fallback of each runtime and batch.
+
+    Then one warning with advice when a noise floor is worse than ±5%.
+    """
     lines = []
+    worst: dict[str, Any] | None = None
     for rt, batches_of in table.runtimes.items():
         for batch, entry in batches_of.items():
-            fit = entry["fit"]
+            fit, noise = entry["fit"], entry["noise"]
             lines.append(
                 f"{rt} batch {batch}: {len(entry['parts'])} parts, overhead "
                 f"{entry['overhead_ms']:+.3f} ms, fit on {len(fit['networks'])} networks: "
                 f"median error {fit['median_abs_error_pct']:.1f}%, max "
-                f"{fit['max_abs_error_pct']:.1f}%"
+                f"{fit['max_abs_error_pct']:.1f}%, leave-one-out {fit['residual_pct']:.1f}%"
             )
+            lines.append(f"{rt} batch {batch}: {noise_line(noise)}")
             if fit.get("fallback"):
                 lines.append(f"warning: {rt} batch {batch}: {fit['fallback']}")
+            if worst is None or noise["floor_pct"] > worst["floor_pct"]:
+                worst = noise
+    advice = noise_advice(worst) if worst is not None else None
+    if advice:
+        lines.append(advice)
     return lines
+
+
+def _cpus(text: str | None) -> list[int] | None:
+    """The ``--cpus`` list (None: not given)."""
+    if text is None:
+        return None
+    if not hasattr(os, "sched_setaffinity"):
+        raise InputError(
+            f"--cpus: this OS ({platform.system()}) does not let a process pin its CPUs; "
+            "leave --cpus out"
+        )
+    try:
+        return parse_cpus(text)
+    except ValueError as e:
+        raise InputError(f"--cpus: {e}") from None
+
+
+def _check_device_type(device_type: str, runtimes: str | None) -> None:
+    """A CUDA profile needs a GPU here and times torch only."""
+    if device_type != "cuda":
+        return
+    if not torch.cuda.is_available():
+        raise InputError(
+            "--device-type cuda: no CUDA device is visible to PyTorch here; run on the GPU "
+            "machine (with a CUDA build of torch) or use --device-type cpu"
+        )
+    if runtimes is not None and "onnxruntime" in runtimes:
+        raise InputError(
+            "--runtimes: onnxruntime is profiled on the CPU only; use --runtimes torch with "
+            "--device-type cuda"
+        )
+
+
+def _default_runtimes(device_type: str) -> str | None:
+    return "torch" if device_type == "cuda" else None
+
+
+def _batch_sizes(text: str | None, latency_batch: int) -> list[int]:
+    """``--batch-sizes`` (batch 1 always included), else 1 and the study's latency_batch."""
+    if text is None:
+        return sorted({1, latency_batch})
+    sizes = set()
+    for piece in (p.strip() for p in text.split(",")):
+        if not piece.isdigit() or int(piece) < 1:
+            raise InputError(
+                f"--batch-sizes: {piece!r} is not a batch size; give whole numbers >= 1 such "
+                "as 1,64"
+            )
+        sizes.add(int(piece))
+    return sorted(sizes | {1})
 
 
 if __name__ == "__main__":

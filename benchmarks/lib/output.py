@@ -39,6 +39,7 @@ SECTIONS: tuple[tuple[str, str], ...] = (
     ("claims", "6. The papers' claims on the default zoo"),
     ("rung1", "7. Rung 1: every stitch fine-tuned, and what promotion finds"),
     ("latency_table", "8. Device latency tables: predicted against measured latency"),
+    ("latency_table_cuda", "8b. Device latency tables on a GPU (CUDA events)"),
     ("real_pair", "9. Real ImageNet weights: EfficientNet-Lite0 and Lite1 stitched both ways"),
     ("real_trials", "9c. Real weights through the workers' evaluation"),
     ("family", "10. The family: anchors and stitches trained jointly (rung 2)"),

@@ -45,6 +45,10 @@ class DeviceBudget:
         table_text: The ``latency_table`` cell as written (for messages).
         table: The loaded table (:class:`evaluators.LatencyTable`), attached when the run
             is planned; None until then.
+        latency_quantile: Which quantile of a table's predicted latency is checked against
+            ``max_latency_ms`` (a predicted latency carries an interval): None is the
+            median (the prediction itself); 0.9 lets only networks whose upper estimate
+            fits. Needs ``latency_table``.
     """
 
     device: str
@@ -56,6 +60,7 @@ class DeviceBudget:
     latency_table: Path | None = None
     table_text: str | None = field(default=None, compare=False, repr=False)
     table: Any = field(default=None, compare=False, repr=False)
+    latency_quantile: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.device, str) or not self.device.strip():
@@ -71,6 +76,19 @@ class DeviceBudget:
                     f"got {value!r}"
                 )
             object.__setattr__(self, column, float(value))
+        q = self.latency_quantile
+        if q is not None:
+            if isinstance(q, bool) or not isinstance(q, numbers.Real) or not 0 < q < 1:
+                raise ValueError(
+                    f"DeviceBudget.latency_quantile must be between 0 and 1 (exclusive) or "
+                    f"None (the median), got {q!r}"
+                )
+            if self.latency_table is None:
+                raise ValueError(
+                    "DeviceBudget.latency_quantile needs a latency_table (a host-measured "
+                    "latency has no predicted interval)"
+                )
+            object.__setattr__(self, "latency_quantile", float(q))
 
     @property
     def latency_source(self) -> str:

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from search.core.budgets import DeviceBudget
+from search.core.budgets import HOST_MEASURED, DeviceBudget
 from space import Candidate
 
 
@@ -67,6 +67,10 @@ class Attr:
     #: Latency predicted from each device's latency table, by device (devices with a
     #: table only; ``latency_ms`` stays the host's measurement).
     DEVICE_LATENCY_MS = "device_latency_ms"
+    #: The standard deviation of each table-predicted latency, by device.
+    DEVICE_LATENCY_STD_MS = "device_latency_std_ms"
+    #: Each device's latency as people read it: ``"2.39 ms ± 0.12 (table)"``.
+    DEVICE_LATENCY_TEXT = "device_latency"
     MEMORY_MB = "memory_mb"
     FIT_RESIDUAL = "fit_residual"
     #: Least-squares relative residual over the stitch's whole target (the pruning signal
@@ -320,7 +324,10 @@ def budget_metrics(
 
 
 def device_latency(values: Mapping[str, Any], budget: DeviceBudget) -> float | None:
-    """A device's latency for a candidate: predicted from its table, else the host's.
+    """The latency checked against a device's ``max_latency_ms``.
+
+    With a table: the prediction's ``latency_quantile`` (the median, i.e. the prediction,
+    by default); else the host's measurement.
 
     Args:
         values: A result or user attributes with ``config`` (the candidate).
@@ -331,4 +338,38 @@ def device_latency(values: Mapping[str, Any], budget: DeviceBudget) -> float | N
     config = values.get(Attr.CONFIG)
     if config is None:
         return None
-    return budget.table.predict(Candidate.from_dict(config))
+    candidate = Candidate.from_dict(config)
+    if budget.latency_quantile is None:
+        return budget.table.predict(candidate)
+    return budget.table.quantile(candidate, budget.latency_quantile)
+
+
+def device_latency_estimate(
+    values: Mapping[str, Any], budget: DeviceBudget
+) -> tuple[float | None, float | None]:
+    """A device's latency and its standard deviation: the table's, else ``(host, None)``."""
+    if budget.table is None:
+        return values.get(Attr.LATENCY_MS), None
+    config = values.get(Attr.CONFIG)
+    if config is None:
+        return None, None
+    return budget.table.estimate(Candidate.from_dict(config))
+
+
+def device_latency_text(values: Mapping[str, Any], budget: DeviceBudget) -> str:
+    """A device's latency as people read it, with its source and interval.
+
+    ``"2.39 ms ± 0.12 (table)"``; with a ``latency_quantile``, also the value checked:
+    ``"2.39 ms ± 0.12 (table; q0.9 2.54 ms)"``; without a table ``"1.16 ms
+    (host-measured)"``; ``"- (table)"`` when unknown.
+    """
+    value, std = device_latency_estimate(values, budget)
+    if budget.table is None:
+        return f"{value:.2f} ms ({HOST_MEASURED})" if value is not None else "- (host-measured)"
+    if value is None:
+        return "- (table)"
+    source = "table"
+    if budget.latency_quantile is not None:
+        checked = device_latency(values, budget)
+        source += f"; q{budget.latency_quantile:g} {checked:.2f} ms"
+    return f"{value:.2f} ms ± {std:.2f} ({source})"

@@ -25,7 +25,7 @@ from optuna.trial import FrozenTrial
 from search.core import (
     Attr,
     candidate_of,
-    device_latency,
+    device_latency_text,
     evaluated_trials,
     rung_of,
     select_per_device,
@@ -309,7 +309,7 @@ def _report(
         study_name=plan.study.name,
         chosen={d: trial_row_id(t) if t is not None else None for d, t in chosen.items()},
         device_latency={
-            b.device: (device_latency(t.user_attrs, b), b.latency_source)
+            b.device: device_latency_text(t.user_attrs, b)
             for b in plan.budgets
             if (t := chosen[b.device]) is not None
         },

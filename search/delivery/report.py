@@ -65,7 +65,7 @@ def _chosen_table(
     budgets: Sequence[DeviceBudget],
     chosen: Mapping[str, int | str | None],
     by_number: Mapping[str, Mapping[str, Any]],
-    device_latency: Mapping[str, tuple[float | None, str]],
+    device_latency: Mapping[str, str],
     measure: str = "accuracy",
 ) -> str:
     devices: list[tuple[str, DeviceBudget | None]] = [(b.device, b) for b in budgets]
@@ -105,12 +105,11 @@ def _chosen_table(
     return _table(header, rows)
 
 
-def _latency_text(trial: Mapping[str, Any], device: tuple[float | None, str] | None) -> str:
-    """The device's latency (from its table, or the host's measurement) with its source."""
+def _latency_text(trial: Mapping[str, Any], device: str | None) -> str:
+    """The device's latency as text (its source and interval), else the host's latency."""
     if device is None:
         return fmt_ms(trial.get("latency_ms"))
-    value, source = device
-    return f"{fmt_ms(value)} ({esc(source)})"
+    return esc(device)
 
 
 def _unplotted_table(trials: Sequence[Mapping[str, Any]]) -> str:
@@ -139,7 +138,7 @@ def _page(
     trials: Sequence[Mapping[str, Any]],
     budgets: Sequence[DeviceBudget],
     chosen: Mapping[str, int | str | None],
-    device_latency: Mapping[str, tuple[float | None, str]],
+    device_latency: Mapping[str, str],
     measure: str = "accuracy",
 ) -> str:
     by_number = {row_id(t): t for t in trials if t.get("number") is not None}
@@ -191,7 +190,7 @@ def write_report(
     study_name: str,
     chosen: Mapping[str, int | str | None],
     title: str | None = None,
-    device_latency: Mapping[str, tuple[float | None, str]] | None = None,
+    device_latency: Mapping[str, str] | None = None,
     measure: str = "accuracy",
 ) -> Path:
     """Writes a self-contained HTML report of a study.
@@ -215,8 +214,9 @@ def write_report(
         chosen: Device name -> chosen row (its ``id``, or a trial number), or None when
             nothing fits.
         title: The page title; defaults to one naming the study.
-        device_latency: Device name -> (the chosen trial's latency on it, its source:
-            ``"latency table"`` or ``"host-measured"``); by default the host's latency.
+        device_latency: Device name -> the chosen trial's latency on it as text, with its
+            source and interval (:func:`search.core.device_latency_text`: ``"2.39 ms ±
+            0.12 (table)"``); by default the host's latency.
         measure: What ``val_acc`` measures: ``"accuracy"``, or ``"agreement with <teacher>"``
             in a label-free study (axis, hover and table labels say it).
 

@@ -70,7 +70,10 @@ def budget_text(budget: DeviceBudget) -> str:
     if budget.max_params is not None:
         parts.append(f"params ≤ {format_quantity(budget.max_params)}")
     if budget.max_latency_ms is not None:
-        parts.append(f"latency ≤ {budget.max_latency_ms:g} ms ({budget.latency_source})")
+        source = budget.latency_source
+        if budget.latency_quantile is not None:
+            source += f", quantile {budget.latency_quantile:g}"
+        parts.append(f"latency ≤ {budget.max_latency_ms:g} ms ({source})")
     if budget.max_memory_mb is not None:
         parts.append(f"memory ≤ {budget.max_memory_mb:g} MB")
     return ", ".join(parts) or "no limits"

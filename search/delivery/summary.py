@@ -10,13 +10,12 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from search.core import (
-    HOST_MEASURED,
     PASSWORD_ENV,
     RUNG_NAMES,
     Attr,
     DeviceBudget,
     budget_metrics,
-    device_latency,
+    device_latency_text,
     format_quantity,
     has_password,
     rung_of,
@@ -102,10 +101,11 @@ def summary_table(
 
 
 def latency_cell(device: DeviceBudget, attrs: Mapping[str, Any]) -> str:
-    """A device's latency for the summary: ``"0.93 ms table"`` or ``"1.16 ms host-measured"``."""
-    value = device_latency(attrs, device)
-    label = "table" if device.table is not None else HOST_MEASURED
-    return f"{value:.2f} ms {label}" if value is not None else f"- {label}"
+    """A device's latency for the summary (:func:`search.core.device_latency_text`).
+
+    ``"0.93 ms ± 0.05 (table)"`` or ``"1.16 ms (host-measured)"``.
+    """
+    return device_latency_text(attrs, device)
 
 
 def dashboard_command(url: str) -> str:

@@ -2,16 +2,19 @@
 
 Users give a CSV file with a header row, one device per row::
 
-    device,max_macs,max_params,max_latency_ms,max_memory_mb,latency_table
-    cortex-m7-mcu,2.5M,400K,,1.5,
-    raspberry-pi-4,5M,1M,3,,tables/rpi4.json
-    edge-server,,,,,
+    device,max_macs,max_params,max_latency_ms,max_memory_mb,latency_table,latency_quantile
+    cortex-m7-mcu,2.5M,400K,,1.5,,
+    raspberry-pi-4,5M,1M,3,,tables/rpi4.json,0.9
+    edge-server,,,,,,
 
 ``device`` is required; at least one budget column must be present; an empty cell means no
 limit. The optional ``latency_table`` column names a device latency table (a path relative
 to the CSV, written by ``python -m search.profile``): that device's latency is predicted
 from it instead of measured on the host; the table itself is read and checked against the
-study when the run is planned (:mod:`search.inputs.device_latency`). :func:`load_budget_table`
+study when the run is planned (:mod:`search.inputs.device_latency`). A table's prediction
+carries an interval; the optional ``latency_quantile`` column (a probability in (0, 1),
+default the median) says which quantile of it must fit ``max_latency_ms``: 0.9 picks only
+networks whose upper estimate fits. :func:`load_budget_table`
 validates the file and raises :class:`BudgetError` with a one-line message naming the
 file, line and column, echoing the bad value and saying the fix.
 """
@@ -33,8 +36,11 @@ from space import InputError
 #: The optional column naming a device latency table (a path relative to the CSV).
 TABLE_COLUMN = "latency_table"
 
+#: The optional column saying which quantile of a table's predicted latency must fit.
+QUANTILE_COLUMN = "latency_quantile"
+
 #: Every column a budget table may have.
-KNOWN_COLUMNS: tuple[str, ...] = ("device", *BUDGET_COLUMNS, TABLE_COLUMN)
+KNOWN_COLUMNS: tuple[str, ...] = ("device", *BUDGET_COLUMNS, TABLE_COLUMN, QUANTILE_COLUMN)
 
 #: Columns that count things and so accept a K/M/G suffix.
 _COUNT_COLUMNS = frozenset({"max_macs", "max_params"})
@@ -334,6 +340,37 @@ def _parse_device(
         table = Path(table_text).expanduser()
         if not table.is_absolute():
             table = path.parent / table
+    quantile = _parse_quantile(row.get(QUANTILE_COLUMN) or "", table_text, path, line)
     return DeviceBudget(
-        device=device, line=line, latency_table=table, table_text=table_text, **limits
+        device=device,
+        line=line,
+        latency_table=table,
+        table_text=table_text,
+        latency_quantile=quantile,
+        **limits,
     )
+
+
+def _parse_quantile(text: str, table_text: str | None, path: Path, line: int) -> float | None:
+    """The ``latency_quantile`` cell: a probability in (0, 1), or None when empty."""
+    if not text:
+        return None
+    fix = "write a probability such as 0.9 (0.5 is the median), or leave the cell empty"
+    try:
+        q = float(text)
+    except ValueError:
+        raise BudgetError("not a number", path, line, QUANTILE_COLUMN, text, fix) from None
+    if not 0 < q < 1:
+        raise BudgetError(
+            "must be between 0 and 1 (exclusive)", path, line, QUANTILE_COLUMN, text, fix
+        )
+    if table_text is None:
+        raise BudgetError(
+            "applies to a latency table's prediction, and this row has no latency_table",
+            path,
+            line,
+            QUANTILE_COLUMN,
+            text,
+            "name the device's table in the latency_table column, or leave the cell empty",
+        )
+    return q

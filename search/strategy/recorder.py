@@ -25,7 +25,8 @@ from search.core import (
     annotation,
     budget_metrics,
     constraint_value,
-    device_latency,
+    device_latency_estimate,
+    device_latency_text,
     fitting_devices,
     unflatten,
 )
@@ -139,11 +140,17 @@ class Recorder:
                 if k in RESULT_ATTRS and v is not None:
                     trial.set_user_attr(k, v)
             attrs = {**trial.user_attrs, **result}
-            predicted = {
-                b.device: device_latency(attrs, b) for b in self.budgets if b.table is not None
-            }
-            if predicted:
-                trial.set_user_attr(Attr.DEVICE_LATENCY_MS, predicted)
+            tabled = [b for b in self.budgets if b.table is not None]
+            if tabled:
+                estimates = {b.device: device_latency_estimate(attrs, b) for b in tabled}
+                trial.set_user_attr(
+                    Attr.DEVICE_LATENCY_MS, {d: v for d, (v, _) in estimates.items()}
+                )
+                trial.set_user_attr(
+                    Attr.DEVICE_LATENCY_STD_MS, {d: sd for d, (_, sd) in estimates.items()}
+                )
+                texts = {b.device: device_latency_text(attrs, b) for b in tabled}
+                trial.set_user_attr(Attr.DEVICE_LATENCY_TEXT, texts)
 
             def metrics(b: DeviceBudget) -> dict[str, float | None]:
                 return budget_metrics(attrs, b)

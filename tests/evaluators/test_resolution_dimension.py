@@ -74,7 +74,7 @@ def test_latency_table_holds_every_part_at_each_resolution(setup) -> None:
         host={},
         runtimes={"torch": torch_runner},
         warmup=1,
-        repeats=2,
+        rounds=2,
         calibration=2,
     )
     assert table.missing_parts(cands) == []

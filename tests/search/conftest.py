@@ -38,6 +38,6 @@ def tiny_table(tmp_path_factory):
     study = Path(__file__).resolve().parent / "data" / "tiny_study.yaml"
     out = tmp_path_factory.mktemp("tiny_table") / "dev.json"
     argv = ["--study", str(study), "--device", "dev", "--out", str(out), "--runtimes", "torch"]
-    rc = main([*argv, "--repeats", "3", "--warmup", "1", "--calibration", "4", "--threads", "1"])
+    rc = main([*argv, "--rounds", "3", "--warmup", "1", "--calibration", "4", "--threads", "1"])
     assert rc == 0
     return out

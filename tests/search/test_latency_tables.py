@@ -159,7 +159,12 @@ def test_trials_record_the_predicted_latency_and_fit_by_it(table_run) -> None:
     for t in trials:
         predicted = t.user_attrs["device_latency_ms"]
         assert set(predicted) == {"fast"}  # the host-measured device has none
-        assert predicted["fast"] == pytest.approx(table_run["fast"].predict(candidate_of(t)))
+        value, std = table_run["fast"].estimate(candidate_of(t))
+        assert predicted["fast"] == pytest.approx(value)
+        assert t.user_attrs["device_latency_std_ms"]["fast"] == pytest.approx(std)
+        assert std > 0
+        # What people read in the dashboard: the prediction, its interval and its source.
+        assert t.user_attrs["device_latency"] == {"fast": f"{value:.2f} ms ± {std:.2f} (table)"}
         assert t.user_attrs["fits_devices"] == ["fast", "host"]
 
 
@@ -174,6 +179,11 @@ def test_the_export_says_where_the_latency_comes_from(table_run) -> None:
     pick = table_run["pick"]
     assert fast["metrics"]["latency_ms"] == pytest.approx(table.predict(candidate_of(pick)))
     assert fast["metrics"]["latency"]["host_ms"] == pick.user_attrs["latency_ms"]
+    value, std = table.estimate(candidate_of(pick))
+    assert fast["metrics"]["latency"]["std_ms"] == pytest.approx(std)
+    assert fast["metrics"]["latency"]["quantile"] == 0.5
+    assert fast["metrics"]["latency"]["checked_ms"] == pytest.approx(value)
+    assert fast["metrics"]["latency"]["text"] == f"{value:.2f} ms ± {std:.2f} (table)"
     assert host["metrics"]["latency"] == {
         "source": "host-measured",
         "host_ms": host["metrics"]["latency_ms"],
@@ -203,4 +213,7 @@ def test_a_slow_part_in_a_table_changes_that_device_pick(table_run) -> None:
 
 def test_summary_and_report_label_the_latency(table_run) -> None:
     report = (table_run["out"] / "report.html").read_text()
-    assert "(latency table)" in report and "(host-measured)" in report
+    fast = table_run["first"]["fast"]["metrics"]["latency"]["text"]
+    assert fast.endswith(" (table)") and " ± " in fast
+    assert fast in report and "(host-measured)" in report
+    assert "latency ≤ 100000 ms (latency table)" in report

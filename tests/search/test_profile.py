@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from evaluators import (
     TABLE_FORMAT,
@@ -27,7 +28,7 @@ from search.profile import fit_lines, main
 DATA = Path(__file__).resolve().parent / "data"
 STUDY = DATA / "tiny_study.yaml"
 ROOT = Path(__file__).resolve().parents[2]
-FAST = ["--repeats", "2", "--warmup", "1", "--calibration", "2", "--threads", "1"]
+FAST = ["--rounds", "2", "--warmup", "1", "--calibration", "2", "--threads", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +86,15 @@ def test_a_table_is_not_written_over_by_a_bad_command(tmp_path, capsys) -> None:
         (["--study", str(STUDY), "--runtimes", "onnxruntime"], "--predict-with torch"),
         (["--study", str(STUDY), "--device", " "], "--device"),
         (["--study", str(STUDY), "--out", str(tmp_path)], "is a folder"),
+        (["--study", str(STUDY), "--cpus", "9999"], "--cpus: CPU(s) [9999] are not available"),
+        (["--study", str(STUDY), "--cpus", "a-b"], "--cpus: 'a-b' is not a CPU list"),
+        (["--study", str(STUDY), "--batch-sizes", "1,0"], "--batch-sizes: '0' is not a batch"),
+        (["--study", str(STUDY), "--rounds", "1"], "--rounds must be >= 2, got 1"),
     ]
+    if not torch.cuda.is_available():
+        cases.append(
+            (["--study", str(STUDY), "--device-type", "cuda"], "--device-type cuda: no CUDA")
+        )
     for argv, needle in cases:
         full = ["--device", "d", "--out", str(tmp_path / "t.json"), *argv]
         try:
@@ -100,7 +109,7 @@ def test_a_table_is_not_written_over_by_a_bad_command(tmp_path, capsys) -> None:
 def test_ctrl_c_leaves_no_table(tmp_path) -> None:
     out = tmp_path / "t.json"
     cmd = [sys.executable, "-m", "search.profile", "--study", str(STUDY), "--device", "d"]
-    cmd += ["--out", str(out), "--runtimes", "torch", "--repeats", "400", "--threads", "1"]
+    cmd += ["--out", str(out), "--runtimes", "torch", "--rounds", "400", "--threads", "1"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
     seen = ""
@@ -126,9 +135,39 @@ def test_the_fallback_is_recorded_in_the_table_and_printed_once(profiled) -> Non
     # A table whose fit fell back: recorded in the file, one warning line per entry.
     doc = json.loads(table.to_json())
     doc["runtimes"]["torch"]["1"]["fit"]["fallback"] = "the fitted scale 9 is outside [0.5, 2]"
+    for batches in doc["runtimes"].values():  # a quiet machine: no noise warning
+        for entry in batches.values():
+            entry["noise"]["floor_pct"] = 1.0
     again = LatencyTable.from_json(json.dumps(doc))
     assert again.runtimes["torch"]["1"]["fit"]["fallback"].startswith("the fitted scale 9")
     lines = fit_lines(again)
     warnings = [line for line in lines if line.startswith("warning:")]
     assert warnings == ["warning: torch batch 1: the fitted scale 9 is outside [0.5, 2]"]
-    assert len(lines) == len(warnings) + sum(len(b) for b in again.runtimes.values())
+    # Two lines per runtime and batch: the fit, and the noise floor.
+    assert len(lines) == len(warnings) + 2 * sum(len(b) for b in again.runtimes.values())
+    # A noisy machine: one more warning, with advice, after the lines.
+    doc["runtimes"]["onnxruntime"]["1"]["noise"]["floor_pct"] = 12.5
+    noisy = fit_lines(LatencyTable.from_json(json.dumps(doc)))
+    assert len(noisy) == len(lines) + 1 and "onnxruntime batch 1: noise floor ±12.5%" in noisy[4]
+    assert noisy[-1].startswith("warning: this machine's timings are noisy (floor ±12.5% > ±5%)")
+
+
+def test_the_run_prints_its_settings_and_noise_floor(tmp_path, capsys) -> None:
+    out = tmp_path / "t.json"
+    argv = ["--study", str(STUDY), "--device", "d", "--out", str(out), "--runtimes", "torch"]
+    before = os.sched_getaffinity(0)
+    cpu = str(min(before))
+    argv += ["--rounds", "3", "--warmup", "1", "--calibration", "2", "--threads", "1"]
+    rc = main([*argv, "--cpus", cpu, "--batch-sizes", "2"])
+    err = capsys.readouterr().err
+    assert rc == 0
+    assert f"1 thread(s), CPUs {cpu}, 3 interleaved rounds" in err
+    assert "batch sizes [1, 2]" in err
+    table = LatencyTable.read(out)
+    assert table.settings["affinity"] == [int(cpu)] and table.settings["threads"] == 1
+    assert set(table.runtimes["torch"]) == {"1", "2"}
+    for batch in ("1", "2"):
+        noise = table.runtimes["torch"][batch]["noise"]
+        assert f"torch batch {batch}: noise floor ±{noise['floor_pct']:.1f}%:" in err
+    # Called in-process, main gives the CPUs back when done.
+    assert os.sched_getaffinity(0) == before

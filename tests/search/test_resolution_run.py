@@ -143,7 +143,7 @@ def test_a_table_profiled_for_the_study_covers_each_resolution(tmp_path) -> None
     study_path = _study_with_resolutions(tmp_path)
     out = tmp_path / "dev.json"
     argv = ["--study", str(study_path), "--device", "dev", "--out", str(out)]
-    argv += ["--runtimes", "torch", "--repeats", "2", "--warmup", "1", "--calibration", "2"]
+    argv += ["--runtimes", "torch", "--rounds", "2", "--warmup", "1", "--calibration", "2"]
     assert profile_main([*argv, "--threads", "1"]) == 0
     table = LatencyTable.read(out)
     anchors, _ = load_anchors(load_study(study_path), study_path)

@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import pickle
 from pathlib import Path
+from statistics import NormalDist
 
 import pytest
 
 from search.core import (
     DeviceBudget,
+    budget_metrics,
     constraint_value,
+    device_latency,
+    device_latency_text,
     fitting_devices,
     format_quantity,
     safe_filename,
 )
 from search.inputs import BudgetError, load_budget_table
+from space import Candidate
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -87,6 +93,7 @@ def test_shipped_devices_csv_parses():
 # Invalid tables: every error is one line naming file, line and column, echoing the value.
 
 HEADER = "device,max_macs,max_latency_ms\n"
+QHEADER = "device,max_latency_ms,latency_table,latency_quantile\n"
 
 # (id, file text, line, column, value echoed in the message, words in the message)
 BAD_TABLES = [
@@ -117,6 +124,19 @@ BAD_TABLES = [
     ("empty-device", HEADER + "a,1,\n  ,2,\n", 3, "device", "", "empty"),
     ("control-in-device", HEADER + '"a\nb",1,\n', 2, "device", "a\\nb", "control"),
     ("bad-quotes", HEADER + 'a,"1,\n', 2, None, None, "malformed"),
+    # latency_quantile: a probability in (0, 1), and only with a latency table.
+    *[
+        (f"quantile-{q}", QHEADER + f"a,3,t.json,{q}\n", 2, "latency_quantile", q, words)
+        for q, words in (
+            ("1", "between 0 and 1"),
+            ("0", "between 0 and 1"),
+            ("1.5", "between 0 and 1"),
+            ("-0.1", "between 0 and 1"),
+            ("high", "not a number"),
+            ("nan", "between 0 and 1"),
+        )
+    ],
+    ("quantile-no-table", QHEADER + "a,3,,0.9\n", 2, "latency_quantile", "0.9", "no latency_table"),
 ]
 
 
@@ -374,3 +394,37 @@ def test_safe_filename_deduplicates_case_insensitively():
 )
 def test_format_quantity(value, text):
     assert format_quantity(value) == text
+
+
+def test_a_latency_quantile_is_read_and_checks_the_tables_upper_estimate(tmp_path):
+    path = write(tmp_path, QHEADER + "pi,3,t.json,0.9\njetson,3,t.json,\n")
+    pi, jetson = load_budget_table(path)
+    assert pi.latency_quantile == 0.9 and jetson.latency_quantile is None
+    assert pi.latency_table == tmp_path / "t.json"
+
+    class Table:  # a table predicting 2.5 ms +- 0.5 for every candidate
+        def estimate(self, candidate):
+            return 2.5, 0.5
+
+        def predict(self, candidate):
+            return 2.5
+
+        def quantile(self, candidate, q):
+            return 2.5 + NormalDist().inv_cdf(q) * 0.5
+
+    pi = dataclasses.replace(pi, table=Table())
+    jetson = dataclasses.replace(jetson, table=Table())
+    attrs = {"config": Candidate.anchor("a").to_dict(), "latency_ms": 9.0}
+    # The median (2.5 ms) fits 3 ms; the 0.9 quantile (2.5 + 1.28 * 0.5 = 3.14 ms) does not.
+    assert device_latency(attrs, jetson) == 2.5 and jetson.fits(budget_metrics(attrs, jetson))
+    assert device_latency(attrs, pi) == pytest.approx(3.1408, abs=1e-4)
+    assert not pi.fits(budget_metrics(attrs, pi))
+    assert device_latency_text(attrs, jetson) == "2.50 ms ± 0.50 (table)"
+    assert device_latency_text(attrs, pi) == "2.50 ms ± 0.50 (table; q0.9 3.14 ms)"
+    host = DeviceBudget("host", max_latency_ms=3)
+    assert device_latency_text(attrs, host) == "9.00 ms (host-measured)"
+    for bad in (0, 1, 1.2, True):
+        with pytest.raises(ValueError, match="latency_quantile must be between 0 and 1"):
+            DeviceBudget("d", max_latency_ms=3, latency_table=Path("t.json"), latency_quantile=bad)
+    with pytest.raises(ValueError, match="needs a latency_table"):
+        DeviceBudget("d", max_latency_ms=3, latency_quantile=0.9)
