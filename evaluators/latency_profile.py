@@ -387,7 +387,9 @@ def count_steps(
     return runtimes * len(set(batch_sizes)) * interleaved_steps(runners, rounds)
 
 
-def candidate_network(anchors: Mapping[str, Anchor], c: Candidate) -> tuple[nn.Module, tuple[int, ...]]:
+def candidate_network(
+    anchors: Mapping[str, Anchor], c: Candidate
+) -> tuple[nn.Module, tuple[int, ...]]:
     """The candidate's network and the ``(C, H, W)`` it runs at.
 
     A stitch gets its layer at default init (timing only); the size is the candidate's

@@ -342,6 +342,18 @@ CASES: dict[str, Case] = {
     "csv-unknown-column": _table("device,max_macz\nsmall,10M\n", "'max_macz'"),
     "csv-duplicate-device": _table("device,max_macs\na,1M\na,2M\n", "bad.csv:3: column 'device'"),
     "csv-not-utf8": _table(b"device,max_macs\n\xff,1M\n", "bad.csv:2: not valid UTF-8"),
+    "csv-quantile-above-1": _table(
+        "device,max_latency_ms,latency_table,latency_quantile\na,3,t.json,1.5\n",
+        "bad.csv:2: column 'latency_quantile': must be between 0 and 1 (exclusive) (got '1.5')",
+    ),
+    "csv-quantile-zero": _table(
+        "device,max_latency_ms,latency_table,latency_quantile\na,3,t.json,0\n",
+        "column 'latency_quantile': must be between 0 and 1 (exclusive) (got '0')",
+    ),
+    "csv-quantile-without-table": _table(
+        "device,max_latency_ms,latency_table,latency_quantile\na,3,,0.9\n",
+        "this row has no latency_table (got '0.9')",
+    ),
     # the study YAML
     "yaml-missing": lambda x, w: (
         ["--budget-table", str(x.devices), "--study", str(x.root / "x.yaml")],
@@ -631,6 +643,46 @@ def test_bad_input_exits_2_with_one_line(
     after = {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in _files(tmp_path)}
     assert after == before, "something was written or changed"
     assert not inputs.marker.exists(), "pickled or tagged code was executed"
+
+
+def _old_table(doc: dict) -> None:
+    doc["format"] = "stitchsearch-latency-table/2"  # parts timed one after another
+
+
+def _no_noise(doc: dict) -> None:
+    del doc["runtimes"]["torch"]["1"]["noise"]
+
+
+def _bad_noise(doc: dict) -> None:
+    doc["runtimes"]["torch"]["1"]["noise"]["floor_pct"] = "quiet"
+
+
+# Each case: a change to a valid latency table -> text the error line must hold.
+TABLE_CASES = {
+    "old-format": (_old_table, "'stitchsearch-latency-table/2' (an older table format"),
+    "noise-missing": (_no_noise, "field 'runtimes.torch.1.noise': missing: the noise floor"),
+    "noise-malformed": (_bad_noise, "'runtimes.torch.1.noise.floor_pct': must be a number"),
+}
+
+
+@pytest.mark.parametrize("name", list(TABLE_CASES))
+def test_a_bad_latency_table_exits_2_with_one_line(name, tiny_table, tmp_path, capsys) -> None:
+    change, needle = TABLE_CASES[name]
+    doc = json.loads(tiny_table.read_text())
+    doc["device"] = "dev"
+    change(doc)
+    (tmp_path / "dev.json").write_text(json.dumps(doc))
+    devices = tmp_path / "devices.csv"
+    devices.write_text("device,max_latency_ms,latency_table\ndev,5,dev.json\n")
+    before = {p: p.stat().st_mtime_ns for p in _files(tmp_path)}
+    out = tmp_path / "out"
+    rc = main(["--budget-table", str(devices), "--study", str(STUDY), "--out", str(out)])
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1, err
+    assert needle in lines[0] and "re-profile the device: python -m search.profile" in lines[0]
+    assert "Traceback" not in err and not out.exists()
+    assert {p: p.stat().st_mtime_ns for p in _files(tmp_path)} == before
 
 
 def test_help_and_subprocess_error_have_no_traceback(tmp_path) -> None:

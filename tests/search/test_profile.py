@@ -171,3 +171,18 @@ def test_the_run_prints_its_settings_and_noise_floor(tmp_path, capsys) -> None:
         assert f"torch batch {batch}: noise floor ±{noise['floor_pct']:.1f}%:" in err
     # Called in-process, main gives the CPUs back when done.
     assert os.sched_getaffinity(0) == before
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_gpu_is_profiled_with_cuda_events(tmp_path, capsys) -> None:
+    out = tmp_path / "gpu.json"
+    argv = ["--study", str(STUDY), "--device", "gpu", "--out", str(out), "--device-type", "cuda"]
+    rc = main([*argv, "--rounds", "4", "--warmup", "1", "--calibration", "2", "--batch-sizes", "8"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "on the CUDA " in err
+    table = LatencyTable.read(out)
+    assert table.settings["device_type"] == "cuda" and set(table.runtimes) == {"torch"}
+    assert set(table.runtimes["torch"]) == {"1", "8"}
+    parts = table.runtimes["torch"]["8"]["parts"]
+    assert all(p["median_ms"] > 0 for p in parts.values())
