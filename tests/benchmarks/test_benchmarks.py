@@ -80,6 +80,8 @@ def test_ground_truth_is_complete_and_cached(built) -> None:
     assert bench_ground_truth.main([*args, "--no-md", "--processes", "1"]) == 0
     after = json.loads(gt_path.read_text())["entries"]
     assert {k: v["seconds"] for k, v in after.items()} == before
+    # ... and leaves the table untouched: it keeps the date and machine of its build.
+    assert json.loads(gt_path.read_text())["machine"] == raw["machine"]
     assert "## 1. Ground truth" in md.read_text()
 
 
