@@ -34,6 +34,8 @@ import torch
 from benchmarks.lib import (
     bench_parser,
     device_name,
+    device_out,
+    device_section,
     load_lite_anchors,
     machine_info,
     md_table,
@@ -222,8 +224,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not real_weights_ready(parser, args.device):
         return 0
+    section = device_section("real_trials", args.device)
+    device_out(args, section)
     res = run(args)
-    return publish("real_trials", res, markdown(res), args, argv)
+    return publish(section, res, markdown(res), args, argv, script="real_trials")
 
 
 if __name__ == "__main__":

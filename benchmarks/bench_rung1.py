@@ -148,6 +148,7 @@ def analyse(args: argparse.Namespace) -> dict[str, Any]:
             grid_trials=args.grid_trials or (),
             grid_per_device=args.grid_per_device or (),
             grid_max_trials=args.grid_max_trials or (),
+            holdout_seeds=args.holdout_seeds,
         ),
         "devices": [b.device for b in budgets],
     }
@@ -389,6 +390,52 @@ def _grid_lines(res: dict[str, Any], device: str = "jetson-nano") -> list[str]:
             rows,
         ),
         "",
+        *_holdout_lines(res, device),
+    ]
+
+
+def _holdout_lines(res: dict[str, Any], device: str) -> list[str]:
+    """The study's promotion at each rung-0 budget, on the seeds and on held-out seeds."""
+    rep = res["replay"]
+    ho = rep.get("holdout")
+    if not ho or not ho["grid"]:
+        return []
+    study = (rep["per_device"], rep["max_trials"])
+
+    def wins(grid: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+        return {g["trials"]: g for g in grid if (g["per_device"], g["max_trials"]) == study}
+
+    first, held = wins(rep["grid"]), wins(ho["grid"])
+    n = len(rep["seeds"])
+    last = ho["first_seed"] + ho["seeds"] - 1
+    rows = [
+        (
+            f"**{t}**" if t == rep["trials"] else t,
+            f"{first[t]['wins'][device]}/{first[t]['seeds']}",
+            f"{held[t]['wins'][device]}/{held[t]['seeds']}",
+            _pct(held[t]["pick_acc"][device]),
+            f"{held[t]['hv_fraction']:.3f}",
+        )
+        for t in sorted(held)
+        if t in first
+    ]
+    return [
+        f"**Held-out seeds.** Rung-0 budgets chosen on the seeds above (0-{n - 1}) are "
+        f"checked on replays with seeds {ho['first_seed']}-{last}, which no choice saw; "
+        f"the study's promotion (per_device {study[0]}, max_trials {study[1]}); bold: the "
+        "study's `trials`.",
+        "",
+        md_table(
+            [
+                "trials",
+                f"{device} wins, seeds 0-{n - 1}",
+                f"{device} wins, seeds {ho['first_seed']}-{last}",
+                f"{device} pick, held out",
+                "HV, held out",
+            ],
+            rows,
+        ),
+        "",
     ]
 
 
@@ -479,7 +526,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--limit", type=int, default=None, help="fine-tune at most N missing stitches (testing)"
     )
-    parser.add_argument("--seeds", type=int, default=10, help="replay seeds")
+    parser.add_argument("--seeds", type=int, default=20, help="replay seeds (0 .. N - 1)")
+    parser.add_argument(
+        "--holdout-seeds",
+        type=int,
+        default=20,
+        help="further replay seeds, after --seeds, scored at the grid's rung-0 budgets (0: off)",
+    )
     parser.add_argument("--replay-processes", type=int, default=2, help="replay processes")
     ints = lambda s: [int(x) for x in s.split(",") if x.strip()]  # noqa: E731
     parser.add_argument(

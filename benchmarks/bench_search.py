@@ -26,9 +26,9 @@ Variants (``--samplers``; a suffix ``@none`` runs without pruning, ``@t0.5``, ``
 - ``nsga2-popN``: NSGA-II with population ``N``;
 - ``uniform``: no sampler: the anchors, then unexplored unpruned candidates uniformly;
 - ``<variant>+nearest``: a proposed change to :class:`search.strategy.FilteredSampler`: when
-  the sampler's 64 draws are all explored or pruned, take the unexplored candidate nearest
-  to its last draw (same anchors first, then the closest cuts) instead of a uniformly
-  random one (:func:`benchmarks.lib.replay.nearest_fallback`).
+  the sampler's draws (``max_tries``) are all explored or pruned, take the unexplored
+  candidate nearest to its last draw (same anchors first, then the closest cuts) instead of
+  a uniformly random one (:func:`benchmarks.lib.replay.nearest_fallback`).
 
     python -m benchmarks.bench_search
 """
@@ -151,6 +151,8 @@ def markdown(res: dict[str, Any]) -> str:
         for v in res["variants"]
         if v.split("@")[0] != "uniform"
     )
+    tries = sorted({n for v in res["variants"] for n in res["summary"][v].get("max_tries", [])})
+    draws = " or ".join(str(n) for n in tries) or "its"
     suggest = ", ".join(
         f"{_label(v, res)}: {np.mean(res['summary'][v]['suggest_seconds_mean']) * 1e3:.0f} ms"
         for v in res["variants"]
@@ -188,7 +190,7 @@ def markdown(res: dict[str, Any]) -> str:
             ),
             "",
             "Fallbacks per run at the largest budget (proposals the sampler could not make: "
-            "64 draws all explored or pruned, replaced by the filter): " + fallbacks + ".",
+            f"{draws} draws all explored or pruned, replaced by the filter): " + fallbacks + ".",
             f"Suggest time per trial (driver, mean): {suggest}. Replay wall time "
             f"{res['seconds'] / 60:.1f} min.",
             "",

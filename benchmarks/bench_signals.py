@@ -60,16 +60,20 @@ DIRECTION = {"cka": True, "cka_flatten": True, "residual": False, "kl": False}
 
 def compute_signals(
     plan: Plan, space: SearchSpace, gt: GroundTruth, cache: Path
-) -> tuple[dict, dict, float]:
-    """Signal name -> pair -> matrix, MACs per pair, and the seconds the fits took."""
+) -> tuple[dict, dict, dict[str, Any]]:
+    """Signal name -> pair -> matrix, MACs per pair, and how long the fits took.
+
+    The time is the sum of the seconds each pair's cache entry records (the run that computed
+    it), with the number of ordered pairs and how many of them this run computed.
+    """
     loader = plan.data.calibration.subset(plan.study.pruning_images)
     cka_loader = plan.data.calibration.subset(plan.study.cka.images)
     out: dict[str, dict[tuple[str, str], np.ndarray]] = {n: {} for n in SIGNAL_NAMES}
     macs: dict[tuple[str, str], np.ndarray] = {}
     seconds = 0.0
+    computed = 0
     for a, b in space.pairs():
         front, back = plan.anchors[a], plan.anchors[b]
-        sig = stitch_signals(front, back, loader, cache_dir=cache)
         # The computing run's time, kept in the cache entry's sidecar.
         side = signals_cache_path(
             front,
@@ -80,6 +84,8 @@ def compute_signals(
             batch_size=getattr(loader, "batch_size", None),
             cache_dir=cache,
         ).with_suffix(".json")
+        computed += not side.is_file()
+        sig = stitch_signals(front, back, loader, cache_dir=cache)
         seconds += float(json.loads(side.read_text())["seconds"]) if side.is_file() else math.nan
         out["residual"][(a, b)], out["kl"][(a, b)] = sig["residual"], sig["kl"]
         out["cka"][(a, b)] = gt.cka[(a, b)]
@@ -87,7 +93,7 @@ def compute_signals(
             front, back, cka_loader, mode="flatten", cache_dir=cache
         )
         macs[(a, b)] = stitch_macs(front, back)
-    return out, macs, seconds
+    return out, macs, {"seconds": seconds, "pairs": len(macs), "computed_now": computed}
 
 
 def rung1_accuracy(path: Path, gt: GroundTruth) -> dict[str, float]:
@@ -146,6 +152,12 @@ def correlations(signals, gt: GroundTruth, acc1: dict[str, float]) -> dict[str, 
         ]
         macs_row[rung] = float(np.nanmean(per))
     res["_macs"] = macs_row
+    # Rung-0 accuracy as a signal of rung-1 accuracy (what promotion ranks by).
+    per = [
+        spearman([gt.records[k]["val_acc"] for k in ks], [acc1[k] for k in ks])
+        for ks in by_pair.values()
+    ]
+    res["_rung0_acc"] = {"rung1": float(np.nanmean(per))}
     return res
 
 
@@ -168,19 +180,9 @@ def evaluate_rules(signals, macs, gt: GroundTruth, acc1: dict[str, float]) -> li
     m_all = np.array([gt.records[k]["macs"] for k in ok], dtype=float)
     hv = Hypervolume.for_space(a1, m_all, gt.num_classes)
     full_hv = hv(*_points(_front(ok, acc1, gt), acc1, gt))
-    max_nb = max(gt.depths.values())
     rows = []
     for name in SIGNAL_NAMES:
-        rule_signal = "cka" if name.startswith("cka") else name
-        rules = [
-            PruningRule(None if not DIRECTION[name] else 0.0, k, signal=rule_signal)
-            for k in range(1, max_nb)
-        ]
-        rules += [
-            PruningRule(None if not DIRECTION[name] else 0.0, None, signal=rule_signal, depth=d)
-            for d in range(1, 7)
-        ]
-        for rule in rules:
+        for rule in sweep(name, max(gt.depths.values())):
             kept = {c.key for c in rule.kept(space.all_candidates(), signals[name], macs)}
             kept_ok = [k for k in ok if k in kept]
             kept_hv = hv(*_points(_front(kept_ok, acc1, gt), acc1, gt))
@@ -199,6 +201,83 @@ def evaluate_rules(signals, macs, gt: GroundTruth, acc1: dict[str, float]) -> li
                 }
             )
     return rows
+
+
+def sweep(name: str, max_blocks: int) -> list[PruningRule]:
+    """The rules of one signal: ``top_k`` 1 .. max_blocks - 1, then ``depth`` 1 .. 6."""
+    rule_signal = "cka" if name.startswith("cka") else name
+    threshold = 0.0 if DIRECTION[name] else None
+    rules = [PruningRule(threshold, k, signal=rule_signal) for k in range(1, max_blocks)]
+    rules += [PruningRule(threshold, None, signal=rule_signal, depth=d) for d in range(1, 7)]
+    return rules
+
+
+def heldout_pairs(
+    signals, macs, gt: GroundTruth, acc1: dict[str, float], min_removed: float, study_rule: dict
+) -> dict[str, Any]:
+    """The rule choice checked on anchor pairs it did not see (leave one pair out).
+
+    For each anchor pair (both orders), a rule is chosen on the other pairs alone: among the
+    rules of the sweep that remove at least ``min_removed`` of their stitch points, the one
+    losing the fewest points of their pair fronts (each pair's stitches and its two anchors,
+    accuracy against MACs, rung 1 and rung 0 counted together), then the most removing. It
+    is then applied to the held-out pair; the study's rule is applied to it as well.
+    """
+    space = gt.space
+    by_pair: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for k in gt.stitch_keys():
+        r = gt.records[k]
+        by_pair[tuple(sorted((r["front"], r["back"])))].append(k)
+    acc0 = {k: gt.records[k]["val_acc"] for k in gt.ok_keys()}
+    fronts = {}
+    for pair, ks in by_pair.items():
+        keys = [*ks, *(f"anchor|{a}" for a in pair)]
+        ok = [k for k in keys if k in acc0]
+        fronts[pair] = (_front(ok, acc1, gt) & set(ks), _front(ok, acc0, gt) & set(ks))
+    kept: dict[str, set[str]] = {}
+    rules: dict[str, dict[str, Any]] = {}
+    for name in SIGNAL_NAMES:
+        for rule in sweep(name, max(gt.depths.values())):
+            row = {"signal": name, "top_k": rule.top_k, "depth": rule.depth}
+            label = _label(row)
+            rules[label] = row
+            kept[label] = {c.key for c in rule.kept(space.all_candidates(), signals[name], macs)}
+
+    def score(label: str, pairs) -> dict[str, Any]:
+        ks = [k for p in pairs for k in by_pair[p]]
+        lost1 = sum(len(fronts[p][0] - kept[label]) for p in pairs)
+        lost0 = sum(len(fronts[p][1] - kept[label]) for p in pairs)
+        return {
+            "removed": 1 - len(kept[label] & set(ks)) / len(ks),
+            "lost1": lost1,
+            "lost0": lost0,
+            "front1": sum(len(fronts[p][0]) for p in pairs),
+            "front0": sum(len(fronts[p][1]) for p in pairs),
+        }
+
+    study_label = _label(study_rule) if study_rule["signal"] in SIGNAL_NAMES else None
+    if len(by_pair) < 2:  # nothing to choose on
+        return {"study_rule": study_label, "folds": []}
+    folds = []
+    for held in sorted(by_pair):
+        train = [p for p in by_pair if p != held]
+        scores = {lb: score(lb, train) for lb in rules}
+        eligible = [lb for lb, sc in scores.items() if sc["removed"] >= min_removed]
+        chosen = min(
+            eligible,
+            key=lambda lb: (scores[lb]["lost1"] + scores[lb]["lost0"], -scores[lb]["removed"]),
+            default=None,
+        )
+        folds.append(
+            {
+                "held_out": list(held),
+                "chosen": chosen,
+                "chosen_train": scores.get(chosen),
+                "chosen_held_out": score(chosen, [held]) if chosen else None,
+                "study_rule_held_out": score(study_label, [held]) if study_label else None,
+            }
+        )
+    return {"study_rule": study_label, "folds": folds}
 
 
 def _points(keys, acc, gt: GroundTruth) -> tuple[np.ndarray, np.ndarray]:
@@ -220,7 +299,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     space = study_space(plan)
     gt = GroundTruth.load(args.ground_truth)
     acc1 = rung1_accuracy(args.rung1, gt)
-    signals, macs, seconds = compute_signals(plan, space, gt, args.cache)
+    signals, macs, timing = compute_signals(plan, space, gt, args.cache)
     macs_match = all(
         float(macs[(r["front"], r["back"])][r["front_block"], r["back_block"]]) == r["macs"]
         for r in (gt.records[k] for k in gt.stitch_keys())
@@ -251,7 +330,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "stitches": len(gt.stitch_keys()),
         "images": plan.study.pruning_images,
         "cka_images": plan.study.cka.images,
-        "signal_seconds": seconds,
+        "signal_seconds": timing["seconds"],
+        "signal_pairs": timing["pairs"],
+        "signal_pairs_computed_now": timing["computed_now"],
         "macs_match_trials": macs_match,
         "residual_max_diff_to_trials": residual_diff,
         "correlation": correlations(signals, gt, acc1),
@@ -264,6 +345,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "threshold": rule.threshold,
         },
         "study_rule_result": study_row,
+        "heldout_pairs": heldout_pairs(
+            signals,
+            macs,
+            gt,
+            acc1,
+            args.min_removed,
+            {"signal": name, "top_k": rule.top_k, "depth": rule.depth},
+        ),
     }
 
 
@@ -283,9 +372,8 @@ def markdown(res: dict[str, Any]) -> str:
     lines = [
         f"Every stitch point of the default space ({res['stitches']}); signals computed as the "
         f"search computes them before any trial: least squares and KL on the "
-        f"{res['images']} calibration images the trials fit on (all 12 ordered pairs in "
-        f"{res['signal_seconds']:.0f} s on 2 shared cores when not cached; cached per pair "
-        "like CKA), CKA on "
+        f"{res['images']} calibration images the trials fit on ({_timing(res)}; cached per "
+        "pair like CKA), CKA on "
         f"{res['cka_images']}. The pre-search residual equals the trials' own (largest "
         f"difference {res['residual_max_diff_to_trials']:.1e}); the pre-search MACs "
         f"{'equal' if res['macs_match_trials'] else 'differ from'} the trials'. Spearman "
@@ -309,8 +397,8 @@ def markdown(res: dict[str, Any]) -> str:
         "",
         f"For reference, MACs alone: within-pair Spearman {corr['_macs']['rung0']:.3f} with "
         f"rung-0 and {corr['_macs']['rung1']:.3f} with rung-1 accuracy (bigger stitched "
-        "networks fine-tune better); rung-0 accuracy itself ranks rung 1 at 0.026 within pairs "
-        "(section 7).",
+        "networks fine-tune better); rung-0 accuracy itself ranks rung 1 at "
+        f"{corr['_rung0_acc']['rung1']:.3f} within pairs (mean over the ordered pairs).",
         "",
         "Pruning rules of each signal (`depth d`: keep the first d Pareto layers of (signal, "
         "MACs) within each ordered pair; `top_k k`: the k best back cuts per front cut). "
@@ -364,7 +452,83 @@ def markdown(res: dict[str, Any]) -> str:
         ]
     else:
         lines += ["", f"The study's rule ({sr}) is not in the sweep."]
+    lines += ["", *_heldout_lines(res)]
     return "\n".join(lines)
+
+
+def _timing(res: dict[str, Any]) -> str:
+    """How long the signals took, and where that time was measured."""
+    n, now = res["signal_pairs"], res["signal_pairs_computed_now"]
+    m = res["machine"]
+    if now == n:
+        where = f"computed in this run, {m['cpu']}, {m['cores']} cores"
+    elif now == 0:
+        where = "read from the cache: the seconds its entries recorded when computed"
+    else:
+        where = f"{now} of them computed in this run, the others' seconds from the cache"
+    return f"all {n} ordered pairs in {res['signal_seconds']:.0f} s when not cached, {where}"
+
+
+def _heldout_lines(res: dict[str, Any]) -> list[str]:
+    """The leave-one-pair-out check of the rule choice."""
+    ho = res.get("heldout_pairs")
+    if not ho or not ho["folds"]:
+        return []
+
+    def lost(sc: dict[str, Any] | None) -> str:
+        if sc is None:
+            return "-"
+        return f"{sc['lost1']} of {sc['front1']} / {sc['lost0']} of {sc['front0']}"
+
+    rows = []
+    for f in ho["folds"]:
+        ch, st = f["chosen_held_out"], f["study_rule_held_out"]
+        rows.append(
+            [
+                " + ".join(f["held_out"]),
+                f"{f['chosen'] or 'none'}",
+                "-" if ch is None else f"{ch['removed']:.1%}",
+                lost(ch),
+                "-" if st is None else f"{st['removed']:.1%}",
+                lost(st),
+            ]
+        )
+    same = sum(f["chosen"] == ho["study_rule"] for f in ho["folds"])
+    tot = {
+        key: sum(f[key]["lost1"] + f[key]["lost0"] for f in ho["folds"] if f[key])
+        for key in ("chosen_held_out", "study_rule_held_out")
+    }
+    fronts = sum(
+        f["study_rule_held_out"]["front1"] + f["study_rule_held_out"]["front0"]
+        for f in ho["folds"]
+        if f["study_rule_held_out"]
+    )
+    return [
+        "**Held-out pairs.** The rule above was chosen on the same table it is scored on. "
+        "Here each anchor pair (both orders) is held out in turn: a rule is chosen on the "
+        f"other pairs alone (of the rules removing >= {res['min_removed']:.0%} of their stitch "
+        "points, the one losing the fewest points of their pair fronts, rung 1 and rung 0 "
+        "together, then the most removing; a pair front is the pair's stitches and its two "
+        "anchors, accuracy against MACs) and applied to the held-out pair, beside the study's "
+        "rule. `lost`: pair-front stitch points removed, rung 1 / rung 0.",
+        "",
+        md_table(
+            [
+                "held-out pair",
+                "rule chosen without it",
+                "removed",
+                "lost",
+                f"{ho['study_rule'] or 'study rule'}: removed",
+                "lost",
+            ],
+            rows,
+        ),
+        "",
+        f"The choice made without a pair is the study's rule ({ho['study_rule']}) in {same} "
+        f"of {len(ho['folds'])} folds. On the held-out pairs the chosen rules lose "
+        f"{tot['chosen_held_out']} pair-front points in all and the study's rule "
+        f"{tot['study_rule_held_out']} (of {fronts}, both rungs).",
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:

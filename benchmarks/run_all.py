@@ -11,11 +11,17 @@ Each script runs in its own process (clean threads and memory) and is also runna
 ``--rebuild-ground-truth`` is given (8 minutes on 2 cores for the default zoo, measured).
 The rung-1 table (every stitch fine-tuned) is cached in the same way in
 ``benchmarks/results/rung1_ground_truth.json``; ``rung1`` finishes it before analysing.
+
+Every step runs on the CPU (the scripts' default device). The GPU runs of the real-weight
+benchmarks (``--device cuda``) keep their own sections and results (``real_pair_gpu``,
+``real_trials_gpu``), which this never touches. Each step's wall time, exit code, date and
+commit are recorded in ``benchmarks/results/run_all.json`` (the last run of each step).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import time
@@ -26,7 +32,10 @@ from benchmarks.lib import (
     DEFAULT_GROUND_TRUTH,
     DEFAULT_MD,
     DEFAULT_STUDY,
+    RESULTS,
     ROOT,
+    machine_info,
+    write_json,
 )
 
 #: (name, takes --study/--budget-table, takes --ground-truth)
@@ -75,6 +84,27 @@ def commands(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
     return out
 
 
+def record_step(
+    path: Path, name: str, cmd: list[str], code: int, seconds: float, info: dict
+) -> None:
+    """Records one step's wall time in ``path`` (other steps' records are kept)."""
+    steps = json.loads(path.read_text())["steps"] if path.is_file() else {}
+    steps[name] = {
+        "seconds": round(seconds, 1),
+        "exit": code,
+        "command": " ".join(["python", *cmd[1:]]),
+        "date": info["date"],
+        "commit": info["commit"],
+        "cpu": info["cpu"],
+        "cores": info["cores"],
+        "load_avg_1min": info["load_avg_1min"],
+    }
+    ordered = {s: steps[s] for s, *_ in STEPS if s in steps}
+    write_json(
+        path, {"steps": ordered, "total_seconds": sum(v["seconds"] for v in ordered.values())}
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """The command line; returns the exit code."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -84,13 +114,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--md", type=Path, default=DEFAULT_MD, help="markdown file to update")
     parser.add_argument("--only", default=None, help="comma-separated steps to run")
     parser.add_argument("--rebuild-ground-truth", action="store_true")
+    parser.add_argument(
+        "--times", type=Path, default=RESULTS / "run_all.json", help="step times JSON"
+    )
     args = parser.parse_args(argv)
     failed = []
     for name, cmd in commands(args):
         print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
+        info = machine_info()
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, cwd=ROOT, check=False)
-        print(f"== {name}: exit {proc.returncode} in {time.perf_counter() - t0:.0f}s", flush=True)
+        seconds = time.perf_counter() - t0
+        print(f"== {name}: exit {proc.returncode} in {seconds:.0f}s", flush=True)
+        record_step(args.times, name, cmd, proc.returncode, seconds, info)
         if proc.returncode != 0:
             failed.append(name)
             if name == "ground_truth":

@@ -35,6 +35,8 @@ from benchmarks.lib.ground_truth import GroundTruth, build_ground_truth, cka_acc
 from benchmarks.lib.metrics import Hypervolume, kendall_tau, pareto_mask, spearman
 from benchmarks.lib.output import (
     bench_parser,
+    device_out,
+    device_section,
     md_table,
     mean_std,
     publish,
@@ -87,6 +89,8 @@ __all__ = [
     "correlation",
     "cost",
     "device_name",
+    "device_out",
+    "device_section",
     "finetune_tag",
     "front_summary",
     "kendall_tau",

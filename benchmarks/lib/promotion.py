@@ -249,6 +249,7 @@ def replay_promotion(
     grid_trials: Sequence[int] = (),
     grid_per_device: Sequence[int] = (),
     grid_max_trials: Sequence[int] = (),
+    holdout_seeds: int = 0,
 ) -> dict[str, Any]:
     """The default rung-0 search replayed, then each promotion rule scored per seed.
 
@@ -263,6 +264,9 @@ def replay_promotion(
         grid_trials: Rung-0 trials of the promotion grid (besides the study's).
         grid_per_device: Its ``per_device`` values (besides the study's).
         grid_max_trials: Its ``max_trials`` values (besides the study's).
+        holdout_seeds: Replays with the next seeds (``seeds`` .. ``seeds + holdout_seeds -
+            1``), scored at the grid's rung-0 budgets with the study's promotion only: data
+            that choices made on the first seeds (the study's ``trials``) did not see.
     """
     study_def = plan.study
     ft = study_def.finetune
@@ -288,6 +292,28 @@ def replay_promotion(
     grid = promotion_grid(
         t, truth, runs, plan, budgets, all_trials, grid_per_device, grid_max_trials
     )
+    holdout = None
+    if holdout_seeds:
+        t1 = time.perf_counter()
+        _, _, held = replay_all(
+            ground_truth,
+            budget_table,
+            ["default"],
+            seeds=holdout_seeds,
+            first_seed=seeds,
+            total=max(all_trials),
+            concurrency=study_def.workers,
+            study_sampler=study_def.sampler,
+            study_rule=rule,
+            processes=processes,
+            signals=signals,
+        )
+        holdout = {
+            "first_seed": seeds,
+            "seeds": holdout_seeds,
+            "replay_seconds": round(time.perf_counter() - t1, 1),
+            "grid": promotion_grid(t, truth, held, plan, budgets, all_trials),
+        }
     per_seed = []
     for run in runs:
         study = record_rung0(t, run["order"][: study_def.trials], budgets, objectives)
@@ -330,6 +356,7 @@ def replay_promotion(
         "pruned": int(np.mean([r["pruned"] for r in runs])) if runs else 0,
         "replay_seconds": round(replay_seconds, 1),
         "grid": grid,
+        "holdout": holdout,
     }
 
 

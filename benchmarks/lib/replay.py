@@ -252,6 +252,7 @@ def replay(job: dict[str, Any]) -> dict[str, Any]:
         "seconds": time.perf_counter() - t0,
         "suggest_seconds_mean": float(np.mean(suggest_seconds)) if suggest_seconds else 0.0,
         "fallbacks": study.sampler.fallbacks,
+        "max_tries": study.sampler.max_tries,
         "pruned": searcher.pruned,
     }
 
@@ -268,6 +269,7 @@ def replay_all(
     study_rule: dict[str, Any],
     processes: int,
     signals: PruningSignals | None = None,
+    first_seed: int = 0,
 ) -> tuple[list[str], dict[str, dict[str, Any]], list[dict[str, Any]]]:
     """Runs every variant with every seed.
 
@@ -275,7 +277,7 @@ def replay_all(
         gt_path: The ground truth.
         budget_table: The devices CSV.
         variants: Variant names, each with an optional rule suffix.
-        seeds: Seeds per variant (0 .. seeds - 1).
+        seeds: Seeds per variant (``first_seed`` .. ``first_seed + seeds - 1``).
         total: Evaluations per run.
         concurrency: Trials in flight.
         study_sampler: The study's sampler (the ``default`` variant).
@@ -283,6 +285,7 @@ def replay_all(
         processes: Replay processes.
         signals: The study rule's signals (:func:`benchmarks.lib.study.study_signals`), when
             the rule reads more than CKA.
+        first_seed: The first seed.
 
     Returns:
         The variants (duplicates of one sampler and rule dropped), each variant's resolved
@@ -309,7 +312,7 @@ def replay_all(
             "study_sampler": study_sampler,
         }
         for v, r in resolved.items()
-        for seed in range(seeds)
+        for seed in range(first_seed, first_seed + seeds)
     ]
     t0 = time.perf_counter()
     runs = []
@@ -391,6 +394,7 @@ def score_runs(
         summary[v] = {
             "per_budget": per_budget,
             "fallbacks": [r["fallbacks"] for r in mine],
+            "max_tries": sorted({r["max_tries"] for r in mine if r.get("max_tries")}),
             "seconds": [r["seconds"] for r in mine],
             "suggest_seconds_mean": [r.get("suggest_seconds_mean", 0.0) for r in mine],
         }

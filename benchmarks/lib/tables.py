@@ -120,7 +120,8 @@ def build_table(
         name: The table's name in the first progress line.
 
     Returns:
-        ``raw``, with ``entries`` and ``build_seconds``.
+        ``raw``, with ``entries`` and ``build_seconds``; the table as read when nothing was
+        missing (it is then not rewritten, so it keeps the machine and date of its build).
     """
     path = Path(path)
     old: dict[str, Any] = {}
@@ -143,6 +144,8 @@ def build_table(
         file=sys.stderr,
         flush=True,
     )
+    if old and not todo and not dropped:
+        return old  # complete: left as it is, with the machine and date of its build
     keys = {c.key: k for k, c in todo}
     start = last_write = time.perf_counter()
     base = raw["build_seconds"]

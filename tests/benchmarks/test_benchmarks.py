@@ -21,6 +21,7 @@ from benchmarks import (
     bench_rung1,
     bench_scaling,
     bench_search,
+    bench_signals,
     bench_trial_cost,
     run_all,
 )
@@ -79,6 +80,8 @@ def test_ground_truth_is_complete_and_cached(built) -> None:
     assert bench_ground_truth.main([*args, "--no-md", "--processes", "1"]) == 0
     after = json.loads(gt_path.read_text())["entries"]
     assert {k: v["seconds"] for k, v in after.items()} == before
+    # ... and leaves the table untouched: it keeps the date and machine of its build.
+    assert json.loads(gt_path.read_text())["machine"] == raw["machine"]
     assert "## 1. Ground truth" in md.read_text()
 
 
@@ -111,6 +114,12 @@ def test_search_replay_exhausts_the_space_without_repeats(built) -> None:
     hv = np.mean(res["summary"]["default"]["per_budget"]["0.2"]["hv_fraction"])
     assert ("so it **meets** it" in text) == (hv >= 0.98)
     assert "- Best at 20% (4):" in text and "- Best at 100% (18):" in text
+    # The draws quoted are the filtered sampler's own setting, read from the runs.
+    from search.strategy import FilteredSampler
+
+    tries = FilteredSampler.__init__.__kwdefaults__["max_tries"]
+    assert res["summary"]["default"]["max_tries"] == [tries]
+    assert f"{tries} draws all explored or pruned" in text
 
 
 def test_pruning_sweep(built) -> None:
@@ -319,7 +328,7 @@ def test_rung1_table_and_promotion_replay(built) -> None:
     table, out = tmp / "r1_gt.json", tmp / "rung1.json"
     argv = ["--study", str(study), "--budget-table", str(DEVICES), "--ground-truth", str(gt_path)]
     argv += ["--rung1", str(table), "--out", str(out), "--md", str(md), "--processes", "1"]
-    argv += ["--seeds", "2", "--replay-processes", "1"]
+    argv += ["--seeds", "2", "--holdout-seeds", "2", "--replay-processes", "1"]
     assert bench_rung1.main([*argv, "--build", "--limit", "3"]) == 0
     assert len(json.loads(table.read_text())["entries"]) == 3 and not out.exists()
     with pytest.raises(SystemExit, match="lacks 13 stitches"):
@@ -356,6 +365,11 @@ def test_rung1_table_and_promotion_replay(built) -> None:
         for rule in ("default", "random", "oracle", "none"):
             assert 0 < s[rule]["hv_fraction"] <= 1.5
             assert s[rule]["front_found"] <= len(res["replay"]["truth"]["front"])
+    # Held-out seeds follow the first ones and are scored at every rung-0 budget of the grid.
+    holdout = res["replay"]["holdout"]
+    assert (holdout["first_seed"], holdout["seeds"]) == (2, 2)
+    assert {g["seeds"] for g in holdout["grid"]} == {2}
+    assert {g["trials"] for g in holdout["grid"]} == {g["trials"] for g in res["replay"]["grid"]}
     targets = res["targets"]
     assert targets["device_met"] is None  # no jetson-nano in the tiny budget table
     assert targets["between_met"] == (targets["between_on_front"] >= 4)
@@ -366,3 +380,78 @@ def test_rung1_table_and_promotion_replay(built) -> None:
     other.write_text(study.read_text().replace("steps: 3", "steps: 4"))
     with pytest.raises(SystemExit, match="other fine-tuning settings"):
         bench_rung1.main(["--study", str(other), *argv[2:]])
+
+
+def test_signals_prints_what_it_measured(built) -> None:
+    tmp, gt_path, md = built
+    table = tmp / "sig_r1.json"
+    study = tmp / "tiny_sig_rung1.yaml"
+    study.write_text(
+        STUDY.read_text()
+        + "finetune:\n  enabled: true\n  train_images: 64\n  steps: 2\n  batch_size: 16\n"
+    )
+    common = ["--study", str(study), "--budget-table", str(DEVICES), "--ground-truth", str(gt_path)]
+    r1 = [*common, "--rung1", str(table), "--out", str(tmp / "r1.json"), "--no-md"]
+    assert bench_rung1.main([*r1, "--processes", "1", "--seeds", "1", "--build"]) == 0
+    argv = [*common, "--rung1", str(table), "--cache", str(tmp / "sigcache"), "--md", str(md)]
+    argv += ["--out", str(tmp / "signals.json")]
+    assert bench_signals.main(argv) == 0
+    res = json.loads((tmp / "signals.json").read_text())
+    gt = GroundTruth.load(gt_path)
+    acc1 = bench_signals.rung1_accuracy(table, gt)
+    pairs: dict = {}
+    for k in gt.stitch_keys():
+        r = gt.records[k]
+        pairs.setdefault((r["front"], r["back"]), []).append(k)
+    expected = np.nanmean(
+        [
+            spearman([gt.records[k]["val_acc"] for k in ks], [acc1[k] for k in ks])
+            for ks in pairs.values()
+        ]
+    )
+    assert res["correlation"]["_rung0_acc"]["rung1"] == pytest.approx(expected)
+    assert res["signal_pairs"] == len(pairs) == 2 and res["signal_pairs_computed_now"] == 2
+    text = md.read_text()
+    section = text.split("<!-- BEGIN signals -->")[1].split("<!-- END signals -->")[0]
+    assert f"ranks rung 1 at {expected:.3f} within pairs" in section
+    assert f"all 2 ordered pairs in {res['signal_seconds']:.0f} s" in section
+    assert f"computed in this run, {res['machine']['cpu']}, {res['machine']['cores']} cores" in (
+        section
+    )
+    assert "12 ordered pairs" not in section and "shared cores" not in section
+    assert res["heldout_pairs"]["folds"] == []  # one anchor pair: nothing to hold out
+    # A second run reads every pair from the cache and says so.
+    assert bench_signals.main(argv) == 0
+    again = json.loads((tmp / "signals.json").read_text())
+    assert again["signal_pairs_computed_now"] == 0
+    assert again["signal_seconds"] == pytest.approx(res["signal_seconds"])
+    assert "read from the cache" in md.read_text()
+
+
+def test_gpu_runs_keep_their_own_section_and_results(tmp_path) -> None:
+    from benchmarks.lib import RESULTS, device_out, device_section
+
+    assert device_section("real_trials", "cpu") == "real_trials"
+    assert device_section("real_trials", "cuda:0") == "real_trials_gpu"
+    args = argparse.Namespace(out=RESULTS / "real_trials.json")
+    device_out(args, "real_trials_gpu")
+    assert args.out == RESULTS / "real_trials_gpu.json"
+    args = argparse.Namespace(out=tmp_path / "mine.json")  # an explicit --out is kept
+    device_out(args, "real_trials_gpu")
+    assert args.out == tmp_path / "mine.json"
+    md = tmp_path / "B.md"
+    info = {"date": "d", "cpu": "c", "cores": 2, "commit": "x"}
+    update_markdown("real_trials_gpu", "on the GPU", info, "cmd", md)
+    update_markdown("real_trials", "on the CPU", info, "cmd", md)
+    text = md.read_text()
+    assert "on the GPU" in text and "on the CPU" in text
+
+
+def test_run_all_records_step_times(tmp_path) -> None:
+    times = tmp_path / "times.json"
+    info = {"date": "d", "cpu": "c", "cores": 2, "commit": "abc", "load_avg_1min": 0.5}
+    run_all.record_step(times, "search", ["py", "-m", "x"], 0, 12.34, info)
+    run_all.record_step(times, "ground_truth", ["py", "-m", "y"], 0, 3.0, info)
+    raw = json.loads(times.read_text())
+    assert list(raw["steps"]) == ["ground_truth", "search"]  # in run order
+    assert raw["steps"]["search"]["seconds"] == 12.3 and raw["total_seconds"] == 15.3
