@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -24,6 +25,7 @@ from benchmarks.lib.environment import (
     DEFAULT_MD,
     DEFAULT_STUDY,
     RESULTS,
+    ROOT,
 )
 from space import atomic_write
 
@@ -151,8 +153,14 @@ def update_markdown(
 
 
 def command_line(module: str, argv: Sequence[str] | None) -> str:
-    """How a benchmark was invoked, for the markdown stamp."""
+    """How a benchmark was invoked, for the markdown stamp.
+
+    Paths inside the repository are written relative to its root (``run_all`` passes
+    absolute ones), so a stamp names no machine's folders.
+    """
     args = list(sys.argv[1:] if argv is None else argv)
+    root = f"{ROOT}{os.sep}"
+    args = [a[len(root) :] if a.startswith(root) else a for a in args]
     return " ".join(["python -m", module, *args]).strip()
 
 

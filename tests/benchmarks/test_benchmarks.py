@@ -455,3 +455,13 @@ def test_run_all_records_step_times(tmp_path) -> None:
     raw = json.loads(times.read_text())
     assert list(raw["steps"]) == ["ground_truth", "search"]  # in run order
     assert raw["steps"]["search"]["seconds"] == 12.3 and raw["total_seconds"] == 15.3
+
+
+def test_a_stamp_names_repository_paths_relative_to_its_root() -> None:
+    from benchmarks.lib import ROOT
+    from benchmarks.lib.output import command_line
+
+    argv = ["--md", str(ROOT / "BENCHMARKS.md"), "--study", "/elsewhere/s.yaml", "--quick"]
+    assert command_line("benchmarks.bench_x", argv) == (
+        "python -m benchmarks.bench_x --md BENCHMARKS.md --study /elsewhere/s.yaml --quick"
+    )
