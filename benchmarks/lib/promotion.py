@@ -10,6 +10,7 @@ promotion settings is scored on the same replays (:func:`promotion_grid`).
 
 from __future__ import annotations
 
+import functools
 import random
 import time
 from collections.abc import Sequence
@@ -274,12 +275,11 @@ def replay_promotion(
     rule = rule_spec(study_def)
     signals = study_signals(plan=plan, cka=t.gt.cka, cache_root=Path(ground_truth).parent)
     all_trials = sorted({study_def.trials, *grid_trials})
-    t0 = time.perf_counter()
-    _, _, runs = replay_all(
+    replay = functools.partial(
+        replay_all,
         ground_truth,
         budget_table,
         ["default"],
-        seeds=seeds,
         total=max(all_trials),
         concurrency=study_def.workers,
         study_sampler=study_def.sampler,
@@ -287,6 +287,8 @@ def replay_promotion(
         processes=processes,
         signals=signals,
     )
+    t0 = time.perf_counter()
+    _, _, runs = replay(seeds=seeds)
     replay_seconds = time.perf_counter() - t0
     truth = Truth.of(t, budgets)
     grid = promotion_grid(
@@ -295,19 +297,7 @@ def replay_promotion(
     holdout = None
     if holdout_seeds:
         t1 = time.perf_counter()
-        _, _, held = replay_all(
-            ground_truth,
-            budget_table,
-            ["default"],
-            seeds=holdout_seeds,
-            first_seed=seeds,
-            total=max(all_trials),
-            concurrency=study_def.workers,
-            study_sampler=study_def.sampler,
-            study_rule=rule,
-            processes=processes,
-            signals=signals,
-        )
+        _, _, held = replay(seeds=holdout_seeds, first_seed=seeds)
         holdout = {
             "first_seed": seeds,
             "seeds": holdout_seeds,
