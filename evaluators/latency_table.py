@@ -101,13 +101,6 @@ class LatencyTable:
                 f"the table has no timings for runtime {rt!r} at batch {batch}"
             ) from None
 
-    def parts_sum(
-        self, candidate: Candidate, *, batch: int = 1, runtime: str | None = None
-    ) -> float:
-        """The sum of a candidate's parts (:func:`part_keys`), in milliseconds per call."""
-        parts = self._entry(runtime, batch)["parts"]
-        return sum(parts[k]["median_ms"] for k in part_keys(candidate, self.anchors))
-
     def predict(self, candidate: Candidate, *, batch: int = 1, runtime: str | None = None) -> float:
         """Predicted latency of one call at ``batch`` (the median of :meth:`estimate`).
 
