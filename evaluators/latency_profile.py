@@ -204,14 +204,9 @@ def profile_parts(
                 key: factory(module, (batch, *shape))
                 for key, (module, shape) in {**modules, **stitch_nets}.items()
             }
+            timing = {"rounds": rounds, "warmup": warmup, "seed": seed, "clock": clock}
             timings, ref = time_interleaved(
-                runners,
-                rounds=rounds,
-                warmup=warmup,
-                seed=seed,
-                clock=clock,
-                reference=reference,
-                on_step=_prefixed(on_step, f"{rt} b{batch}"),
+                runners, **timing, reference=reference, on_step=_prefixed(on_step, f"{rt} b{batch}")
             )
             parts = {key: timings[key] for key in modules}
             fit = _fit_points(anchor_networks + stitches, parts, timings, by_name)

@@ -295,7 +295,7 @@ def build_ground_truth(
         end = "\n" if done == todo else ""
         print(f"\r  {done}/{todo} evaluated ({seconds:.0f}s)", end=end, file=sys.stderr)
 
-    build_table(
+    raw = build_table(  # a complete cached table comes back as read: its build's machine
         out,
         raw,
         wanted,

@@ -271,7 +271,6 @@ def replay_promotion(
     """
     study_def = plan.study
     ft = study_def.finetune
-    objectives = list(study_def.objectives)
     rule = rule_spec(study_def)
     signals = study_signals(plan=plan, cka=t.gt.cka, cache_root=Path(ground_truth).parent)
     all_trials = sorted({study_def.trials, *grid_trials})
@@ -304,32 +303,8 @@ def replay_promotion(
             "replay_seconds": round(time.perf_counter() - t1, 1),
             "grid": promotion_grid(t, truth, held, plan, budgets, all_trials),
         }
-    per_seed = []
-    for run in runs:
-        study = record_rung0(t, run["order"][: study_def.trials], budgets, objectives)
-        trials = evaluated_trials(study)
-        order = promotion_order(
-            trials,
-            budgets,
-            per_device=ft.promote.per_device,
-            front=study.best_trials if ft.promote.front else (),
-        )
-        default = [tr.user_attrs[Attr.KEY] for tr in order][: ft.max_trials]
-        promotions = _promotions(t, trials, default, run["seed"])
-        per_seed.append(
-            {
-                "seed": run["seed"],
-                "rung0_evaluations": len(run["order"][: study_def.trials]),
-                "rung0_stitches": sum(tr.user_attrs.get(Attr.KIND) == "stitch" for tr in trials),
-                "promotion_order_length": len(order),
-                **{
-                    name: assess(t, truth, trials, keys, budgets, objectives)
-                    for name, keys in promotions.items()
-                },
-            }
-        )
     return {
-        "seeds": per_seed,
+        "seeds": [_score_seed(t, truth, run, plan, budgets) for run in runs],
         "truth": {
             "front": sorted(truth.front),
             "between": sorted(truth.between),
@@ -347,6 +322,39 @@ def replay_promotion(
         "replay_seconds": round(replay_seconds, 1),
         "grid": grid,
         "holdout": holdout,
+    }
+
+
+def _score_seed(
+    t: Rung1Table,
+    truth: Truth,
+    run: dict[str, Any],
+    plan: Plan,
+    budgets: Sequence[DeviceBudget],
+) -> dict[str, Any]:
+    """One replay's rung-0 trials (the study's count) and each promotion rule's score."""
+    study_def = plan.study
+    ft = study_def.finetune
+    objectives = list(study_def.objectives)
+    study = record_rung0(t, run["order"][: study_def.trials], budgets, objectives)
+    trials = evaluated_trials(study)
+    order = promotion_order(
+        trials,
+        budgets,
+        per_device=ft.promote.per_device,
+        front=study.best_trials if ft.promote.front else (),
+    )
+    default = [tr.user_attrs[Attr.KEY] for tr in order][: ft.max_trials]
+    promotions = _promotions(t, trials, default, run["seed"])
+    return {
+        "seed": run["seed"],
+        "rung0_evaluations": len(run["order"][: study_def.trials]),
+        "rung0_stitches": sum(tr.user_attrs.get(Attr.KIND) == "stitch" for tr in trials),
+        "promotion_order_length": len(order),
+        **{
+            name: assess(t, truth, trials, keys, budgets, objectives)
+            for name, keys in promotions.items()
+        },
     }
 
 
