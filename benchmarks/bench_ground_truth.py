@@ -25,6 +25,7 @@ from benchmarks.lib import (
     TableBuild,
     bench_parser,
     build_ground_truth,
+    machine_info,
     md_table,
     publish,
 )
@@ -50,6 +51,7 @@ def markdown(raw: dict[str, Any]) -> str:
             ["measurement", "value"],
             [
                 ("build wall time (all sessions)", f"{raw['build_seconds'] / 60:.1f} min"),
+                ("table built", _built(raw.get("build_machine") or raw.get("machine") or {})),
                 (
                     "per candidate (sum / mean, one thread)",
                     f"{s['candidate_seconds_total'] / 60:.1f} min / "
@@ -106,6 +108,14 @@ def markdown(raw: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _built(machine: dict[str, Any]) -> str:
+    """When, where and from which commit the table's entries were evaluated."""
+    return (
+        f"{machine.get('date', '?')} on {machine.get('cpu', '?')}, commit "
+        f"{machine.get('commit', '?')}"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """The command line; returns the exit code."""
     parser = bench_parser(__doc__, "ground_truth", ground_truth=False, out=DEFAULT_GROUND_TRUTH)
@@ -121,7 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     if "summary" not in raw:
         print(f"ground truth incomplete: {len(raw['entries'])} entries written to {args.out}")
         return 0
-    return publish("ground_truth", raw, markdown(raw), args, argv, write=False)
+    # The section is stamped with this run; the table keeps (and names) its build's machine.
+    res = {**raw, "machine": machine_info(), "build_machine": raw.get("machine") or {}}
+    return publish("ground_truth", res, markdown(res), args, argv, write=False)
 
 
 if __name__ == "__main__":

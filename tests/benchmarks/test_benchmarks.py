@@ -82,6 +82,10 @@ def test_ground_truth_is_complete_and_cached(built) -> None:
     assert {k: v["seconds"] for k, v in after.items()} == before
     # ... and leaves the table untouched: it keeps the date and machine of its build.
     assert json.loads(gt_path.read_text())["machine"] == raw["machine"]
+    # The section names it: when, where and from which commit the entries were evaluated.
+    assert f"| table built | {raw['machine']['date']} on {raw['machine']['cpu']}, commit" in (
+        md.read_text()
+    )
     assert "## 1. Ground truth" in md.read_text()
 
 
